@@ -1,0 +1,53 @@
+"""x-api-key authentication as a pure ASGI middleware (the shape of Starlette's own middlewares).
+
+Only the protected paths need a key; /health, /ready and /docs stay open for probes and readers.
+Keys are compared as SHA-256 digests with `hmac.compare_digest`, against every configured key
+without stopping early, so neither a key's content nor its length leaks through timing.
+Several keys may be configured at once, which lets a key be rotated without downtime.
+The presented key is never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Collection, Iterable
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+HEADER = b"x-api-key"
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, keys: Iterable[str], protected: Collection[str] = ("/generate",)):
+        self.app = app
+        self.digests = [_digest(k.encode()) for k in keys]
+        self.protected = protected
+        if not self.digests:
+            raise ValueError("at least one API key is required")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.protected:
+            await self.app(scope, receive, send)
+            return
+        problem = self.check(scope["headers"])
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        await JSONResponse({"detail": problem}, status_code=401)(scope, receive, send)
+
+    def check(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+        """Return None for exactly one valid key, else the reason for a 401."""
+        presented = [value for name, value in headers if name == HEADER]
+        if not presented:
+            return "missing x-api-key header"
+        if len(presented) > 1:
+            return "send exactly one x-api-key header"
+        digest = _digest(presented[0])
+        matches = [hmac.compare_digest(digest, known) for known in self.digests]  # no early exit
+        return None if any(matches) else "invalid API key"

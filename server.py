@@ -1,0 +1,453 @@
+"""LLM-Generator: a small REST API that serves a causal language model.
+
+Read top to bottom: settings, errors, request validation, routes, the OpenAPI document, the app.
+Requests flow one way: auth middleware (auth.py) -> route -> validation -> engine (engine.py)
+-> JSON response. Every error is JSON of one shape: {"detail": "..."}.
+
+Run: API_KEY=... python server.py   (see README.md for every setting)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import engine
+from auth import APIKeyMiddleware
+
+SERVICE = "LLM-Generator"
+DEMO_KEY = "gpp-llm-service-secret"  # the original README's documented demo key
+log = logging.getLogger("llm.server")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: read once from the environment into one frozen object
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input limits; validation and the OpenAPI document both read them from here."""
+
+    max_new_tokens: int = 200
+    default_new_tokens: int = 50
+    temperature: float = 2.0
+    top_k: int = 1000
+    seed: int = 2**63 - 1
+    stop_count: int = 4
+    stop_length: int = 64
+    body_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_keys: tuple[str, ...]
+    model: engine.ModelConfig = field(default_factory=engine.ModelConfig)
+    limits: Limits = field(default_factory=Limits)
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        keys = tuple(k.strip() for k in env.get("API_KEY", "").split(",") if k.strip())
+        if not keys:
+            raise SystemExit(
+                "API_KEY is not set: set it to one key or a comma-separated list of keys "
+                "(clients send one in the x-api-key header). The server does not run without one."
+            )
+        model = engine.ModelConfig(
+            name=env.get("MODEL_NAME", "distilgpt2"),
+            device=env.get("DEVICE", "auto"),
+            dtype=env.get("DTYPE", "auto"),
+            max_batch=_env_int(env, "MAX_BATCH_SIZE", 32),
+            cache_dir=env.get("TRANSFORMERS_CACHE") or None,
+        )
+        limits = Limits(
+            max_new_tokens=_env_int(env, "MAX_NEW_TOKENS_LIMIT", 200),
+            body_bytes=_env_int(env, "MAX_BODY_BYTES", 64 * 1024),
+        )
+        host, port = env.get("HOST", "127.0.0.1"), _env_int(env, "PORT", 8000)
+        return cls(keys, model, limits, host, port)
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise SystemExit(f"{name} must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one exception type, one JSON shape
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, dict(headers or {})
+
+
+def error_response(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+async def on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.detail, exc.headers)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, str(exc.detail), exc.headers)
+
+
+async def on_unexpected_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error", exc_info=exc)
+    return error_response(500, "internal server error")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validating a /generate request, by hand
+
+
+async def read_json(request: Request, limit: int) -> object:
+    """Parse the body as JSON; refuse a wrong type (415) or an oversized body while reading (413)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, f"content-type must be application/json, got {media_type or 'none'!r}")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"body is over the limit of {limit} bytes")
+    except ClientDisconnect:
+        raise ApiError(400, "client disconnected while sending the body") from None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 is a ValueError too
+        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+
+
+FIELDS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+
+
+def parse_generate(body: object, limits: Limits) -> tuple[str, engine.SamplingParams]:
+    """Return the prompt and sampling parameters, or raise a 422 naming the field and the rule."""
+    if not isinstance(body, dict):
+        raise ApiError(422, f"body must be a JSON object, got {_json_type(body)}")
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise ApiError(422, f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
+    params = engine.SamplingParams(
+        max_new_tokens=_integer(body, "max_new_tokens", limits.default_new_tokens, 1, limits.max_new_tokens),
+        temperature=_number(body, "temperature", 0.0, 0.0, limits.temperature),
+        top_p=_top_p(body),
+        top_k=_integer(body, "top_k", 0, 0, limits.top_k),
+        seed=_integer(body, "seed", None, 0, limits.seed),
+        stop=_stop(body, limits),
+        ignore_eos=_boolean(body, "ignore_eos", False),
+    )
+    return _prompt(body), params
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _text(value: str, name: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(422, f"{name} contains invalid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    value = body.get("prompt")
+    if not isinstance(value, str) or not value:
+        got = "missing" if "prompt" not in body else _json_type(value)
+        raise ApiError(422, f"prompt is required and must be a non-empty string, got {got}")
+    return _text(value, "prompt")
+
+
+def _integer(body: dict[str, Any], name: str, default: int | None, low: int, high: int) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(422, f"{name} must be an integer from {low} to {high}, got {json.dumps(value)}")
+    return value
+
+
+def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not low <= value <= high:
+        raise ApiError(422, f"{name} must be a number from {low} to {high}, got {json.dumps(value)}")
+    return float(value)
+
+
+def _top_p(body: dict[str, Any]) -> float:
+    value = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if value == 0.0:
+        raise ApiError(422, "top_p must be a number above 0 and at most 1, got 0")
+    return value
+
+
+def _boolean(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(422, f"{name} must be true or false, got {json.dumps(value)}")
+    return value
+
+
+def _stop(body: dict[str, Any], limits: Limits) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    rule = (
+        f"stop must be a string or a list of at most {limits.stop_count} strings, "
+        f"each 1 to {limits.stop_length} characters"
+    )
+    if not isinstance(items, list):
+        raise ApiError(422, f"{rule}; got {_json_type(value)}")
+    if len(items) > limits.stop_count:
+        raise ApiError(422, f"{rule}; got {len(items)} strings")
+    for item in items:
+        if not isinstance(item, str) or not 1 <= len(item) <= limits.stop_length:
+            raise ApiError(422, f"{rule}; got {json.dumps(item)[:80]}")
+    return tuple(_text(item, "stop") for item in items)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes
+
+
+async def health(request: Request) -> JSONResponse:
+    settings: Settings = request.app.state.settings
+    loaded = engine.loaded_engine() is not None
+    return JSONResponse({"status": "ok", "service": SERVICE, "model": settings.model.name, "model_loaded": loaded})
+
+
+async def generate(request: Request) -> JSONResponse:
+    settings: Settings = request.app.state.settings
+    body = await read_json(request, settings.limits.body_bytes)
+    prompt, params = parse_generate(body, settings.limits)
+    result = await run_generation(request, prompt, params)
+    return JSONResponse(
+        {
+            "generated_text": prompt + result.text,
+            "generated_tokens": result.tokens,
+            "finish_reason": result.finish_reason,
+        }
+    )
+
+
+async def docs(request: Request) -> JSONResponse:
+    return JSONResponse(openapi(request.app.state.settings))
+
+
+def _generate_blocking(config: engine.ModelConfig, prompt: str, params: engine.SamplingParams,
+                       cancel: threading.Event) -> engine.Result:  # fmt: skip
+    """Runs in a worker thread: loads the model on first use, then waits for the engine."""
+    return engine.get_engine(config).generate(prompt, params, cancel)
+
+
+async def run_generation(request: Request, prompt: str, params: engine.SamplingParams) -> engine.Result:
+    """Run one generation off the event loop; if the client leaves, free its place in the batch."""
+    state = request.app.state
+    cancel = threading.Event()
+    call = functools.partial(_generate_blocking, state.settings.model, prompt, params, cancel)
+    outcome: list[engine.Result | Exception] = []
+
+    async def work() -> None:
+        try:
+            outcome.append(await anyio.to_thread.run_sync(call, limiter=state.limiter))
+        except Exception as exc:
+            outcome.append(exc)
+        group.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(work)
+        await _disconnected(request)
+        cancel.set()  # the engine drops the sequence at its next step
+        group.cancel_scope.cancel()  # a request still waiting for the limiter stops waiting
+    if not outcome:
+        return engine.Result("", 0, "cancelled")
+    if isinstance(outcome[0], Exception):
+        raise _as_api_error(outcome[0])
+    return outcome[0]
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone away (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _as_api_error(exc: Exception) -> Exception:
+    if isinstance(exc, engine.EngineUnavailable):
+        return ApiError(503, f"model unavailable: {exc}", {"Retry-After": "30"})
+    if isinstance(exc, engine.PromptTooLong):
+        return ApiError(422, str(exc))
+    return exc  # anything else is a bug or an engine failure: the 500 handler logs it
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenAPI document, written by hand from the same limits the validation uses
+
+
+def openapi(settings: Settings) -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": SERVICE, "version": "1.0.0", "description": "Text generation with a causal language model."},
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
+            "schemas": {"GenerateRequest": _request_schema(settings.limits), **_SCHEMAS},
+        },
+        "paths": {
+            "/health": {"get": _operation("Liveness and model status", "Health", {})},
+            "/docs": {"get": _operation("This OpenAPI document", "object", {})},
+            "/generate": {"post": _generate_operation()},
+        },
+    }
+
+
+def _request_schema(limits: Limits) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["prompt"],
+        "additionalProperties": False,
+        "properties": {
+            "prompt": {"type": "string", "minLength": 1, "description": "Text to continue."},
+            "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens,
+                               "default": limits.default_new_tokens},
+            "temperature": {"type": "number", "minimum": 0, "maximum": limits.temperature, "default": 0,
+                            "description": "0 means greedy decoding."},
+            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+            "top_k": {"type": "integer", "minimum": 0, "maximum": limits.top_k, "default": 0,
+                      "description": "0 means no top-k filter."},
+            "seed": {"type": "integer", "minimum": 0, "maximum": limits.seed,
+                     "description": "Same seed and request, same text."},
+            "stop": {"oneOf": [
+                {"type": "string", "minLength": 1, "maxLength": limits.stop_length},
+                {"type": "array", "maxItems": limits.stop_count,
+                 "items": {"type": "string", "minLength": 1, "maxLength": limits.stop_length}},
+            ], "description": "Generation ends at the first stop string, which is cut from the output."},
+            "ignore_eos": {"type": "boolean", "default": False,
+                           "description": "Generate exactly max_new_tokens, ignoring end of sequence."},
+        },
+        "x-max-body-bytes": limits.body_bytes,
+    }  # fmt: skip
+
+
+_SCHEMAS: dict[str, Any] = {
+    "Health": {
+        "type": "object",
+        "required": ["status", "service"],
+        "properties": {
+            "status": {"const": "ok"}, "service": {"const": SERVICE},
+            "model": {"type": "string"}, "model_loaded": {"type": "boolean"},
+        },
+    },
+    "GenerateResponse": {
+        "type": "object",
+        "required": ["generated_text", "generated_tokens", "finish_reason"],
+        "properties": {
+            "generated_text": {"type": "string", "description": "The prompt followed by its continuation."},
+            "generated_tokens": {"type": "integer", "description": "Tokens the model generated."},
+            "finish_reason": {"enum": list(engine.FINISH_REASONS)},
+        },
+    },
+    "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}},
+}  # fmt: skip
+
+GENERATE_ERRORS = {
+    400: "Body is not valid JSON.",
+    401: "Missing, doubled or invalid x-api-key header.",
+    413: "Body larger than the limit.",
+    415: "Content-Type is not application/json.",
+    422: "A field is missing, unknown, of the wrong type or out of range; or the prompt does not fit.",
+    503: "The model could not be loaded; Retry-After says when to try again.",
+}
+
+
+def _operation(summary: str, schema: str, errors: dict[int, str]) -> dict[str, Any]:
+    ref = {"type": "object"} if schema == "object" else {"$ref": f"#/components/schemas/{schema}"}
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": {"schema": ref}}}}
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    responses.update({str(code): {"description": text, "content": error} for code, text in errors.items()})
+    return {"summary": summary, "responses": responses}
+
+
+def _generate_operation() -> dict[str, Any]:
+    operation = _operation("Continue a prompt", "GenerateResponse", GENERATE_ERRORS)
+    operation["security"] = [{"apiKey": []}]
+    operation["requestBody"] = {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
+    }
+    return operation
+
+
+# ---------------------------------------------------------------------------------------------
+# The application
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> Any:
+        app.state.limiter = anyio.CapacityLimiter(settings.model.max_batch)
+        yield
+        await anyio.to_thread.run_sync(engine.reset_engine)
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/generate", generate, methods=["POST"]),
+        Route("/docs", docs, methods=["GET"]),
+    ]
+    handlers = {ApiError: on_api_error, HTTPException: on_http_error, Exception: on_unexpected_error}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.state.settings = settings
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    return app
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings.from_env()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()
