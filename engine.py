@@ -520,6 +520,10 @@ class Engine:
         return True
 
     def _prefill(self, seq: Sequence_) -> None:
+        if seq.cancel.is_set():  # the client left while waiting to join
+            seq.finish_reason = "cancelled"
+            seq.done.set()
+            return
         row = len(self._active)
         try:
             logits = self.model.decoder.prefill(row, seq.prompt_ids)
@@ -590,9 +594,10 @@ class Engine:
                 self._active[row] = self._active[last]
                 self.model.decoder.move(last, row)
             self._active.pop()
-            seq.done.set()
         if finished and not self._active:
             self.model.decoder.reset()
+        for seq in finished:
+            seq.done.set()
 
     def _fail(self, seqs: Sequence[Sequence_], error: Exception) -> None:
         for seq in seqs:
@@ -611,7 +616,7 @@ class LazyEngine:
         self._factory = factory
         self._lock = threading.Lock()
         self._engine: Engine | None = None
-        self._attempts = 0
+        self._finished_attempts = 0
         self._error: EngineUnavailable | None = None
 
     @property
@@ -619,19 +624,20 @@ class LazyEngine:
         return self._engine
 
     def get(self) -> Engine:
-        seen = self._attempts
+        seen = self._finished_attempts
         with self._lock:
             if self._engine is not None:
                 return self._engine
-            if self._attempts != seen and self._error is not None:
-                raise self._error  # an attempt finished while we waited: don't repeat it at once
-            self._attempts += 1
+            if self._finished_attempts != seen and self._error is not None:
+                raise self._error  # an attempt failed while we waited: don't repeat it at once
             try:
                 self._engine = self._factory()
             except Exception as exc:
                 log.exception("loading the model failed")
                 self._error = exc if isinstance(exc, EngineUnavailable) else EngineUnavailable(str(exc))
                 raise self._error from exc
+            finally:
+                self._finished_attempts += 1
             return self._engine
 
 

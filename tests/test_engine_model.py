@@ -1,0 +1,142 @@
+"""Integration: the engine on real weights, checked against transformers' own generate()."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import engine
+from engine import Engine, SamplingParams
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time",
+    "import os\nimport sys\n",
+    "1, 2, 3, 4,",
+    "Dear Sir or Madam,",
+    "The quick brown fox",
+    "SELECT * FROM",
+]
+
+
+def open_engine(path: Path, dtype: str = "float32", max_batch: int = 8) -> Engine:
+    return engine.create_engine(engine.ModelConfig(name=str(path), dtype=dtype, max_batch=max_batch))
+
+
+@pytest.fixture(scope="module", params=["gpt2", "smollm2"])
+def model_dir(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue(f"{request.param}_dir")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def eng(model_dir: Path) -> Iterator[Engine]:
+    e = open_engine(model_dir)
+    yield e
+    e.close()
+
+
+@functools.cache
+def reference_model(model_dir: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32
+    )
+
+
+def reference_tokens(model_dir: Path, prompt: str, n: int) -> list[int]:
+    tokenizer, model = reference_model(model_dir)
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return list(out[0, ids.shape[1] :].tolist())
+
+
+def greedy_ids(eng: Engine, prompt: str, n: int) -> list[int]:
+    text = eng.generate(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True)).text
+    return list(eng.model.tokenizer.encode(text))
+
+
+def test_greedy_matches_transformers(eng: Engine, model_dir: Path) -> None:
+    """Our lean decoder (fused weights, own KV cache) gives transformers' tokens exactly."""
+    for prompt in PROMPTS[:3]:
+        expected = reference_tokens(model_dir, prompt, 16)
+        result = eng.generate(prompt, SamplingParams(max_new_tokens=16, ignore_eos=True))
+        assert result.text == eng.model.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_long_prompt_grows_the_cache_correctly(eng: Engine, model_dir: Path) -> None:
+    prompt = "word " * (engine.CACHE_CHUNK + 40)  # past the first cache chunk
+    expected = reference_tokens(model_dir, prompt, 8)
+    result = eng.generate(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert result.text == eng.model.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def run_staggered(eng: Engine, jobs: list[tuple[str, SamplingParams]], gap: float) -> list[engine.Result]:
+    """Start each request `gap` seconds after the previous, so they join at different steps."""
+    results: list[engine.Result | None] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        results[i] = eng.generate(*jobs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+        time.sleep(gap)
+    for t in threads:
+        t.join(timeout=300)
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
+def test_greedy_is_the_same_alone_and_in_a_batch(eng: Engine) -> None:
+    """float32: eight different prompts joining at different steps change nobody's tokens."""
+    params = [SamplingParams(max_new_tokens=12 + 3 * i, ignore_eos=True) for i in range(len(PROMPTS))]
+    alone = [eng.generate(p, sp) for p, sp in zip(PROMPTS, params, strict=True)]
+    batched = run_staggered(eng, list(zip(PROMPTS, params, strict=True)), gap=0.03)
+    assert [r.text for r in batched] == [r.text for r in alone]
+
+
+def test_seeded_sampling_is_the_same_whatever_the_companions(eng: Engine) -> None:
+    seeded = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    alone = eng.generate(PROMPTS[0], seeded)
+    companions = [(p, SamplingParams(max_new_tokens=20, temperature=1.0, ignore_eos=True)) for p in PROMPTS[1:5]]
+    batched = run_staggered(eng, [*companions[:2], (PROMPTS[0], seeded), *companions[2:]], gap=0.02)
+    assert batched[2].text == alone.text
+    other_seed = eng.generate(PROMPTS[0], SamplingParams(**{**seeded.__dict__, "seed": 99}))
+    assert other_seed.text != alone.text
+
+
+def test_stop_string_is_cut_from_real_text(eng: Engine) -> None:
+    full = eng.generate(PROMPTS[1], SamplingParams(max_new_tokens=24, ignore_eos=True)).text
+    stop = full[5:8]  # three characters from inside the greedy continuation
+    result = eng.generate(PROMPTS[1], SamplingParams(max_new_tokens=24, stop=(stop,), ignore_eos=True))
+    assert result.finish_reason == "stop"
+    assert result.text == full[: full.index(stop)]
+    assert stop not in result.text
+
+
+def test_engine_empties_and_releases_cache(eng: Engine) -> None:
+    eng.generate("word " * 300, SamplingParams(max_new_tokens=4))
+    assert eng.active == 0
+    assert eng.model.decoder.cache.capacity == engine.CACHE_CHUNK
+
+
+def test_resolve_dtype_auto_is_measured() -> None:
+    dtype = engine.resolve_dtype("auto", torch.device("cpu"), rows=32, width=768)
+    assert dtype in (torch.float32, torch.bfloat16)
+    assert engine.resolve_dtype("float32", torch.device("cpu"), 1, 8) is torch.float32
+
+
+def test_unknown_model_is_unavailable_with_advice(tmp_path: Path) -> None:
+    with pytest.raises(engine.EngineUnavailable, match="MODEL_NAME"):
+        engine.create_engine(engine.ModelConfig(name=str(tmp_path / "missing")))

@@ -1,0 +1,269 @@
+"""Unit: the batching engine with a fake model (no weights, milliseconds).
+
+The fake decoder keeps each cache row's token history itself and predicts the next token from
+that history, not from its input, so a row mix-up in the engine's bookkeeping changes the text.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import engine
+from engine import Engine, GenerationFailed, LoadedModel, PromptTooLong, SamplingParams
+
+VOCAB = 128
+EOS = 0
+
+
+class FakeTokenizer:
+    """One token per character: 'a' is 97. Decoding id 0 (EOS) gives nothing."""
+
+    def __init__(self, broken_id: int | None = None):
+        self.broken_id = broken_id
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % VOCAB for c in text]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self.broken_id in ids:
+            raise ValueError(f"cannot decode {self.broken_id}")
+        return "".join(chr(i) for i in ids if i != EOS)
+
+
+class FakeDecoder:
+    """Next token = last token of the row's own history + 1 (mod VOCAB)."""
+
+    max_context = 64
+
+    def __init__(self, step_delay: float = 0.0):
+        self.rows: dict[int, list[int]] = {}
+        self.step_delay = step_delay
+        self.batch_sizes: list[int] = []
+        self.fail_next_decode = False
+
+    def _logits(self, history: list[int]) -> torch.Tensor:
+        logits = torch.zeros(VOCAB)
+        logits[(history[-1] + 1) % VOCAB] = 1.0
+        return logits
+
+    def prefill(self, row: int, tokens: list[int]) -> torch.Tensor:
+        self.rows[row] = list(tokens)
+        return self._logits(self.rows[row])
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        if self.fail_next_decode:
+            self.fail_next_decode = False
+            raise RuntimeError("device fell over")
+        time.sleep(self.step_delay)
+        self.batch_sizes.append(len(tokens))
+        for row, (token, position) in enumerate(zip(tokens, positions, strict=True)):
+            assert position == len(self.rows[row]), "position must be the row's cached length"
+            self.rows[row].append(token)
+        return torch.stack([self._logits(self.rows[row]) for row in range(len(tokens))])
+
+    def move(self, src: int, dst: int) -> None:
+        self.rows[dst] = self.rows.pop(src)
+
+    def reset(self) -> None:
+        self.rows.clear()
+
+
+def make_engine(max_batch: int = 4, step_delay: float = 0.0, tokenizer: FakeTokenizer | None = None) -> Engine:
+    model = LoadedModel(tokenizer or FakeTokenizer(), FakeDecoder(step_delay), frozenset([EOS]), 64, torch.float32)
+    return Engine(model, max_batch)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def eng() -> Engine:
+    e = make_engine()
+    yield e
+    e.close()
+
+
+def in_threads(calls: list[Callable[[], object]]) -> list[object]:
+    results: list[object] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    return results
+
+
+def test_length(eng: Engine) -> None:
+    assert eng.generate("a", SamplingParams(max_new_tokens=3)) == engine.Result("bcd", 3, "length")
+
+
+def test_eos_ends_and_is_not_in_the_text(eng: Engine) -> None:
+    # chr(126) '~' -> 127 -> 0 (EOS)
+    assert eng.generate("~", SamplingParams(max_new_tokens=10)) == engine.Result("\x7f", 2, "eos")
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(eng: Engine) -> None:
+    result = eng.generate("~", SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert (result.tokens, result.finish_reason) == (4, "length")
+
+
+def test_stop_string_across_tokens_is_cut(eng: Engine) -> None:
+    result = eng.generate("a", SamplingParams(max_new_tokens=20, stop=("ef", "zz")))
+    assert result == engine.Result("bcd", 5, "stop")  # 'e' and 'f' came as two tokens
+
+
+def test_earliest_stop_string_wins(eng: Engine) -> None:
+    result = eng.generate("a", SamplingParams(max_new_tokens=20, stop=("g", "cd")))
+    assert result.text == "b"
+
+
+def test_prompt_too_long_says_how_many_tokens_fit(eng: Engine) -> None:
+    with pytest.raises(PromptTooLong, match="prompt is 60 tokens; with max_new_tokens=10 at most 54"):
+        eng.generate("a" * 60, SamplingParams(max_new_tokens=10))
+
+
+def test_concurrent_requests_share_steps_and_keep_their_rows() -> None:
+    eng = make_engine(max_batch=8, step_delay=0.005)
+    prompts = ["a", "A", "0", "k", "K", "!"]
+    calls = [lambda p=p, n=n: eng.generate(p, SamplingParams(max_new_tokens=n)) for n, p in enumerate(prompts, 3)]
+    results = in_threads(calls)
+    for n, (prompt, result) in enumerate(zip(prompts, results, strict=True), 3):
+        expected = "".join(chr(ord(prompt) + i) for i in range(1, n + 1))
+        assert result == engine.Result(expected, n, "length")
+    assert max(eng.model.decoder.batch_sizes) > 1  # type: ignore[attr-defined]
+    eng.close()
+
+
+def test_rows_stay_compact_when_sequences_leave_mid_batch() -> None:
+    """Short requests finish first; the long ones must keep their own history after rows move."""
+    eng = make_engine(max_batch=8, step_delay=0.002)
+    lengths = [2, 30, 5, 25, 1, 20, 3, 15]
+    calls = [
+        lambda i=i, n=n: eng.generate(chr(65 + i), SamplingParams(max_new_tokens=n)) for i, n in enumerate(lengths)
+    ]
+    for i, (n, result) in enumerate(zip(lengths, in_threads(calls), strict=True)):
+        assert isinstance(result, engine.Result)
+        assert result.text == "".join(chr(65 + i + k) for k in range(1, n + 1))
+    eng.close()
+
+
+def test_more_requests_than_rows_wait_and_all_finish() -> None:
+    eng = make_engine(max_batch=2)
+    results = in_threads([lambda: eng.generate("a", SamplingParams(max_new_tokens=5)) for _ in range(7)])
+    assert all(r == engine.Result("bcdef", 5, "length") for r in results)
+    assert max(eng.model.decoder.batch_sizes) <= 2  # type: ignore[attr-defined]
+    eng.close()
+
+
+def test_cancel_frees_the_row_within_a_step() -> None:
+    eng = make_engine(step_delay=0.01)
+    cancel = threading.Event()
+    [result] = in_threads(
+        [
+            lambda: (
+                threading.Timer(0.05, cancel.set).start(),
+                eng.generate("a", SamplingParams(max_new_tokens=60), cancel),
+            )[1]
+        ]
+    )
+    assert isinstance(result, engine.Result)
+    assert result.finish_reason == "cancelled"
+    assert 1 <= result.tokens < 20
+    assert eng.active == 0
+    eng.close()
+
+
+def test_a_sequence_that_fails_fails_alone() -> None:
+    """The tokenizer cannot decode id 104 ('h'); only the request that produces it fails."""
+    eng = make_engine(step_delay=0.002, tokenizer=FakeTokenizer(broken_id=ord("h")))
+    calls = [
+        lambda: eng.generate("f", SamplingParams(max_new_tokens=5, stop=("zz",))),  # g, h -> decode fails
+        lambda: eng.generate("0", SamplingParams(max_new_tokens=8, stop=("zz",))),
+        lambda: eng.generate("A", SamplingParams(max_new_tokens=8)),
+    ]
+    failed, ok1, ok2 = in_threads(calls)
+    assert isinstance(failed, GenerationFailed)
+    assert ok1 == engine.Result("12345678", 8, "length")
+    assert ok2 == engine.Result("BCDEFGHI", 8, "length")
+    eng.close()
+
+
+def test_a_failed_step_fails_the_batch_and_the_engine_goes_on(eng: Engine) -> None:
+    eng.model.decoder.fail_next_decode = True  # type: ignore[attr-defined]
+    with pytest.raises(GenerationFailed, match="device fell over"):
+        eng.generate("a", SamplingParams(max_new_tokens=5))
+    assert eng.generate("a", SamplingParams(max_new_tokens=2)).text == "bc"
+
+
+def test_seeded_sampling_is_reproducible(eng: Engine) -> None:
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=42)
+    # The fake's logits are 0/1, so sampling at temperature 1 really draws among all tokens.
+    first, second = eng.generate("a", params), eng.generate("a", params)
+    assert first == second
+    other = eng.generate("a", SamplingParams(max_new_tokens=6, temperature=1.0, seed=43))
+    assert other.text != first.text
+
+
+def test_close_fails_waiting_requests_and_refuses_new_ones() -> None:
+    eng = make_engine(max_batch=1, step_delay=0.01)
+    results = in_threads(
+        [
+            lambda: (time.sleep(0.05), eng.close())[1],
+            *[lambda: eng.generate("a", SamplingParams(max_new_tokens=60))] * 3,
+        ]
+    )
+    assert any(isinstance(r, GenerationFailed) for r in results[1:])
+    with pytest.raises(GenerationFailed, match="shutting down"):
+        eng.generate("a", SamplingParams(max_new_tokens=1))
+
+
+def test_sample_filters() -> None:
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0])
+    gen = torch.Generator().manual_seed(0)
+    draws = {engine.sample(logits, SamplingParams(temperature=5.0, top_k=2), gen) for _ in range(200)}
+    assert draws == {3, 4}
+    draws = {engine.sample(logits, SamplingParams(temperature=1.0, top_p=0.5), gen) for _ in range(200)}
+    assert draws == {4}  # token 4 alone holds > 99% of the mass
+    draws = {engine.sample(logits, SamplingParams(temperature=100.0), gen) for _ in range(500)}
+    assert draws == {0, 1, 2, 3, 4}
+
+
+class Counter:
+    def __init__(self, fail_first: int = 0):
+        self.calls, self.fail_first = 0, fail_first
+
+    def __call__(self) -> Engine:
+        self.calls += 1
+        time.sleep(0.1)  # a slow load, so concurrent callers really overlap
+        if self.calls <= self.fail_first:
+            raise engine.EngineUnavailable("no weights here")
+        return make_engine()
+
+
+def test_lazy_engine_loads_once_for_concurrent_first_calls() -> None:
+    factory = Counter()
+    lazy = engine.LazyEngine(factory)
+    engines = in_threads([lazy.get] * 8)
+    assert factory.calls == 1
+    assert all(e is engines[0] for e in engines)
+    engines[0].close()  # type: ignore[attr-defined]
+
+
+def test_lazy_engine_shares_a_failure_then_tries_again_later() -> None:
+    factory = Counter(fail_first=1)
+    lazy = engine.LazyEngine(factory)
+    results = in_threads([lazy.get] * 5)
+    assert factory.calls == 1  # those who waited got the same error, no stampede of retries
+    assert all(isinstance(r, engine.EngineUnavailable) for r in results)
+    assert lazy.get() is not None  # a later request tries again and succeeds
+    assert factory.calls == 2
+    lazy.get().close()

@@ -1,0 +1,165 @@
+"""Unit: every bad /generate input gets its 4xx and a message naming the problem (no model loaded)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from starlette.testclient import TestClient
+
+import engine
+from server import FIELDS, ApiError, Limits, Settings, create_app, parse_generate
+from tests.conftest import KEY
+
+LIMITS = Limits()
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    settings = Settings(api_keys=(KEY,), model=engine.ModelConfig(name="/nonexistent/model"))
+    with TestClient(create_app(settings), headers={"x-api-key": KEY}) as client:
+        yield client
+
+
+BAD_BODIES = [
+    # (body, status, words the message must contain)
+    ([], 422, ["body must be a JSON object", "an array"]),
+    ("text", 422, ["body must be a JSON object", "a string"]),
+    ({}, 422, ["prompt is required", "missing"]),
+    ({"prompt": ""}, 422, ["non-empty string"]),
+    ({"prompt": 5}, 422, ["non-empty string", "a number"]),
+    ({"prompt": ["a"]}, 422, ["non-empty string", "an array"]),
+    ({"prompt": "hi", "max_new_tokens": 0}, 422, ["max_new_tokens must be an integer from 1 to 200, got 0"]),
+    ({"prompt": "hi", "max_new_tokens": 201}, 422, ["from 1 to 200, got 201"]),
+    ({"prompt": "hi", "max_new_tokens": -1}, 422, ["got -1"]),
+    ({"prompt": "hi", "max_new_tokens": 2.5}, 422, ["got 2.5"]),
+    ({"prompt": "hi", "max_new_tokens": 2.0}, 422, ["got 2.0"]),
+    ({"prompt": "hi", "max_new_tokens": True}, 422, ["got true"]),
+    ({"prompt": "hi", "max_new_tokens": "abc"}, 422, ['got "abc"']),
+    ({"prompt": "hi", "max_new_tokens": 10**30}, 422, ["max_new_tokens"]),
+    ({"prompt": "hi", "temperature": -0.1}, 422, ["temperature must be a number from 0.0 to 2.0"]),
+    ({"prompt": "hi", "temperature": 2.5}, 422, ["temperature", "got 2.5"]),
+    ({"prompt": "hi", "temperature": "hot"}, 422, ["temperature"]),
+    ({"prompt": "hi", "top_p": 0}, 422, ["top_p must be a number above 0"]),
+    ({"prompt": "hi", "top_p": 1.5}, 422, ["top_p", "got 1.5"]),
+    ({"prompt": "hi", "top_k": -1}, 422, ["top_k must be an integer from 0 to 1000"]),
+    ({"prompt": "hi", "seed": -5}, 422, ["seed must be an integer"]),
+    ({"prompt": "hi", "seed": 1.5}, 422, ["seed"]),
+    ({"prompt": "hi", "stop": 5}, 422, ["stop must be a string or a list"]),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 422, ["at most 4", "got 5 strings"]),
+    ({"prompt": "hi", "stop": [""]}, 422, ["each 1 to 64 characters"]),
+    ({"prompt": "hi", "stop": ["x" * 65]}, 422, ["each 1 to 64 characters"]),
+    ({"prompt": "hi", "stop": [1]}, 422, ["stop must be"]),
+    ({"prompt": "hi", "ignore_eos": "yes"}, 422, ["ignore_eos must be true or false"]),
+    ({"prompt": "hi", "promt": "x"}, 422, ["unknown field(s): promt", "allowed: prompt"]),
+    ({"prompt": "hi", "b": 1, "a": 2}, 422, ["unknown field(s): a, b"]),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "words"), BAD_BODIES, ids=[json.dumps(b)[:40] for b, _, _ in BAD_BODIES])
+def test_bad_body_is_rejected_with_a_message(client: TestClient, body: object, status: int, words: list[str]) -> None:
+    response = client.post("/generate", json=body)
+    assert response.status_code == status
+    detail = response.json()["detail"]
+    for word in words:
+        assert word in detail
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "word"),
+    [
+        (b"null", 422, "body must be a JSON object, got null"),
+        (b'{"prompt": "unterminated', 400, "not valid JSON"),
+        (b"", 400, "not valid JSON"),
+        (b"\xff\xfe{}", 400, "not valid JSON"),
+        (b'{"prompt": "a", "max_new_tokens": NaN}', 422, "max_new_tokens"),
+        (b'{"prompt": "a", "temperature": Infinity}', 422, "temperature"),
+        (b"[" * 100_000, 413, "limit"),
+        (b"[" * 50_000 + b"]" * 10, 400, "not valid JSON"),
+        (b'{"prompt": "\\ud800"}', 422, "invalid Unicode"),
+        (b'{"prompt": "a", "stop": ["\\udfff"]}', 422, "invalid Unicode"),
+        (b'{"prompt": "a", "seed": 1' + b"0" * 5000 + b"}", 400, "not valid JSON"),
+    ],
+)
+def test_malformed_raw_bodies(client: TestClient, raw: bytes, status: int, word: str) -> None:
+    response = client.post("/generate", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    assert word in response.json()["detail"]
+
+
+def test_wrong_content_type_is_415(client: TestClient) -> None:
+    response = client.post("/generate", content=b'{"prompt": "a"}', headers={"content-type": "text/plain"})
+    assert response.status_code == 415
+    assert "application/json" in response.json()["detail"]
+
+
+def test_content_type_with_charset_is_accepted(client: TestClient) -> None:
+    headers = {"content-type": "application/json; charset=utf-8"}
+    response = client.post("/generate", content=b'{"prompt": ""}', headers=headers)
+    assert response.status_code == 422  # got past the content type to validation
+
+
+def test_declared_oversized_body_is_refused_at_once(client: TestClient) -> None:
+    body = json.dumps({"prompt": "x" * (LIMITS.body_bytes + 1)})
+    response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert str(LIMITS.body_bytes) in response.json()["detail"]
+
+
+def test_unknown_route_and_method_are_json(client: TestClient) -> None:
+    assert client.get("/nope").json() == {"detail": "Not Found"}
+    assert client.get("/generate").status_code == 405
+    assert client.get("/generate").json() == {"detail": "Method Not Allowed"}
+
+
+def test_defaults_and_full_request() -> None:
+    prompt, params = parse_generate({"prompt": "hi"}, LIMITS)
+    assert prompt == "hi"
+    assert params == engine.SamplingParams(max_new_tokens=50)
+    body = {
+        "prompt": "p",
+        "max_new_tokens": 200,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 40,
+        "seed": 7,
+        "stop": ["\n", "END"],
+        "ignore_eos": True,
+    }
+    assert set(body) == set(FIELDS)
+    _, params = parse_generate(body, LIMITS)
+    assert params == engine.SamplingParams(200, 0.7, 0.9, 40, 7, ("\n", "END"), True)
+
+
+def test_null_means_default_and_a_single_stop_string_is_a_list() -> None:
+    _, params = parse_generate({"prompt": "p", "max_new_tokens": None, "stop": "END", "temperature": 1}, LIMITS)
+    assert params.max_new_tokens == 50
+    assert params.stop == ("END",)
+    assert params.temperature == 1.0
+
+
+def test_max_new_tokens_limit_is_a_setting() -> None:
+    limits = Limits(max_new_tokens=500)
+    assert parse_generate({"prompt": "p", "max_new_tokens": 500}, limits)[1].max_new_tokens == 500
+    with pytest.raises(ApiError, match="from 1 to 500, got 501"):
+        parse_generate({"prompt": "p", "max_new_tokens": 501}, limits)
+
+
+def test_settings_refuse_to_start_without_api_key() -> None:
+    with pytest.raises(SystemExit, match="API_KEY is not set"):
+        Settings.from_env({})
+    with pytest.raises(SystemExit, match="API_KEY is not set"):
+        Settings.from_env({"API_KEY": " , "})
+
+
+def test_settings_from_env() -> None:
+    env = {"API_KEY": "a, b", "MODEL_NAME": "/m", "MAX_BATCH_SIZE": "4", "MAX_NEW_TOKENS_LIMIT": "300", "PORT": "9"}
+    settings = Settings.from_env(env)
+    assert settings.api_keys == ("a", "b")
+    assert settings.model.name == "/m"
+    assert settings.model.max_batch == 4
+    assert settings.limits.max_new_tokens == 300
+    assert settings.port == 9
+    with pytest.raises(SystemExit, match="MAX_BATCH_SIZE must be a positive integer"):
+        Settings.from_env({"API_KEY": "a", "MAX_BATCH_SIZE": "0"})
