@@ -14,11 +14,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 COPY requirements.txt .
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
-    && pip install --no-cache-dir -r requirements.txt
+# PyTorch's CPU index serves torch as "2.13.0+cpu", which sorts above PyPI's CUDA "2.13.0",
+# so the pin in requirements.txt resolves to the CPU build.
+RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -r requirements.txt
 
-RUN groupadd --system --gid 10001 appuser \
-    && useradd --system --uid 10001 --gid appuser --no-create-home --home-dir /tmp appuser \
+RUN groupadd --gid 10001 appuser \
+    && useradd --uid 10001 --gid appuser --no-create-home --home-dir /tmp appuser \
     && mkdir -p /tmp/transformers_cache /tmp/hf_home \
     && chown appuser:appuser /tmp/transformers_cache /tmp/hf_home
 
@@ -29,7 +30,7 @@ COPY server.py engine.py auth.py ./
 USER appuser
 EXPOSE 8000
 
-HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 
 CMD ["python", "server.py"]

@@ -56,6 +56,8 @@ class Result:
 class EngineUnavailable(RuntimeError):
     """The model could not be loaded; the message says what failed and what to set."""
 
+    retry_after: int = 30  # seconds until the next load attempt
+
 
 class PromptTooLong(ValueError):
     """The prompt and max_new_tokens do not fit in the model's context."""
@@ -75,6 +77,7 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_batch: int = 32  # most sequences in flight; the server's capacity limiter has this size
+    retry_seconds: float = 30.0  # after a failed load, answer 503 at once for this long
     cache_dir: str | None = None  # TRANSFORMERS_CACHE; None leaves it to HF_HOME
 
 
@@ -610,34 +613,36 @@ class Engine:
 
 
 class LazyEngine:
-    """Creates the engine once; requests that waited on a failed attempt share its error."""
+    """Creates the engine once. After a failed load, callers get the same error at once until
+    `retry_after` seconds have passed (a hub that is down can take ~50 s to fail each time)."""
 
-    def __init__(self, factory: Callable[[], Engine]):
-        self._factory = factory
+    def __init__(self, factory: Callable[[], Engine], retry_after: float = 30.0):
+        self._factory, self._retry_after = factory, retry_after
         self._lock = threading.Lock()
         self._engine: Engine | None = None
-        self._finished_attempts = 0
         self._error: EngineUnavailable | None = None
+        self._failed_at = -math.inf
 
     @property
     def loaded(self) -> Engine | None:
         return self._engine
 
     def get(self) -> Engine:
-        seen = self._finished_attempts
         with self._lock:
             if self._engine is not None:
                 return self._engine
-            if self._finished_attempts != seen and self._error is not None:
-                raise self._error  # an attempt failed while we waited: don't repeat it at once
+            wait = self._failed_at + self._retry_after - time.monotonic()
+            if self._error is not None and wait > 0:
+                self._error.retry_after = math.ceil(wait)
+                raise self._error
             try:
                 self._engine = self._factory()
             except Exception as exc:
                 log.exception("loading the model failed")
                 self._error = exc if isinstance(exc, EngineUnavailable) else EngineUnavailable(str(exc))
+                self._error.retry_after = math.ceil(self._retry_after)
+                self._failed_at = time.monotonic()
                 raise self._error from exc
-            finally:
-                self._finished_attempts += 1
             return self._engine
 
 
@@ -649,8 +654,9 @@ def create_engine(config: ModelConfig) -> Engine:
         raise
     except Exception as exc:
         raise EngineUnavailable(
-            f"could not load model {config.name!r}: {type(exc).__name__}: {exc}. Set MODEL_NAME to a "
-            "local model directory (make run fetches one) or make the model hub reachable."
+            f"could not load model {config.name!r}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
+            "Set MODEL_NAME to a readable local model directory (tools/fetch_model.py makes one) "
+            "or make the model hub reachable."
         ) from exc
     log.info("model %s loaded in %.1f s (%s)", config.name, time.perf_counter() - start, model.dtype)
     return Engine(model, config.max_batch)
@@ -665,7 +671,7 @@ def get_engine(config: ModelConfig) -> Engine:
     global _engine
     with _engine_lock:
         if _engine is None:
-            _engine = LazyEngine(lambda: create_engine(config))
+            _engine = LazyEngine(lambda: create_engine(config), config.retry_seconds)
     return _engine.get()
 
 

@@ -76,6 +76,7 @@ class Settings:
             device=env.get("DEVICE", "auto"),
             dtype=env.get("DTYPE", "auto"),
             max_batch=_env_int(env, "MAX_BATCH_SIZE", 32),
+            retry_seconds=_env_int(env, "MODEL_RETRY_SECONDS", 30),
             cache_dir=env.get("TRANSFORMERS_CACHE") or None,
         )
         limits = Limits(
@@ -253,8 +254,16 @@ def _stop(body: dict[str, Any], limits: Limits) -> tuple[str, ...]:
 
 async def health(request: Request) -> JSONResponse:
     settings: Settings = request.app.state.settings
-    loaded = engine.loaded_engine() is not None
-    return JSONResponse({"status": "ok", "service": SERVICE, "model": settings.model.name, "model_loaded": loaded})
+    running = engine.loaded_engine()
+    return JSONResponse(
+        {
+            "status": "ok",
+            "service": SERVICE,
+            "model": settings.model.name,
+            "model_loaded": running is not None,
+            "active_sequences": running.active if running else 0,
+        }
+    )
 
 
 async def generate(request: Request) -> JSONResponse:
@@ -315,7 +324,7 @@ async def _disconnected(request: Request) -> None:
 
 def _as_api_error(exc: Exception) -> Exception:
     if isinstance(exc, engine.EngineUnavailable):
-        return ApiError(503, f"model unavailable: {exc}", {"Retry-After": "30"})
+        return ApiError(503, f"model unavailable: {exc}", {"Retry-After": str(exc.retry_after)})
     if isinstance(exc, engine.PromptTooLong):
         return ApiError(422, str(exc))
     return exc  # anything else is a bug or an engine failure: the 500 handler logs it
@@ -376,6 +385,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "status": {"const": "ok"}, "service": {"const": SERVICE},
             "model": {"type": "string"}, "model_loaded": {"type": "boolean"},
+            "active_sequences": {"type": "integer", "description": "Sequences in the running batch."},
         },
     },
     "GenerateResponse": {

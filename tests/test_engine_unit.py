@@ -260,10 +260,15 @@ def test_lazy_engine_loads_once_for_concurrent_first_calls() -> None:
 
 def test_lazy_engine_shares_a_failure_then_tries_again_later() -> None:
     factory = Counter(fail_first=1)
-    lazy = engine.LazyEngine(factory)
+    lazy = engine.LazyEngine(factory, retry_after=0.5)
     results = in_threads([lazy.get] * 5)
     assert factory.calls == 1  # those who waited got the same error, no stampede of retries
     assert all(isinstance(r, engine.EngineUnavailable) for r in results)
+    with pytest.raises(engine.EngineUnavailable) as caught:
+        lazy.get()  # still inside the retry window: answered at once
+    assert caught.value.retry_after == 1
+    assert factory.calls == 1
+    time.sleep(0.5)
     assert lazy.get() is not None  # a later request tries again and succeeds
     assert factory.calls == 2
     lazy.get().close()

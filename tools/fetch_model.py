@@ -49,6 +49,8 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    for path in out_dir.iterdir():  # safetensors writes 0600; a container's appuser must read it
+        path.chmod(0o644)
 
 
 def main() -> None:
