@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger("llm.engine")
 
-FINISH_REASONS = ("length", "stop", "eos", "cancelled")
+FINISH_REASONS = ("length", "stop", "eos", "timeout", "cancelled")
 CACHE_CHUNK = 256  # KV cache length grows (and shrinks back) in steps of this many tokens
 
 
@@ -433,6 +433,7 @@ class Sequence_:
     finish_reason: str | None = None
     error: Exception | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    deadline: float = math.inf  # time.monotonic() past which the sequence ends with "timeout"
 
     @property
     def cached(self) -> int:
@@ -452,12 +453,22 @@ class Engine:
 
     # -- called from request threads
 
-    def generate(self, prompt: str, params: SamplingParams, cancel: threading.Event | None = None) -> Result:
-        """Block until this prompt's continuation is done; raise on bad input or failure."""
+    def generate(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        cancel: threading.Event | None = None,
+        deadline: float = math.inf,
+    ) -> Result:
+        """Block until this prompt's continuation is done; raise on bad input or failure.
+
+        Setting `cancel` ends the sequence at the next step; so does passing `deadline`
+        (a `time.monotonic()` value), with what it has so far."""
         ids = self.model.tokenizer.encode(prompt)
         self._check_fits(len(ids), params.max_new_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence_(ids, params, cancel or threading.Event(), torch.Generator().manual_seed(seed))
+        seq.deadline = deadline
         with self._wake:
             if self._stopping:
                 raise GenerationFailed("the engine is shutting down")
@@ -477,6 +488,10 @@ class Engine:
     @property
     def active(self) -> int:
         return len(self._active)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
 
     def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         context = self.model.max_context
@@ -577,6 +592,8 @@ class Engine:
             seq.finish_reason = "stop"
         elif len(seq.generated) >= params.max_new_tokens:
             seq.finish_reason = "length"
+        elif time.monotonic() > seq.deadline:
+            seq.finish_reason = "timeout"
         elif seq.cancel.is_set():
             seq.finish_reason = "cancelled"
         return seq.finish_reason is not None

@@ -9,15 +9,19 @@ Run: API_KEY=... python server.py   (see README.md for every setting)
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import threading
-from collections.abc import Mapping
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -28,6 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import engine
 from auth import APIKeyMiddleware
@@ -35,6 +40,7 @@ from auth import APIKeyMiddleware
 SERVICE = "LLM-Generator"
 DEMO_KEY = "gpp-llm-service-secret"  # the original README's documented demo key
 log = logging.getLogger("llm.server")
+access_log = logging.getLogger("llm.access")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,6 +68,12 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     host: str = "127.0.0.1"
     port: int = 8000
+    max_queue: int = 64  # requests that may wait for a place in the batch; past that, 503 at once
+    queue_timeout: int = 30  # seconds a request may wait for a place before a 503
+    request_timeout: int = 120  # seconds after which a generation ends with finish_reason "timeout"
+    drain_timeout: int = 30  # seconds in-flight requests get to finish after SIGTERM
+    load_on_start: bool = False  # load the model at start so /ready turns 200 without traffic
+    log_prompts: bool = False  # put prompt text in the request log
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -83,17 +95,35 @@ class Settings:
             max_new_tokens=_env_int(env, "MAX_NEW_TOKENS_LIMIT", 200),
             body_bytes=_env_int(env, "MAX_BODY_BYTES", 64 * 1024),
         )
-        host, port = env.get("HOST", "127.0.0.1"), _env_int(env, "PORT", 8000)
-        return cls(keys, model, limits, host, port)
+        return cls(
+            keys,
+            model,
+            limits,
+            host=env.get("HOST", "127.0.0.1"),
+            port=_env_int(env, "PORT", 8000),
+            max_queue=_env_int(env, "MAX_QUEUE", 64, minimum=0),
+            queue_timeout=_env_int(env, "QUEUE_TIMEOUT", 30),
+            request_timeout=_env_int(env, "REQUEST_TIMEOUT", 120),
+            drain_timeout=_env_int(env, "DRAIN_TIMEOUT", 30),
+            load_on_start=_env_flag(env, "LOAD_ON_START"),
+            log_prompts=_env_flag(env, "LOG_PROMPTS"),
+        )
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise SystemExit(f"{name} must be a positive integer, got {raw!r}")
+    if not raw.isdigit() or int(raw) < minimum:
+        raise SystemExit(f"{name} must be an integer of at least {minimum}, got {raw!r}")
     return int(raw)
+
+
+def _env_flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise SystemExit(f"{name} must be 1/0, true/false or yes/no, got {raw!r}")
+    return raw in ("1", "true", "yes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +282,15 @@ def _stop(body: dict[str, Any], limits: Limits) -> tuple[str, ...]:
 # Routes
 
 
+@dataclass
+class Runtime:
+    """What the routes share while the process runs (all touched on the event loop only)."""
+
+    limiter: anyio.CapacityLimiter
+    in_flight: int = 0  # /generate requests running or waiting for a place in the batch
+    draining: bool = False  # SIGTERM received: finish what runs, take nothing new
+
+
 async def health(request: Request) -> JSONResponse:
     settings: Settings = request.app.state.settings
     running = engine.loaded_engine()
@@ -266,11 +305,34 @@ async def health(request: Request) -> JSONResponse:
     )
 
 
+async def ready(request: Request) -> JSONResponse:
+    runtime: Runtime = request.app.state.runtime
+    running = engine.loaded_engine()
+    if runtime.draining:
+        raise ApiError(503, "shutting down")
+    if running is None or not running.running:
+        raise ApiError(503, "model not loaded yet (it loads on the first /generate, or at start with LOAD_ON_START=1)")
+    return JSONResponse({"status": "ready"})
+
+
 async def generate(request: Request) -> JSONResponse:
     settings: Settings = request.app.state.settings
+    runtime: Runtime = request.app.state.runtime
+    if runtime.draining:
+        raise ApiError(503, "shutting down; retry on another instance", {"Retry-After": "5", "Connection": "close"})
     body = await read_json(request, settings.limits.body_bytes)
     prompt, params = parse_generate(body, settings.limits)
-    result = await run_generation(request, prompt, params)
+    capacity = settings.model.max_batch + settings.max_queue
+    if runtime.in_flight >= capacity:
+        raise ApiError(503, f"at capacity: {capacity} requests running or waiting; retry shortly", {"Retry-After": "1"})
+    runtime.in_flight += 1
+    try:
+        result = await run_generation(request, prompt, params)
+    finally:
+        runtime.in_flight -= 1
+    request.state.tokens, request.state.finish_reason = result.tokens, result.finish_reason
+    if settings.log_prompts:
+        request.state.prompt = prompt
     return JSONResponse(
         {
             "generated_text": prompt + result.text,
@@ -284,31 +346,41 @@ async def docs(request: Request) -> JSONResponse:
     return JSONResponse(openapi(request.app.state.settings))
 
 
-def _generate_blocking(config: engine.ModelConfig, prompt: str, params: engine.SamplingParams,
-                       cancel: threading.Event) -> engine.Result:  # fmt: skip
-    """Runs in a worker thread: loads the model on first use, then waits for the engine."""
-    return engine.get_engine(config).generate(prompt, params, cancel)
-
-
 async def run_generation(request: Request, prompt: str, params: engine.SamplingParams) -> engine.Result:
-    """Run one generation off the event loop; if the client leaves, free its place in the batch."""
-    state = request.app.state
-    cancel = threading.Event()
-    call = functools.partial(_generate_blocking, state.settings.model, prompt, params, cancel)
+    """Run one generation in a worker thread under the capacity limiter, and watch three things
+    meanwhile: the client leaving, the wait for a place running past QUEUE_TIMEOUT, and the
+    request being cancelled (drain timeout). Each frees the sequence's place at the next step."""
+    settings: Settings = request.app.state.settings
+    cancel, started = threading.Event(), threading.Event()
+    deadline = time.monotonic() + settings.request_timeout
     outcome: list[engine.Result | Exception] = []
+
+    def blocking() -> engine.Result:
+        started.set()  # we hold a place now: the queue timeout no longer applies
+        return engine.get_engine(settings.model).generate(prompt, params, cancel, deadline)
 
     async def work() -> None:
         try:
-            outcome.append(await anyio.to_thread.run_sync(call, limiter=state.limiter))
+            outcome.append(await anyio.to_thread.run_sync(blocking, limiter=request.app.state.runtime.limiter))
         except Exception as exc:
             outcome.append(exc)
         group.cancel_scope.cancel()
 
+    async def queue_timeout() -> None:
+        await anyio.sleep(settings.queue_timeout)
+        if not started.is_set():
+            detail = f"no place in the batch within QUEUE_TIMEOUT={settings.queue_timeout} s; retry shortly"
+            outcome.append(ApiError(503, detail, {"Retry-After": "1"}))
+            group.cancel_scope.cancel()
+
     async with anyio.create_task_group() as group:
         group.start_soon(work)
-        await _disconnected(request)
-        cancel.set()  # the engine drops the sequence at its next step
-        group.cancel_scope.cancel()  # a request still waiting for the limiter stops waiting
+        group.start_soon(queue_timeout)
+        try:
+            await _disconnected(request)
+        finally:
+            cancel.set()  # the engine drops the sequence at its next step (no-op once it is done)
+            group.cancel_scope.cancel()
     if not outcome:
         return engine.Result("", 0, "cancelled")
     if isinstance(outcome[0], Exception):
@@ -331,6 +403,59 @@ def _as_api_error(exc: Exception) -> Exception:
 
 
 # ---------------------------------------------------------------------------------------------
+# Request logs: one JSON line per request
+
+
+class RequestLog:
+    """Pure ASGI middleware: gives each request an id (X-Request-ID, or a new one), returns it,
+    and logs method, path, status, tokens and latency. Never headers, so never the API key."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope["headers"])
+        state = scope.setdefault("state", {})
+        start, status = time.perf_counter(), 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            fields = {"request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status}
+            fields["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
+            fields.update({k: state[k] for k in ("tokens", "finish_reason", "prompt") if k in state})
+            access_log.info("request", extra={"fields": fields})
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's X-Request-ID when it is short and printable, else a new one."""
+    for name, value in headers:
+        if name == b"x-request-id" and 0 < len(value) <= 128 and value.isascii() and value.decode().isprintable():
+            return value.decode()
+    return uuid.uuid4().hex
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
+        entry["message"] = record.getMessage()
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+# ---------------------------------------------------------------------------------------------
 # The OpenAPI document, written by hand from the same limits the validation uses
 
 
@@ -343,9 +468,10 @@ def openapi(settings: Settings) -> dict[str, Any]:
             "schemas": {"GenerateRequest": _request_schema(settings.limits), **_SCHEMAS},
         },
         "paths": {
-            "/health": {"get": _operation("Liveness and model status", "Health", {})},
+            "/health": {"get": _operation("Liveness: 200 while the process runs, with model status", "Health", {})},
+            "/ready": {"get": _operation("Readiness: 200 once the model is loaded", "object", READY_ERRORS)},
             "/docs": {"get": _operation("This OpenAPI document", "object", {})},
-            "/generate": {"post": _generate_operation()},
+            "/generate": {"post": _generate_operation(settings)},
         },
     }
 
@@ -406,8 +532,13 @@ GENERATE_ERRORS = {
     413: "Body larger than the limit.",
     415: "Content-Type is not application/json.",
     422: "A field is missing, unknown, of the wrong type or out of range; or the prompt does not fit.",
-    503: "The model could not be loaded; Retry-After says when to try again.",
+    503: (
+        "The model could not be loaded, the server is at capacity (MAX_BATCH_SIZE running plus MAX_QUEUE "
+        "waiting), no place freed up within QUEUE_TIMEOUT, or the server is shutting down. "
+        "Retry-After says when to try again."
+    ),
 }
+READY_ERRORS = {503: "The model is not loaded yet, or the server is shutting down."}
 
 
 def _operation(summary: str, schema: str, errors: dict[int, str]) -> dict[str, Any]:
@@ -418,8 +549,16 @@ def _operation(summary: str, schema: str, errors: dict[int, str]) -> dict[str, A
     return {"summary": summary, "responses": responses}
 
 
-def _generate_operation() -> dict[str, Any]:
+def _generate_operation(settings: Settings) -> dict[str, Any]:
     operation = _operation("Continue a prompt", "GenerateResponse", GENERATE_ERRORS)
+    operation["description"] = (
+        f"Up to MAX_BATCH_SIZE={settings.model.max_batch} requests generate together and "
+        f"MAX_QUEUE={settings.max_queue} more may wait; past that, 503 at once. A request waits at most "
+        f"QUEUE_TIMEOUT={settings.queue_timeout} s for a place (then 503), and generation ends with "
+        f'finish_reason "timeout" and the text so far REQUEST_TIMEOUT={settings.request_timeout} s after '
+        "the request arrived."
+    )
+    operation["x-timeouts"] = {"queue_seconds": settings.queue_timeout, "request_seconds": settings.request_timeout}
     operation["security"] = [{"apiKey": []}]
     operation["requestBody"] = {
         "required": True,
@@ -436,13 +575,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> Any:
-        app.state.limiter = anyio.CapacityLimiter(settings.model.max_batch)
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.runtime = Runtime(anyio.CapacityLimiter(settings.model.max_batch))
+        if settings.load_on_start:  # a plain thread: start-up is not held up, /health answers at once
+            threading.Thread(target=_preload, args=(settings.model,), name="preload", daemon=True).start()
         yield
         await anyio.to_thread.run_sync(engine.reset_engine)
 
     routes = [
         Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
         Route("/generate", generate, methods=["POST"]),
         Route("/docs", docs, methods=["GET"]),
     ]
@@ -450,13 +592,50 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.settings = settings
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(RequestLog)  # outermost, so 401s are logged too
     return app
 
 
+def _preload(config: engine.ModelConfig) -> None:
+    # A failure is logged by the engine; /ready stays 503 and a later request tries again.
+    with contextlib.suppress(engine.EngineUnavailable):
+        engine.get_engine(config)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn stops accepting connections on SIGTERM and waits for open requests up to
+    timeout_graceful_shutdown; we also flip the app to draining so /ready and new work get 503."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette):
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        runtime: Runtime | None = getattr(self.app.state, "runtime", None)
+        if runtime is not None:
+            runtime.draining = True
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:
+            # uvicorn re-raises caught signals once it has shut down, so the process would die of
+            # SIGTERM (status 143); a drain that completed is a clean exit, status 0.
+            self._captured_signals.remove(sig)
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     settings = Settings.from_env()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep our JSON logging
+        access_log=False,  # RequestLog writes one line per request instead
+        timeout_graceful_shutdown=settings.drain_timeout,
+    )
+    DrainingServer(config, app).run()
 
 
 if __name__ == "__main__":

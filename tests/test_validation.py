@@ -161,5 +161,5 @@ def test_settings_from_env() -> None:
     assert settings.model.max_batch == 4
     assert settings.limits.max_new_tokens == 300
     assert settings.port == 9
-    with pytest.raises(SystemExit, match="MAX_BATCH_SIZE must be a positive integer"):
+    with pytest.raises(SystemExit, match="MAX_BATCH_SIZE must be an integer of at least 1"):
         Settings.from_env({"API_KEY": "a", "MAX_BATCH_SIZE": "0"})

@@ -1,0 +1,211 @@
+"""End-to-end hardening: overload, time limits, readiness, drain, disconnect storms, fuzzing, logs."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import KEY, Server, run_server
+
+pytestmark = pytest.mark.e2e
+AUTH = {"x-api-key": KEY}
+LONG = {"prompt": "long", "max_new_tokens": 200, "ignore_eos": True}
+
+
+def post(server: Server, body: object, timeout: float = 120) -> httpx.Response:
+    return httpx.post(server.url + "/generate", json=body, headers=AUTH, timeout=timeout)
+
+
+def wait_for(condition: object, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def active(server: Server) -> int:
+    return int(httpx.get(server.url + "/health").json()["active_sequences"])
+
+
+@pytest.fixture(scope="module")
+def small(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Capacity 2 running + 2 waiting, so overload is easy to reach."""
+    env = {"MODEL_NAME": str(gpt2_dir), "MAX_BATCH_SIZE": "2", "MAX_QUEUE": "2", "LOAD_ON_START": "1"}
+    with run_server(tmp_path_factory.mktemp("small"), **env) as server:
+        yield server
+
+
+def test_ready_turns_200_without_traffic_when_loading_at_start(small: Server) -> None:
+    wait_for(lambda: httpx.get(small.url + "/ready").status_code == 200, timeout=60)
+    assert httpx.get(small.url + "/ready").json() == {"status": "ready"}
+
+
+def test_ready_is_503_until_the_lazy_model_loads(gpt2_dir: Path, tmp_path: Path) -> None:
+    with run_server(tmp_path, MODEL_NAME=str(gpt2_dir)) as lazy:
+        response = httpx.get(lazy.url + "/ready")
+        assert response.status_code == 503
+        assert "not loaded" in response.json()["detail"]
+        assert httpx.get(lazy.url + "/health").status_code == 200
+        assert post(lazy, {"prompt": "wake up", "max_new_tokens": 2}).status_code == 200
+        assert httpx.get(lazy.url + "/ready").status_code == 200
+
+
+def test_four_times_capacity_gets_only_200_and_503(small: Server) -> None:
+    """16 clients against 2 running + 2 waiting: the rest are refused at once, nobody hangs."""
+    wait_for(lambda: httpx.get(small.url + "/ready").status_code == 200, timeout=60)
+    health_latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            assert httpx.get(small.url + "/health", timeout=5).status_code == 200
+            health_latencies.append(time.perf_counter() - start)
+            time.sleep(0.05)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    body = {"prompt": "overload", "max_new_tokens": 40, "ignore_eos": True}
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda _: post(small, body), range(16)))
+    stop.set()
+    prober.join()
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}
+    assert statuses.count(200) >= 4
+    assert statuses.count(503) >= 1
+    for r in responses:
+        if r.status_code == 200:
+            assert r.json()["generated_tokens"] == 40  # every accepted request completes
+        else:
+            assert r.headers["retry-after"] == "1"
+            assert "at capacity" in r.json()["detail"]
+    assert max(health_latencies) < 2  # answered throughout (a loaded 2-core box, so not instant)
+
+
+def test_disconnect_storm_empties_the_batch(small: Server) -> None:
+    host, port = small.url.removeprefix("http://").split(":")
+    body = json.dumps(LONG).encode()
+    head = (
+        f"POST /generate HTTP/1.1\r\nhost: x\r\nx-api-key: {KEY}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    rng = random.Random(7)
+    for _ in range(12):
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(head + body)
+        time.sleep(rng.uniform(0, 0.2))
+        sock.close()
+    wait_for(lambda: active(small) == 0, timeout=3)
+    assert post(small, {"prompt": "after the storm", "max_new_tokens": 3}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def slow(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    env = {"MODEL_NAME": str(gpt2_dir), "MAX_BATCH_SIZE": "1", "QUEUE_TIMEOUT": "1", "REQUEST_TIMEOUT": "2"}
+    with run_server(tmp_path_factory.mktemp("slow"), **env) as server:
+        yield server
+
+
+def test_request_deadline_ends_with_timeout_and_the_text_so_far(slow: Server) -> None:
+    post(slow, {"prompt": "load", "max_new_tokens": 1})
+    body = post(slow, {**LONG, "max_new_tokens": 200}).json()
+    assert body["finish_reason"] == "timeout"
+    assert 0 < body["generated_tokens"] < 200
+    assert body["generated_text"].startswith("long")
+
+
+def test_waiting_past_the_queue_timeout_is_503(slow: Server) -> None:
+    post(slow, {"prompt": "load", "max_new_tokens": 1})
+    holder = threading.Thread(target=post, args=(slow, LONG))
+    holder.start()
+    wait_for(lambda: active(slow) == 1)
+    start = time.monotonic()
+    response = post(slow, {"prompt": "waiting", "max_new_tokens": 2})
+    waited = time.monotonic() - start
+    holder.join()
+    assert response.status_code == 503
+    assert "QUEUE_TIMEOUT=1" in response.json()["detail"]
+    assert 0.9 < waited < 1.9
+
+
+def fuzz_request(rng: random.Random) -> tuple[bytes, list[tuple[str, str]]]:
+    """One malformed or odd request: body bytes and headers."""
+    values: list[object] = [
+        None, True, -1, 0, 2**70, 1e308, -1e-308, "", "x" * 5000, "\u0000", [], {}, [1, "a"], {"a": {"b": []}},
+        "\ud800", 3.5, "200", 1,
+    ]  # fmt: skip
+    fields = ["prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "xx"]
+    kind = rng.randrange(6)
+    if kind == 0:
+        body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+    elif kind == 1:
+        good = json.dumps({"prompt": "fuzz", "max_new_tokens": 2}).encode()
+        cut = rng.randrange(len(good))
+        body = good[:cut] + bytes([rng.randrange(256)]) + good[cut + 1 :]
+    else:
+        doc = {f: rng.choice(values) for f in rng.sample(fields, rng.randrange(1, 5))}
+        doc.setdefault("max_new_tokens", rng.choice([1, 2, 3]))
+        body = json.dumps(doc).encode()
+    headers = [("content-type", rng.choice(["application/json", "application/json", "text/plain", "", "json"]))]
+    headers += rng.choice(
+        [[("x-api-key", KEY)]] * 4 + [[], [("x-api-key", KEY), ("x-api-key", KEY)], [("x-api-key", "bad")]]
+    )
+    return body, headers
+
+
+def test_randomized_bad_input_never_gives_5xx_or_hangs(small: Server) -> None:
+    rng = random.Random(20261126)
+    statuses = []
+    with httpx.Client(base_url=small.url, timeout=30) as client:
+        for _ in range(300):
+            body, headers = fuzz_request(rng)
+            statuses.append(client.post("/generate", content=body, headers=headers).status_code)
+    assert all(s < 500 or s == 503 for s in statuses)
+    assert not [s for s in statuses if s >= 500 and s != 503]
+    assert {400, 401, 415, 422} <= set(statuses)
+    assert httpx.get(small.url + "/health").status_code == 200
+
+
+def test_each_request_logs_one_json_line_without_secrets(small: Server) -> None:
+    mine = {"x-request-id": "trace-abc-123", **AUTH}
+    response = httpx.post(small.url + "/generate", json={"prompt": "secret prompt", "max_new_tokens": 2}, headers=mine)
+    assert response.headers["x-request-id"] == "trace-abc-123"
+    made_up = httpx.get(small.url + "/health").headers["x-request-id"]
+    assert len(made_up) == 32
+    time.sleep(0.2)
+    lines = [json.loads(line) for line in small.log().splitlines() if line.startswith("{")]
+    requests = {e["request_id"]: e for e in lines if e["message"] == "request"}
+    entry = requests["trace-abc-123"]
+    assert (entry["path"], entry["status"], entry["tokens"], entry["finish_reason"]) == ("/generate", 200, 2, "length")
+    assert entry["latency_ms"] > 0
+    assert requests[made_up]["path"] == "/health"
+    assert KEY not in small.log()
+    assert "secret prompt" not in small.log()  # LOG_PROMPTS is off
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits_0(gpt2_dir: Path, tmp_path: Path) -> None:
+    with run_server(tmp_path, MODEL_NAME=str(gpt2_dir), LOAD_ON_START="1", DRAIN_TIMEOUT="30") as server:
+        wait_for(lambda: httpx.get(server.url + "/ready").status_code == 200, timeout=60)
+        body = {"prompt": "drain", "max_new_tokens": 120, "ignore_eos": True}
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(post, server, body) for _ in range(3)]
+            wait_for(lambda: active(server) == 3)
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(httpx.TransportError):  # no new connections while draining
+                httpx.get(server.url + "/ready", timeout=2)
+            responses = [f.result() for f in futures]
+        assert server.process.wait(timeout=60) == 0
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert all(r.json()["generated_tokens"] == 120 for r in responses)
