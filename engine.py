@@ -13,6 +13,7 @@ with a preallocated KV cache kept compact: active sequences always occupy rows 0
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import math
 import secrets
@@ -29,6 +30,7 @@ log = logging.getLogger("llm.engine")
 
 FINISH_REASONS = ("length", "stop", "eos", "timeout", "cancelled")
 CACHE_CHUNK = 256  # KV cache length grows (and shrinks back) in steps of this many tokens
+ROW_CHUNK = 8  # and its rows in steps of this many sequences
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +136,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
     eos = hf_model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
+    del hf_model  # our decoder holds copies of the weights; free transformers' module tree now
+    gc.collect()
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
     return LoadedModel(tokenizer, decoder, eos_ids, decoder.max_context, dtype)
 
@@ -174,37 +178,45 @@ class Architecture:
 
 
 class KVCache:
-    """Keys and values for up to `rows` sequences, each layer [rows, Hkv, capacity, D]."""
+    """Keys and values per layer, [rows, Hkv, length, D]. Both rows and length grow in chunks as
+    the batch and its sequences need them, and shrink back when the batch empties: memory
+    follows the load instead of being sized for the worst case up front."""
 
-    def __init__(self, layers: int, rows: int, arch: Architecture, dtype: torch.dtype, device: torch.device):
-        self.shape = (rows, arch.kv_heads, 0, arch.head_dim)
-        self.layers, self.dtype, self.device = layers, dtype, device
+    def __init__(self, layers: int, max_rows: int, arch: Architecture, dtype: torch.dtype, device: torch.device):
+        self.layers, self.max_rows, self.heads, self.dim = layers, max_rows, arch.kv_heads, arch.head_dim
+        self.dtype, self.device = dtype, device
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.reset()
 
     @property
+    def rows(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
     def capacity(self) -> int:
         return self.k[0].shape[2]
 
-    def _empty(self, capacity: int) -> torch.Tensor:
-        rows, heads, _, dim = self.shape
-        return torch.zeros(rows, heads, capacity, dim, dtype=self.dtype, device=self.device)
+    def _zeros(self, rows: int, length: int) -> torch.Tensor:
+        # Zeros, not empty: masked positions get weight 0, and 0 * NaN garbage would still be NaN.
+        return torch.zeros(rows, self.heads, length, self.dim, dtype=self.dtype, device=self.device)
 
     def reset(self) -> None:
         """Back to the smallest size, so memory stays flat once the batch empties."""
-        self.k = [self._empty(CACHE_CHUNK) for _ in range(self.layers)]
-        self.v = [self._empty(CACHE_CHUNK) for _ in range(self.layers)]
+        self.k, self.v = [], []  # drop the old tensors before making the new ones
+        self.k = [self._zeros(ROW_CHUNK, CACHE_CHUNK) for _ in range(self.layers)]
+        self.v = [self._zeros(ROW_CHUNK, CACHE_CHUNK) for _ in range(self.layers)]
 
-    def reserve(self, length: int, active: int) -> None:
-        """Make room for `length` positions, keeping the first `active` rows."""
-        if length <= self.capacity:
+    def reserve(self, rows: int, length: int, keep: int) -> None:
+        """Make room for `rows` rows of `length` positions, keeping the first `keep` rows."""
+        if rows <= self.rows and length <= self.capacity:
             return
-        capacity = math.ceil(length / CACHE_CHUNK) * CACHE_CHUNK
+        rows = min(self.max_rows, max(self.rows, math.ceil(rows / ROW_CHUNK) * ROW_CHUNK))
+        length = max(self.capacity, math.ceil(length / CACHE_CHUNK) * CACHE_CHUNK)
         for cache in (self.k, self.v):
-            for i, old in enumerate(cache):
-                new = self._empty(capacity)
-                new[:active, :, : old.shape[2]] = old[:active]
+            for i, old in enumerate(cache):  # one layer at a time, so the old and new never all coexist
+                new = self._zeros(rows, length)
+                new[:keep, :, : old.shape[2]] = old[:keep]
                 cache[i] = new
 
     def move(self, src: int, dst: int) -> None:
@@ -248,7 +260,7 @@ class Decoder:
         """Run a whole prompt into cache row `row`; return the next-token logits [V]."""
         ids = torch.tensor([tokens], device=self.device)  # [1, T]
         step = Step(positions=torch.arange(len(tokens), device=self.device)[None], prefill_row=row)
-        self.cache.reserve(len(tokens), active=row)
+        self.cache.reserve(row + 1, len(tokens), keep=row)
         return self._forward(ids, step)[0]
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
@@ -256,7 +268,7 @@ class Decoder:
         ids = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
         length = max(positions) + 1
-        self.cache.reserve(length, active=len(tokens))
+        self.cache.reserve(len(tokens), length, keep=len(tokens))
         mask = torch.arange(length, device=self.device)[None, :] <= pos  # [B, L]
         return self._forward(ids, Step(positions=pos, mask=mask[:, None, None, :]))
 
@@ -336,7 +348,10 @@ def build_decoder(hf_model: Any, dtype: torch.dtype, device: torch.device, max_b
     kind = hf_model.config.model_type
     if kind not in builders:
         raise EngineUnavailable(f"model type {kind!r} is not supported; supported types: {', '.join(sorted(builders))}")
-    return builders[kind](hf_model, lambda t: t.detach().to(device=device, dtype=dtype).contiguous(), max_batch)
+    # Always copy: a tensor left as a view of the checkpoint keeps its whole memory map resident.
+    return builders[kind](
+        hf_model, lambda t: t.detach().to(device=device, dtype=dtype, copy=True).contiguous(), max_batch
+    )
 
 
 Cast = Callable[[torch.Tensor], torch.Tensor]
@@ -361,7 +376,8 @@ def _gpt2_decoder(model: Any, cast: Cast, max_batch: int) -> Decoder:
                         rms_norm=False, gated_mlp=False, inv_freq=None)  # fmt: skip
     embed = cast(body.wte.weight)
     final = (cast(body.ln_f.weight), cast(body.ln_f.bias))
-    return Decoder(arch, layers, embed, cast(body.wpe.weight), final, cast(model.lm_head.weight), max_batch)
+    lm_head = _head(model, body.wte.weight, embed, cast)
+    return Decoder(arch, layers, embed, cast(body.wpe.weight), final, lm_head, max_batch)
 
 
 def _llama_decoder(model: Any, cast: Cast, max_batch: int) -> Decoder:
@@ -383,17 +399,23 @@ def _llama_decoder(model: Any, cast: Cast, max_batch: int) -> Decoder:
             cast(b.post_attention_layernorm.weight), None, up, up_b,
             cast(mlp.down_proj.weight), _maybe(cast, mlp.down_proj.bias),
         ))  # fmt: skip
-    rotary = body.rotary_emb
+    embed = cast(body.embed_tokens.weight)
+    rotary = body.rotary_emb  # transformers' own frequencies, so every rope scaling type is honoured
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     arch = Architecture(
         cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps,
         cfg.max_position_embeddings, rms_norm=True, gated_mlp=True,
-        inv_freq=rotary.inv_freq.detach().float().to(body.embed_tokens.weight.device),
+        inv_freq=rotary.inv_freq.detach().float().to(embed.device),
         rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
     )  # fmt: skip
-    arch.inv_freq = arch.inv_freq.to(cast(body.norm.weight).device) if arch.inv_freq is not None else None
-    embed = cast(body.embed_tokens.weight)
-    return Decoder(arch, layers, embed, None, (cast(body.norm.weight), None), cast(model.lm_head.weight), max_batch)
+    lm_head = _head(model, body.embed_tokens.weight, embed, cast)
+    return Decoder(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, max_batch)
+
+
+def _head(model: Any, embedding: torch.Tensor, embed: torch.Tensor, cast: Cast) -> torch.Tensor:
+    """The output projection; tied to the input embedding in small models, so share our copy."""
+    tied = model.lm_head.weight.data_ptr() == embedding.data_ptr()
+    return embed if tied else cast(model.lm_head.weight)
 
 
 def _maybe(cast: Cast, tensor: torch.Tensor | None) -> torch.Tensor | None:

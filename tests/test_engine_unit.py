@@ -272,3 +272,22 @@ def test_lazy_engine_shares_a_failure_then_tries_again_later() -> None:
     assert lazy.get() is not None  # a later request tries again and succeeds
     assert factory.calls == 2
     lazy.get().close()
+
+
+def test_kv_cache_grows_in_rows_and_length_keeping_data_and_shrinks_back() -> None:
+    arch = engine.Architecture(4, 2, 8, 1e-5, 4096, rms_norm=True, gated_mlp=True, inv_freq=None)
+    cache = engine.KVCache(layers=2, max_rows=20, arch=arch, dtype=torch.float32, device=torch.device("cpu"))
+    assert (cache.rows, cache.capacity) == (engine.ROW_CHUNK, engine.CACHE_CHUNK)
+    for layer in cache.k:
+        layer[:3, :, :10] = torch.arange(3.0)[:, None, None, None] + 1  # rows 0..2 hold 1, 2, 3
+    cache.reserve(rows=9, length=engine.CACHE_CHUNK + 1, keep=3)
+    assert (cache.rows, cache.capacity) == (16, 2 * engine.CACHE_CHUNK)
+    for layer in cache.k:
+        assert layer[:3, :, :10].flatten(1).unique(dim=1).flatten().tolist() == [1.0, 2.0, 3.0]
+        assert layer[3:].abs().sum() == 0  # new rows and positions are zeros, never garbage
+    cache.reserve(rows=30, length=10, keep=3)
+    assert cache.rows == 20  # never past max_rows
+    cache.move(2, 0)
+    assert cache.k[0][0, 0, 0, 0] == 3.0
+    cache.reset()
+    assert (cache.rows, cache.capacity) == (engine.ROW_CHUNK, engine.CACHE_CHUNK)

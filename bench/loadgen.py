@@ -1,0 +1,139 @@
+"""Closed-loop load generator: N clients, each sending its next request when the last returns.
+
+Targets any server by URL: this service or the baseline (`--api generate`), or llama.cpp's
+`llama-server` (`--api llamacpp`). Loopback only. Reports tokens/s (all clients together),
+request latency p50/p99, and the server's peak memory when given its pid.
+
+Run: python bench/loadgen.py --url http://127.0.0.1:8000 --clients 1 8 32 [--pid PID] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import psutil
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+@dataclass
+class Level:
+    clients: int
+    requests: int
+    failed: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    p50_s: float
+    p99_s: float
+    peak_rss_mb: float | None
+
+
+def request_for(api: str, max_new_tokens: int) -> tuple[str, dict[str, Any]]:
+    if api == "llamacpp":
+        return "/completion", {"prompt": PROMPT, "n_predict": max_new_tokens, "ignore_eos": True}
+    return "/generate", {"prompt": PROMPT, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+
+
+def tokens_of(api: str, body: dict[str, Any]) -> int:
+    return int(body["tokens_predicted"] if api == "llamacpp" else body["generated_tokens"])
+
+
+class MemoryWatch:
+    """Samples the RSS of a process and its children every 100 ms; keeps the peak."""
+
+    def __init__(self, pid: int | None):
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        proc = psutil.Process(self.pid)
+        while not self._stop.wait(0.1):
+            procs = [proc, *proc.children(recursive=True)]
+            self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+
+    def __enter__(self) -> MemoryWatch:
+        if self.pid:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+
+async def one_level(args: argparse.Namespace, clients: int) -> Level:
+    path, body = request_for(args.api, args.max_new_tokens)
+    latencies: list[float] = []
+    tokens, failed = 0, 0
+    deadline = time.perf_counter() + args.duration
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens, failed
+        for _ in range(args.max_requests_per_client):
+            start = time.perf_counter()
+            response = await http.post(path, json=body)
+            if response.status_code != 200:
+                failed += 1
+            else:
+                latencies.append(time.perf_counter() - start)
+                tokens += tokens_of(args.api, response.json())
+            if time.perf_counter() > deadline:
+                return
+
+    headers = {"x-api-key": args.key}
+    limits = httpx.Limits(max_connections=clients)
+    with MemoryWatch(args.pid) as memory:
+        async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=3600, limits=limits) as http:
+            start = time.perf_counter()
+            await asyncio.gather(*(client(http) for _ in range(clients)))
+            seconds = time.perf_counter() - start
+    ordered = sorted(latencies) or [float("nan")]
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    peak = round(memory.peak / 2**20, 1) if args.pid else None
+    return Level(clients, len(latencies), failed, tokens, round(seconds, 2), round(tokens / seconds, 1),
+                 round(statistics.median(ordered), 2), round(p99, 2), peak)  # fmt: skip
+
+
+async def run(args: argparse.Namespace) -> list[Level]:
+    path, body = request_for(args.api, 4)
+    async with httpx.AsyncClient(base_url=args.url, headers={"x-api-key": args.key}, timeout=600) as http:
+        (await http.post(path, json=body)).raise_for_status()  # warm-up: loads the model
+    levels = []
+    for clients in args.clients:
+        level = await one_level(args, clients)
+        print(" | ".join(f"{k}={v}" for k, v in asdict(level).items()), flush=True)
+        levels.append(level)
+    return levels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--api", choices=["generate", "llamacpp"], default="generate")
+    parser.add_argument("--key", default="gpp-llm-service-secret")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--duration", type=float, default=30, help="clients start no new request after this")
+    parser.add_argument("--max-requests-per-client", type=int, default=1000)
+    parser.add_argument("--pid", type=int, help="server process to watch for peak memory")
+    parser.add_argument("--json", help="write the levels here")
+    args = parser.parse_args()
+    if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        parser.error("load is only ever sent to loopback")
+    levels = asyncio.run(run(args))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"url": args.url, "api": args.api, "levels": [asdict(lv) for lv in levels]}, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()
