@@ -2,7 +2,7 @@
 
 In float32 they agree exactly (a test holds that). In bfloat16 a batch changes the rounding of
 each matrix product, so near-ties can flip a token, and everything after it differs. This counts,
-for each prompt, the tokens generated before the first difference.
+for each prompt, the characters of the continuation before the first difference.
 
 Run: python bench/agreement.py --model models/smollm2-135m-instruct --dtype bfloat16
 """
@@ -24,7 +24,7 @@ PROMPTS = [
 ]  # fmt: skip
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
@@ -36,12 +36,11 @@ def main() -> None:
     args = parser.parse_args()
     eng = engine.create_engine(engine.ModelConfig(name=args.model, dtype=args.dtype, max_batch=len(PROMPTS)))
     params = engine.SamplingParams(max_new_tokens=args.tokens, ignore_eos=True)
-    tokenize = eng.model.tokenizer.encode
-    alone = [tokenize(eng.generate(p, params).text) for p in PROMPTS]
-    batched: list[list[int]] = [[] for _ in PROMPTS]
+    alone = [eng.generate(p, params).text for p in PROMPTS]
+    batched = [""] * len(PROMPTS)
 
     def run(i: int) -> None:
-        batched[i] = tokenize(eng.generate(PROMPTS[i], params).text)
+        batched[i] = eng.generate(PROMPTS[i], params).text
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
@@ -52,7 +51,8 @@ def main() -> None:
     agree = [common_prefix(a, b) for a, b in zip(alone, batched, strict=True)]
     identical = sum(a == b for a, b in zip(alone, batched, strict=True))
     summary = {"model": Path(args.model).name, "dtype": args.dtype, "tokens": args.tokens,
-               "identical": f"{identical}/{len(PROMPTS)}", "tokens_before_first_difference": agree}  # fmt: skip
+               "identical": f"{identical}/{len(PROMPTS)}", "chars_before_first_difference": agree,
+               "chars": [len(a) for a in alone]}  # fmt: skip
     print(json.dumps(summary))
 
 
