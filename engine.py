@@ -114,6 +114,16 @@ def resolve_dtype(setting: str, device: torch.device, rows: int, width: int) -> 
     return torch.bfloat16 if fast else torch.float32
 
 
+def _route_library_logs(hf_logging: Any) -> None:
+    """transformers and huggingface_hub print to stderr with handlers of their own, and draw
+    progress bars; send their records through our (JSON) handlers instead, one line each."""
+    hf_logging.disable_progress_bar()
+    for name in ("transformers", "huggingface_hub"):
+        library = logging.getLogger(name)
+        library.handlers.clear()
+        library.propagate = True
+
+
 @dataclass
 class LoadedModel:
     tokenizer: Any
@@ -126,7 +136,9 @@ class LoadedModel:
 def load_model(config: ModelConfig) -> LoadedModel:
     """Load tokenizer and weights (from the hub or a directory) and build our decoder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    _route_library_logs(hf_logging)
     device = resolve_device(config.device)
     tokenizer = AutoTokenizer.from_pretrained(config.name, cache_dir=config.cache_dir)
     hf_model = AutoModelForCausalLM.from_pretrained(config.name, cache_dir=config.cache_dir, dtype=torch.float32)
@@ -470,6 +482,7 @@ class Engine:
         self._active: list[Sequence_] = []  # index == cache row
         self._wake = threading.Condition()
         self._stopping = False
+        self._expired = False  # set by expire(): every sequence ends at its next step
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -500,6 +513,10 @@ class Engine:
         if seq.error is not None:
             raise seq.error
         return self._result(seq)
+
+    def expire(self) -> None:
+        """End every sequence at its next step with finish_reason "timeout" (drain time is up)."""
+        self._expired = True
 
     def close(self) -> None:
         with self._wake:
@@ -614,7 +631,7 @@ class Engine:
             seq.finish_reason = "stop"
         elif len(seq.generated) >= params.max_new_tokens:
             seq.finish_reason = "length"
-        elif time.monotonic() > seq.deadline:
+        elif self._expired or time.monotonic() > seq.deadline:
             seq.finish_reason = "timeout"
         elif seq.cancel.is_set():
             seq.finish_reason = "cancelled"

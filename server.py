@@ -38,7 +38,7 @@ import engine
 from auth import APIKeyMiddleware
 
 SERVICE = "LLM-Generator"
-DEMO_KEY = "gpp-llm-service-secret"  # the original README's documented demo key
+DRAIN_BACKSTOP_SECONDS = 10  # after DRAIN_TIMEOUT, time for the last step and responses to go out
 log = logging.getLogger("llm.server")
 access_log = logging.getLogger("llm.access")
 
@@ -71,7 +71,7 @@ class Settings:
     max_queue: int = 64  # requests that may wait for a place in the batch; past that, 503 at once
     queue_timeout: int = 30  # seconds a request may wait for a place before a 503
     request_timeout: int = 120  # seconds after which a generation ends with finish_reason "timeout"
-    drain_timeout: int = 30  # seconds in-flight requests get to finish after SIGTERM
+    drain_timeout: int = 25  # seconds in-flight requests get to finish after SIGTERM
     load_on_start: bool = False  # load the model at start so /ready turns 200 without traffic
     log_prompts: bool = False  # put prompt text in the request log
 
@@ -104,7 +104,7 @@ class Settings:
             max_queue=_env_int(env, "MAX_QUEUE", 64, minimum=0),
             queue_timeout=_env_int(env, "QUEUE_TIMEOUT", 30),
             request_timeout=_env_int(env, "REQUEST_TIMEOUT", 120),
-            drain_timeout=_env_int(env, "DRAIN_TIMEOUT", 30),
+            drain_timeout=_env_int(env, "DRAIN_TIMEOUT", 25),
             load_on_start=_env_flag(env, "LOAD_ON_START"),
             log_prompts=_env_flag(env, "LOG_PROMPTS"),
         )
@@ -603,22 +603,34 @@ def _preload(config: engine.ModelConfig) -> None:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn stops accepting connections on SIGTERM and waits for open requests up to
-    timeout_graceful_shutdown; we also flip the app to draining so /ready and new work get 503."""
+    """On SIGTERM uvicorn stops accepting connections and waits for open requests. We also flip
+    the app to draining (/ready and new work get 503), and after DRAIN_TIMEOUT we end every
+    generation at its next step with what it has (finish_reason "timeout"), so each client still
+    gets a proper answer. uvicorn's own cancellation stays only as a backstop a little later."""
 
-    def __init__(self, config: uvicorn.Config, app: Starlette):
+    def __init__(self, config: uvicorn.Config, app: Starlette, drain_timeout: float):
         super().__init__(config)
-        self.app = app
+        self.app, self.drain_timeout = app, drain_timeout
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         runtime: Runtime | None = getattr(self.app.state, "runtime", None)
-        if runtime is not None:
+        if runtime is not None and not runtime.draining:
             runtime.draining = True
+            timer = threading.Timer(self.drain_timeout, _expire_generations)
+            timer.daemon = True  # a drain that finishes early must not wait for it
+            timer.start()
         super().handle_exit(sig, frame)
         if sig == signal.SIGTERM:
             # uvicorn re-raises caught signals once it has shut down, so the process would die of
             # SIGTERM (status 143); a drain that completed is a clean exit, status 0.
             self._captured_signals.remove(sig)
+
+
+def _expire_generations() -> None:
+    running = engine.loaded_engine()
+    if running is not None:
+        log.warning("drain timeout reached: ending generations in flight with what they have")
+        running.expire()
 
 
 def main() -> None:
@@ -633,9 +645,9 @@ def main() -> None:
         port=settings.port,
         log_config=None,  # keep our JSON logging
         access_log=False,  # RequestLog writes one line per request instead
-        timeout_graceful_shutdown=settings.drain_timeout,
+        timeout_graceful_shutdown=settings.drain_timeout + DRAIN_BACKSTOP_SECONDS,
     )
-    DrainingServer(config, app).run()
+    DrainingServer(config, app, settings.drain_timeout).run()
 
 
 if __name__ == "__main__":

@@ -209,3 +209,20 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(gpt2_dir: Path, tmp
         assert server.process.wait(timeout=60) == 0
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert all(r.json()["generated_tokens"] == 120 for r in responses)
+
+
+def test_past_the_drain_timeout_generations_end_with_what_they_have(gpt2_dir: Path, tmp_path: Path) -> None:
+    with run_server(tmp_path, MODEL_NAME=str(gpt2_dir), LOAD_ON_START="1", DRAIN_TIMEOUT="1") as server:
+        wait_for(lambda: httpx.get(server.url + "/ready").status_code == 200, timeout=60)
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(post, server, LONG) for _ in range(2)]
+            wait_for(lambda: active(server) == 2)
+            server.process.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        assert server.process.wait(timeout=60) == 0
+    for response in responses:
+        assert response.status_code == 200
+        body = response.json()
+        assert body["finish_reason"] == "timeout"
+        assert 0 < body["generated_tokens"] < 200
+    assert "drain timeout reached" in server.log()
