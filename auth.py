@@ -23,6 +23,12 @@ def _digest(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
+def _route_path(scope: Scope) -> str:
+    """The path the router matches: without the root path a proxy or mount may have set."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return str(path[len(root) :] if root and path.startswith(root) else path)
+
+
 class APIKeyMiddleware:
     def __init__(self, app: ASGIApp, keys: Iterable[str], protected: Collection[str] = ("/generate",)):
         self.app = app
@@ -32,7 +38,7 @@ class APIKeyMiddleware:
             raise ValueError("at least one API key is required")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.protected:
+        if scope["type"] != "http" or _route_path(scope) not in self.protected:
             await self.app(scope, receive, send)
             return
         problem = self.check(scope["headers"])

@@ -31,6 +31,7 @@ log = logging.getLogger("llm.engine")
 FINISH_REASONS = ("length", "stop", "eos", "timeout", "cancelled")
 CACHE_CHUNK = 256  # KV cache length grows (and shrinks back) in steps of this many tokens
 ROW_CHUNK = 8  # and its rows in steps of this many sequences
+DECODE_CONTEXT = 4  # prompt tokens decoded ahead of the continuation (see Engine._decode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +59,9 @@ class Result:
 class EngineUnavailable(RuntimeError):
     """The model could not be loaded; the message says what failed and what to set."""
 
-    retry_after: int = 30  # seconds until the next load attempt
+    def __init__(self, message: str, retry_after: int = 30):
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds until the next load attempt
 
 
 class PromptTooLong(ValueError):
@@ -67,6 +70,10 @@ class PromptTooLong(ValueError):
 
 class GenerationFailed(RuntimeError):
     """The engine failed while running this request."""
+
+
+class EngineStopped(GenerationFailed):
+    """The engine is shutting down, or its thread stopped; another request may load it again."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +87,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_batch: int = 32  # most sequences in flight; the server's capacity limiter has this size
     retry_seconds: float = 30.0  # after a failed load, answer 503 at once for this long
+    max_context: int = 1024  # prompt + new tokens per sequence; bounds the KV cache per row
     cache_dir: str | None = None  # TRANSFORMERS_CACHE; None leaves it to HF_HOME
 
 
@@ -151,7 +159,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     del hf_model  # our decoder holds copies of the weights; free transformers' module tree now
     gc.collect()
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-    return LoadedModel(tokenizer, decoder, eos_ids, decoder.max_context, dtype)
+    return LoadedModel(tokenizer, decoder, eos_ids, min(decoder.max_context, config.max_context), dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +391,8 @@ def _gpt2_decoder(model: Any, cast: Cast, max_batch: int) -> Decoder:
         )
         for b in body.h
     ]  # fmt: skip
+    if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise EngineUnavailable(f"GPT-2 activation {cfg.activation_function!r} is not supported (gelu_new only)")
     head_dim = cfg.n_embd // cfg.n_head
     arch = Architecture(cfg.n_head, cfg.n_head, head_dim, cfg.layer_norm_epsilon, cfg.n_positions,
                         rms_norm=False, gated_mlp=False, inv_freq=None)  # fmt: skip
@@ -411,8 +421,10 @@ def _llama_decoder(model: Any, cast: Cast, max_batch: int) -> Decoder:
             cast(b.post_attention_layernorm.weight), None, up, up_b,
             cast(mlp.down_proj.weight), _maybe(cast, mlp.down_proj.bias),
         ))  # fmt: skip
+    rotary = body.rotary_emb  # transformers' own frequencies, so static rope scalings are honoured
+    if cfg.hidden_act != "silu" or getattr(rotary, "rope_type", "default") in ("dynamic", "longrope"):
+        raise EngineUnavailable("Llama variants with a non-silu MLP or position-dependent rope are not supported")
     embed = cast(body.embed_tokens.weight)
-    rotary = body.rotary_emb  # transformers' own frequencies, so every rope scaling type is honoured
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     arch = Architecture(
         cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps,
@@ -440,7 +452,7 @@ def _maybe(cast: Cast, tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Draw one token from float32 logits [V] with this request's own generator."""
-    logits = logits / params.temperature
+    logits = (logits - logits.max()) / params.temperature  # <= 0 everywhere: no overflow to inf
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -480,6 +492,7 @@ class Engine:
         self.model, self.max_batch = model, max_batch
         self._waiting: collections.deque[Sequence_] = collections.deque()
         self._active: list[Sequence_] = []  # index == cache row
+        self._live: set[Sequence_] = set()  # every sequence some request thread still waits for
         self._wake = threading.Condition()
         self._stopping = False
         self._expired = False  # set by expire(): every sequence ends at its next step
@@ -506,10 +519,15 @@ class Engine:
         seq.deadline = deadline
         with self._wake:
             if self._stopping:
-                raise GenerationFailed("the engine is shutting down")
+                raise EngineStopped("the engine is shutting down")
             self._waiting.append(seq)
+            self._live.add(seq)
             self._wake.notify()
-        seq.done.wait()
+        try:
+            seq.done.wait()
+        finally:
+            with self._wake:
+                self._live.discard(seq)
         if seq.error is not None:
             raise seq.error
         return self._result(seq)
@@ -548,18 +566,30 @@ class Engine:
         return Result(text, len(seq.generated), seq.finish_reason)
 
     def _decode(self, seq: Sequence_) -> str:
-        ids = seq.generated
-        if seq.finish_reason == "eos":
-            ids = ids[:-1]
-        return str(self.model.tokenizer.decode(ids, skip_special_tokens=True))
+        """The continuation's text. Decoded after a few prompt tokens and cut after them, since
+        some tokenizers (SentencePiece) drop a leading space when a fragment is decoded alone."""
+        ids = seq.generated[:-1] if seq.finish_reason == "eos" else seq.generated
+        context = seq.prompt_ids[-DECODE_CONTEXT:]
+        decode = self.model.tokenizer.decode
+        head, full = decode(context, skip_special_tokens=True), decode(context + ids, skip_special_tokens=True)
+        if full.startswith(head):
+            return str(full[len(head) :])
+        return str(decode(ids, skip_special_tokens=True))  # the context ended inside a character
 
     # -- the engine thread
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while self._admit():
-                if self._active:
-                    self._decode_step()
+        try:
+            with torch.inference_mode():
+                while self._admit():
+                    if self._active:
+                        self._decode_step()
+        except BaseException as exc:  # a bug here must not leave requests waiting forever
+            log.exception("the engine thread stopped")
+            with self._wake:
+                self._stopping = True
+                self._fail(self._unfinished(), EngineStopped, f"the engine stopped: {exc}")
+                self._active, self._waiting = [], collections.deque()
 
     def _admit(self) -> bool:
         """Wait for work, move waiting sequences into free rows and prefill them."""
@@ -567,7 +597,7 @@ class Engine:
             while not (self._waiting or self._active or self._stopping):
                 self._wake.wait()
             if self._stopping:
-                self._fail(self._active + list(self._waiting), GenerationFailed("the engine shut down"))
+                self._fail(self._unfinished(), EngineStopped, "the engine shut down")
                 return False
             joining: list[Sequence_] = []
             while self._waiting and len(self._active) + len(joining) < self.max_batch:
@@ -588,7 +618,7 @@ class Engine:
             self._postprocess([seq], logits[None])
         except Exception as exc:  # one bad sequence must not take the batch down
             log.exception("prefill failed")
-            self._fail([seq], GenerationFailed(f"generation failed: {exc}"))
+            self._fail([seq], GenerationFailed, f"generation failed: {exc}")
             if self._active and self._active[-1] is seq:
                 self._active.pop()
 
@@ -598,7 +628,7 @@ class Engine:
             logits = self.model.decoder.decode([s.generated[-1] for s in active], [s.cached for s in active])
         except Exception as exc:
             log.exception("decode step failed; failing the whole batch")
-            self._fail(active, GenerationFailed(f"generation failed: {exc}"))
+            self._fail(active, GenerationFailed, f"generation failed: {exc}")
             self._active = []
             self.model.decoder.reset()
             return
@@ -617,7 +647,7 @@ class Engine:
                     finished.append(seq)
             except Exception as exc:
                 log.exception("postprocessing a sequence failed")
-                self._fail([seq], GenerationFailed(f"generation failed: {exc}"))
+                self._fail([seq], GenerationFailed, f"generation failed: {exc}")
                 finished.append(seq)
         self._release(finished)
 
@@ -658,9 +688,13 @@ class Engine:
         for seq in finished:
             seq.done.set()
 
-    def _fail(self, seqs: Sequence[Sequence_], error: Exception) -> None:
+    def _unfinished(self) -> list[Sequence_]:
+        """Under the lock: waiting, active, and any held mid-step when a step broke."""
+        return [seq for seq in self._live if not seq.done.is_set()]
+
+    def _fail(self, seqs: Sequence[Sequence_], kind: type[GenerationFailed], message: str) -> None:
         for seq in seqs:
-            seq.error = error
+            seq.error = kind(message)  # one exception each: they are raised in different threads
             seq.done.set()
 
 
@@ -676,7 +710,7 @@ class LazyEngine:
         self._factory, self._retry_after = factory, retry_after
         self._lock = threading.Lock()
         self._engine: Engine | None = None
-        self._error: EngineUnavailable | None = None
+        self._error: Exception | None = None
         self._failed_at = -math.inf
 
     @property
@@ -685,20 +719,19 @@ class LazyEngine:
 
     def get(self) -> Engine:
         with self._lock:
-            if self._engine is not None:
+            if self._engine is not None and self._engine.running:
                 return self._engine
+            self._engine = None  # never loaded, or its thread stopped: load (again)
             wait = self._failed_at + self._retry_after - time.monotonic()
             if self._error is not None and wait > 0:
-                self._error.retry_after = math.ceil(wait)
-                raise self._error
+                raise EngineUnavailable(str(self._error), retry_after=math.ceil(wait))
             try:
                 self._engine = self._factory()
             except Exception as exc:
                 log.exception("loading the model failed")
-                self._error = exc if isinstance(exc, EngineUnavailable) else EngineUnavailable(str(exc))
-                self._error.retry_after = math.ceil(self._retry_after)
-                self._failed_at = time.monotonic()
-                raise self._error from exc
+                self._error, self._failed_at = exc, time.monotonic()
+                message = str(exc) if isinstance(exc, EngineUnavailable) else f"{type(exc).__name__}: {exc}"
+                raise EngineUnavailable(message, retry_after=math.ceil(self._retry_after)) from exc
             return self._engine
 
 

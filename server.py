@@ -54,6 +54,7 @@ class Limits:
     max_new_tokens: int = 200
     default_new_tokens: int = 50
     temperature: float = 2.0
+    min_temperature: float = 0.01  # above 0: smaller values only round differently from greedy
     top_k: int = 1000
     seed: int = 2**63 - 1
     stop_count: int = 4
@@ -89,6 +90,7 @@ class Settings:
             dtype=env.get("DTYPE", "auto"),
             max_batch=_env_int(env, "MAX_BATCH_SIZE", 32),
             retry_seconds=_env_int(env, "MODEL_RETRY_SECONDS", 30),
+            max_context=_env_int(env, "MAX_CONTEXT_TOKENS", 1024),
             cache_dir=env.get("TRANSFORMERS_CACHE") or None,
         )
         limits = Limits(
@@ -150,11 +152,6 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, str(exc.detail), exc.headers)
 
 
-async def on_unexpected_error(request: Request, exc: Exception) -> Response:
-    log.error("unhandled error", exc_info=exc)
-    return error_response(500, "internal server error")
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading and validating a /generate request, by hand
 
@@ -193,7 +190,7 @@ def parse_generate(body: object, limits: Limits) -> tuple[str, engine.SamplingPa
         raise ApiError(422, f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
     params = engine.SamplingParams(
         max_new_tokens=_integer(body, "max_new_tokens", limits.default_new_tokens, 1, limits.max_new_tokens),
-        temperature=_number(body, "temperature", 0.0, 0.0, limits.temperature),
+        temperature=_temperature(body, limits),
         top_p=_top_p(body),
         top_k=_integer(body, "top_k", 0, 0, limits.top_k),
         seed=_integer(body, "seed", None, 0, limits.seed),
@@ -241,6 +238,14 @@ def _number(body: dict[str, Any], name: str, default: float, low: float, high: f
     if not ok or not low <= value <= high:
         raise ApiError(422, f"{name} must be a number from {low} to {high}, got {json.dumps(value)}")
     return float(value)
+
+
+def _temperature(body: dict[str, Any], limits: Limits) -> float:
+    value = _number(body, "temperature", 0.0, 0.0, limits.temperature)
+    if 0 < value < limits.min_temperature:
+        raise ApiError(422, f"temperature must be 0 (greedy) or from {limits.min_temperature} to "
+                            f"{limits.temperature}, got {value}")  # fmt: skip
+    return value
 
 
 def _top_p(body: dict[str, Any]) -> float:
@@ -399,6 +404,8 @@ def _as_api_error(exc: Exception) -> Exception:
         return ApiError(503, f"model unavailable: {exc}", {"Retry-After": str(exc.retry_after)})
     if isinstance(exc, engine.PromptTooLong):
         return ApiError(422, str(exc))
+    if isinstance(exc, engine.EngineStopped):
+        return ApiError(503, f"{exc}; retry shortly", {"Retry-After": "5"})
     return exc  # anything else is a bug or an engine failure: the 500 handler logs it
 
 
@@ -419,17 +426,21 @@ class RequestLog:
             return
         request_id = _request_id(scope["headers"])
         state = scope.setdefault("state", {})
-        start, status = time.perf_counter(), 500
+        start, status, started = time.perf_counter(), 500, False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+            if not started:
+                await error_response(500, "internal server error")(scope, receive, send_with_id)
         finally:
             fields = {"request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status}
             fields["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
@@ -486,7 +497,7 @@ def _request_schema(limits: Limits) -> dict[str, Any]:
             "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens,
                                "default": limits.default_new_tokens},
             "temperature": {"type": "number", "minimum": 0, "maximum": limits.temperature, "default": 0,
-                            "description": "0 means greedy decoding."},
+                            "description": f"0 means greedy decoding; otherwise at least {limits.min_temperature}."},
             "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
             "top_k": {"type": "integer", "minimum": 0, "maximum": limits.top_k, "default": 0,
                       "description": "0 means no top-k filter."},
@@ -588,7 +599,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/generate", generate, methods=["POST"]),
         Route("/docs", docs, methods=["GET"]),
     ]
-    handlers = {ApiError: on_api_error, HTTPException: on_http_error, Exception: on_unexpected_error}
+    handlers = {ApiError: on_api_error, HTTPException: on_http_error}  # other errors: RequestLog
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.settings = settings
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)

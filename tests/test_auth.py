@@ -84,3 +84,10 @@ def test_key_is_never_logged(client: TestClient, caplog: pytest.LogCaptureFixtur
     client.post("/generate", headers={"x-api-key": "new-key"})
     assert "secret-attempt-123" not in caplog.text
     assert "new-key" not in caplog.text
+
+
+def test_a_root_path_does_not_bypass_auth() -> None:
+    """Behind a proxy prefix (uvicorn --root-path), the routed path is what must be protected."""
+    client = TestClient(APIKeyMiddleware(fake_app, keys=["k"]), root_path="/api")
+    assert client.post("/api/generate").status_code == 401
+    assert client.post("/api/generate", headers={"x-api-key": "k"}).status_code == 200

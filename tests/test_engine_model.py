@@ -140,3 +140,12 @@ def test_resolve_dtype_auto_is_measured() -> None:
 def test_unknown_model_is_unavailable_with_advice(tmp_path: Path) -> None:
     with pytest.raises(engine.EngineUnavailable, match="MODEL_NAME"):
         engine.create_engine(engine.ModelConfig(name=str(tmp_path / "missing")))
+
+
+def test_max_context_setting_caps_the_models_context(gpt2_dir: Path) -> None:
+    capped = engine.create_engine(engine.ModelConfig(name=str(gpt2_dir), dtype="float32", max_context=64))
+    try:
+        with pytest.raises(engine.PromptTooLong, match="fit in the model's context of 64"):
+            capped.generate("word " * 60, SamplingParams(max_new_tokens=10))
+    finally:
+        capped.close()

@@ -45,6 +45,7 @@ class FakeDecoder:
         self.step_delay = step_delay
         self.batch_sizes: list[int] = []
         self.fail_next_decode = False
+        self.fail_move = False
 
     def _logits(self, history: list[int]) -> torch.Tensor:
         logits = torch.zeros(VOCAB)
@@ -67,6 +68,8 @@ class FakeDecoder:
         return torch.stack([self._logits(self.rows[row]) for row in range(len(tokens))])
 
     def move(self, src: int, dst: int) -> None:
+        if self.fail_move:
+            raise RuntimeError("a bug in the bookkeeping")
         self.rows[dst] = self.rows.pop(src)
 
     def reset(self) -> None:
@@ -291,3 +294,40 @@ def test_kv_cache_grows_in_rows_and_length_keeping_data_and_shrinks_back() -> No
     assert cache.k[0][0, 0, 0, 0] == 3.0
     cache.reset()
     assert (cache.rows, cache.capacity) == (engine.ROW_CHUNK, engine.CACHE_CHUNK)
+
+
+class SentencePieceLike(FakeTokenizer):
+    """Drops the leading space of whatever it decodes, as SentencePiece's Metaspace decoder does."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return super().decode(ids).lstrip(" ")
+
+
+def test_continuation_keeps_its_leading_space() -> None:
+    eng = make_engine(tokenizer=SentencePieceLike())
+    result = eng.generate("\x1f", SamplingParams(max_new_tokens=3))  # 31 -> 32 ' ', 33 '!', 34 '"'
+    assert result.text == ' !"'
+    eng.close()
+
+
+def test_a_dead_engine_thread_fails_requests_instead_of_hanging() -> None:
+    eng = make_engine(step_delay=0.002)
+    eng.model.decoder.fail_move = True  # type: ignore[attr-defined]
+    calls = [lambda n=n: eng.generate("a", SamplingParams(max_new_tokens=n)) for n in (2, 20, 20)]
+    results = in_threads(calls)  # when the short one finishes first, moving a row into its place fails
+    assert all(isinstance(r, engine.Result | engine.EngineStopped) for r in results)  # nobody hangs
+    assert any(isinstance(r, engine.EngineStopped) for r in results)
+    assert not eng.running
+    with pytest.raises(engine.EngineStopped):
+        eng.generate("a", SamplingParams(max_new_tokens=1))
+
+
+def test_lazy_engine_reloads_after_its_engine_stopped() -> None:
+    factory = Counter()
+    lazy = engine.LazyEngine(factory)
+    first = lazy.get()
+    first.close()
+    second = lazy.get()
+    assert second is not first
+    assert factory.calls == 2
+    second.close()

@@ -163,3 +163,47 @@ def test_settings_from_env() -> None:
     assert settings.port == 9
     with pytest.raises(SystemExit, match="MAX_BATCH_SIZE must be an integer of at least 1"):
         Settings.from_env({"API_KEY": "a", "MAX_BATCH_SIZE": "0"})
+
+
+@pytest.mark.parametrize("value", [1e-40, 5e-324, 0.005])
+def test_tiny_temperature_is_422_not_a_sampling_overflow(client: TestClient, value: float) -> None:
+    response = client.post("/generate", json={"prompt": "hi", "temperature": value})
+    assert response.status_code == 422
+    assert "temperature must be 0 (greedy) or from 0.01" in response.json()["detail"]
+
+
+def test_engine_errors_map_to_statuses() -> None:
+    from server import _as_api_error
+
+    stopped = _as_api_error(engine.EngineStopped("the engine stopped"))
+    assert isinstance(stopped, ApiError)
+    assert (stopped.status, stopped.headers["Retry-After"]) == (503, "5")
+    unavailable = _as_api_error(engine.EngineUnavailable("no weights", retry_after=7))
+    assert isinstance(unavailable, ApiError)
+    assert (unavailable.status, unavailable.headers["Retry-After"]) == (503, "7")
+    bug = RuntimeError("bug")
+    assert _as_api_error(bug) is bug  # left to RequestLog's 500
+
+
+def test_unexpected_error_is_one_json_500_with_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.routing import Route
+
+    from server import RequestLog
+
+    async def broken(request: object) -> None:
+        raise RuntimeError("boom")
+
+    app = Starlette(routes=[Route("/x", broken)], middleware=[Middleware(RequestLog)])  # as create_app has it
+    with TestClient(app) as client:
+        response = client.get("/x", headers={"x-request-id": "r-1"})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal server error"}
+    assert response.headers["x-request-id"] == "r-1"
+    assert caplog.text.count("unhandled error") == 1
+
+
+def test_max_context_tokens_setting() -> None:
+    assert Settings.from_env({"API_KEY": "k"}).model.max_context == 1024
+    assert Settings.from_env({"API_KEY": "k", "MAX_CONTEXT_TOKENS": "4096"}).model.max_context == 4096
