@@ -1,6 +1,7 @@
 """LLM-Generator: a small REST API that serves a causal language model.
 
-Read top to bottom: settings, errors, request validation, routes, the OpenAPI document, the app.
+Read top to bottom: settings, errors, request validation, routes, request logs, the OpenAPI
+document, the app.
 Requests flow one way: auth middleware (auth.py) -> route -> validation -> engine (engine.py)
 -> JSON response. Every error is JSON of one shape: {"detail": "..."}.
 
