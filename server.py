@@ -74,6 +74,7 @@ class Settings:
     queue_timeout: int = 30  # seconds a request may wait for a place before a 503
     request_timeout: int = 120  # seconds after which a generation ends with finish_reason "timeout"
     drain_timeout: int = 25  # seconds in-flight requests get to finish after SIGTERM
+    body_timeout: int = 30  # seconds a client may take to send its body (slow senders hold a connection)
     load_on_start: bool = False  # load the model at start so /ready turns 200 without traffic
     log_prompts: bool = False  # put prompt text in the request log
 
@@ -108,6 +109,7 @@ class Settings:
             queue_timeout=_env_int(env, "QUEUE_TIMEOUT", 30),
             request_timeout=_env_int(env, "REQUEST_TIMEOUT", 120),
             drain_timeout=_env_int(env, "DRAIN_TIMEOUT", 25),
+            body_timeout=_env_int(env, "BODY_TIMEOUT", 30),
             load_on_start=_env_flag(env, "LOAD_ON_START"),
             log_prompts=_env_flag(env, "LOG_PROMPTS"),
         )
@@ -157,8 +159,9 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 # Reading and validating a /generate request, by hand
 
 
-async def read_json(request: Request, limit: int) -> object:
-    """Parse the body as JSON; refuse a wrong type (415) or an oversized body while reading (413)."""
+async def read_json(request: Request, limit: int, timeout: float) -> object:
+    """Parse the body as JSON; refuse a wrong type (415), an oversized body while reading (413),
+    and a body that takes longer than `timeout` seconds to arrive (408)."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise ApiError(415, f"content-type must be application/json, got {media_type or 'none'!r}")
@@ -167,12 +170,15 @@ async def read_json(request: Request, limit: int) -> object:
         raise ApiError(413, f"body is {declared} bytes; the limit is {limit}")
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"body is over the limit of {limit} bytes")
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"body is over the limit of {limit} bytes")
     except ClientDisconnect:
         raise ApiError(400, "client disconnected while sending the body") from None
+    except TimeoutError:
+        raise ApiError(408, f"body not received within BODY_TIMEOUT={timeout:g} s") from None
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:  # bad UTF-8 is a ValueError too
@@ -326,7 +332,7 @@ async def generate(request: Request) -> JSONResponse:
     runtime: Runtime = request.app.state.runtime
     if runtime.draining:
         raise ApiError(503, "shutting down; retry on another instance", {"Retry-After": "5", "Connection": "close"})
-    body = await read_json(request, settings.limits.body_bytes)
+    body = await read_json(request, settings.limits.body_bytes, settings.body_timeout)
     prompt, params = parse_generate(body, settings.limits)
     capacity = settings.model.max_batch + settings.max_queue
     if runtime.in_flight >= capacity:
@@ -541,6 +547,7 @@ _SCHEMAS: dict[str, Any] = {
 GENERATE_ERRORS = {
     400: "Body is not valid JSON.",
     401: "Missing, doubled or invalid x-api-key header.",
+    408: "The body did not arrive within BODY_TIMEOUT seconds.",
     413: "Body larger than the limit.",
     415: "Content-Type is not application/json.",
     422: "A field is missing, unknown, of the wrong type or out of range; or the prompt does not fit.",

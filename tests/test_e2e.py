@@ -23,7 +23,8 @@ AUTH = {"x-api-key": KEY}
 
 @pytest.fixture(scope="module")
 def server(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with run_server(tmp_path_factory.mktemp("gpt2"), MODEL_NAME=str(gpt2_dir), MAX_BATCH_SIZE="8") as s:
+    env = {"MODEL_NAME": str(gpt2_dir), "MAX_BATCH_SIZE": "8", "BODY_TIMEOUT": "2"}
+    with run_server(tmp_path_factory.mktemp("gpt2"), **env) as s:
         yield s
 
 
@@ -122,6 +123,23 @@ def test_oversized_chunked_body_is_refused_while_reading(server: Server) -> None
     assert "limit" in reply
 
 
+def slow_body_status(server: Server) -> tuple[int, float]:
+    """Promise 100 bytes, send 10, then stall: the server must give up after BODY_TIMEOUT."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = f"POST /generate HTTP/1.1\r\nhost: x\r\nx-api-key: {KEY}\r\ncontent-type: application/json\r\n"
+        sock.sendall((head + "content-length: 100\r\n\r\n").encode() + b'{"prompt":')
+        start = time.monotonic()
+        reply = sock.recv(4096).decode()
+    return int(reply.split()[1]), time.monotonic() - start
+
+
+def test_a_slow_body_gets_408(server: Server) -> None:
+    status, waited = slow_body_status(server)
+    assert status == 408
+    assert 1.5 < waited < 10
+
+
 def test_health_answers_at_once_during_long_generations(server: Server) -> None:
     body = {"prompt": "long", "max_new_tokens": 200, "ignore_eos": True}
     workers = [threading.Thread(target=post, args=(server, body)) for _ in range(4)]
@@ -175,6 +193,7 @@ def test_every_documented_error_status_is_produced(server: Server, broken_server
     produced = {
         400: post(server, None, content=b"{", json_type=True).status_code,
         401: httpx.post(server.url + "/generate", json={"prompt": "a"}).status_code,
+        408: slow_body_status(server)[0],
         413: post(server, None, content=b" " * (Limits().body_bytes + 1), json_type=True).status_code,
         415: httpx.post(
             server.url + "/generate", content=b"{}", headers={**AUTH, "content-type": "text/csv"}
