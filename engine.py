@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,11 +91,6 @@ class ModelConfig:
     cache_dir: str | None = None  # TRANSFORMERS_CACHE; None leaves it to HF_HOME
 
 
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
-
-
 def resolve_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,7 +129,7 @@ def _route_library_logs(hf_logging: Any) -> None:
 
 @dataclass
 class LoadedModel:
-    tokenizer: Any
+    tokenizer: Any  # a transformers tokenizer: encode(text) -> ids, decode(ids) -> text
     decoder: Decoder
     eos_ids: frozenset[int]
     max_context: int
@@ -515,8 +510,8 @@ class Engine:
         ids = self.model.tokenizer.encode(prompt)
         self._check_fits(len(ids), params.max_new_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        seq = Sequence_(ids, params, cancel or threading.Event(), torch.Generator().manual_seed(seed))
-        seq.deadline = deadline
+        generator = torch.Generator().manual_seed(seed)
+        seq = Sequence_(ids, params, cancel or threading.Event(), generator, deadline=deadline)
         with self._wake:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
@@ -637,7 +632,8 @@ class Engine:
     def _postprocess(self, batch: list[Sequence_], logits: torch.Tensor) -> None:
         """Pick each sequence's next token, decide who finished, and free their rows."""
         greedy = logits.argmax(-1).tolist()
-        rows_logits = logits.float().cpu()
+        sampling = any(seq.params.temperature for seq in batch)
+        rows_logits = logits.float().cpu() if sampling else logits  # a copy only when someone samples
         finished = []
         for row, seq in enumerate(batch):
             try:

@@ -360,8 +360,8 @@ async def docs(request: Request) -> JSONResponse:
 
 async def run_generation(request: Request, prompt: str, params: engine.SamplingParams) -> engine.Result:
     """Run one generation in a worker thread under the capacity limiter, and watch three things
-    meanwhile: the client leaving, the wait for a place running past QUEUE_TIMEOUT, and the
-    request being cancelled (drain timeout). Each frees the sequence's place at the next step."""
+    meanwhile: the client leaving, the wait for a place running past QUEUE_TIMEOUT, and the task
+    being cancelled (uvicorn's shutdown backstop). Each frees the sequence's place at the next step."""
     settings: Settings = request.app.state.settings
     cancel, started = threading.Event(), threading.Event()
     deadline = time.monotonic() + settings.request_timeout
@@ -413,7 +413,7 @@ def _as_api_error(exc: Exception) -> Exception:
         return ApiError(422, str(exc))
     if isinstance(exc, engine.EngineStopped):
         return ApiError(503, f"{exc}; retry shortly", {"Retry-After": "5"})
-    return exc  # anything else is a bug or an engine failure: the 500 handler logs it
+    return exc  # anything else is a bug or an engine failure: RequestLog logs it and answers 500
 
 
 # ---------------------------------------------------------------------------------------------
