@@ -45,7 +45,8 @@ class APIKeyMiddleware:
         if problem is None:
             await self.app(scope, receive, send)
             return
-        await JSONResponse({"detail": problem}, status_code=401)(scope, receive, send)
+        # The body was never read, so the connection cannot carry another request: close it.
+        await JSONResponse({"detail": problem}, status_code=401, headers={"Connection": "close"})(scope, receive, send)
 
     def check(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
         """Return None for exactly one valid key, else the reason for a 401."""

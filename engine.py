@@ -1,13 +1,19 @@
 """The model engine: one lazily loaded model, one thread that runs every request in one batch.
 
-Requests arrive from the server's worker threads (`anyio.to_thread.run_sync` with a capacity
-limiter) and call `generate`, which blocks until their text is ready. Inside, one engine thread
-owns the model: each step it admits waiting sequences (a prefill each), then advances every
-active sequence by one token in a single batched forward pass. A sequence joins at the next
-step and leaves the step it finishes, so more clients share each pass over the weights.
+The request path through this file: the server's worker thread (`anyio.to_thread.run_sync` under
+the capacity limiter) calls `ENGINE.get()` (loads the model once) and then `Engine.generate`, which
+tokenizes the prompt, hands a `Sequence` to the `Scheduler` and blocks until it is done. The engine
+thread runs `Engine.step` in a loop: the scheduler admits waiting sequences into free cache rows
+(a prefill each), the `Model` advances every running sequence by one token in one batched forward
+pass, each `Sequence` decides whether it is finished, and the scheduler releases the finished rows.
 
-The forward pass is our own lean decoder over the model's weights (GPT-2 and Llama families),
-with a preallocated KV cache kept compact: active sequences always occupy rows 0..B-1.
+Reading order: requests and errors; configuration and loading; the model (a lean forward pass over
+the checkpoint's weights, GPT-2 and Llama families, with its own KV cache); sampling; text work
+(detokenizing, stop strings); the sequence; the scheduler; the engine loop; the one module-level
+engine (`ENGINE`).
+
+Three words kept apart: the *model* is the network (`Model`), a *step* is one batched forward pass
+(`Model.step`), and *detokenizing* turns token ids back into text (`detokenize`).
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ import collections
 import gc
 import logging
 import math
+import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
+from collections.abc import Sequence as ListLike
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +40,7 @@ log = logging.getLogger("llm.engine")
 FINISH_REASONS = ("length", "stop", "eos", "timeout", "cancelled")
 CACHE_CHUNK = 256  # KV cache length grows (and shrinks back) in steps of this many tokens
 ROW_CHUNK = 8  # and its rows in steps of this many sequences
-DECODE_CONTEXT = 4  # prompt tokens decoded ahead of the continuation (see Engine._decode)
+DETOKENIZE_CONTEXT = 4  # prompt tokens detokenized ahead of the continuation (see `detokenize`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,11 +49,14 @@ DECODE_CONTEXT = 4  # prompt tokens decoded ahead of the continuation (see Engin
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """One request's options. These defaults are the API's defaults: the server's validation and
+    OpenAPI document read them from here."""
+
     max_new_tokens: int = 50
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k filter
-    seed: int | None = None
+    seed: int | None = None  # None: a random seed
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
@@ -59,7 +71,7 @@ class Result:
 class EngineUnavailable(RuntimeError):
     """The model could not be loaded; the message says what failed and what to set."""
 
-    def __init__(self, message: str, retry_after: int = 30):
+    def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after  # seconds until the next load attempt
 
@@ -82,19 +94,49 @@ class EngineStopped(GenerationFailed):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "distilgpt2"  # a hub id or a local directory
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    max_batch: int = 32  # most sequences in flight; the server's capacity limiter has this size
-    retry_seconds: float = 30.0  # after a failed load, answer 503 at once for this long
-    max_context: int = 1024  # prompt + new tokens per sequence; bounds the KV cache per row
-    cache_dir: str | None = None  # TRANSFORMERS_CACHE; None leaves it to HF_HOME
+    """The engine's settings; each default is written here once (the server reads it from here)."""
+
+    name: str = field(default="distilgpt2", metadata={"env": "MODEL_NAME"})  # a hub id or a local directory
+    device: str = field(default="auto", metadata={"env": "DEVICE"})  # auto | cpu | cuda | cuda:N
+    dtype: str = field(default="auto", metadata={"env": "DTYPE"})  # auto | float32 | bfloat16 | float16
+    max_batch: int = field(default=32, metadata={"env": "MAX_BATCH_SIZE"})  # the capacity limiter's size
+    retry_seconds: int = field(default=30, metadata={"env": "MODEL_RETRY_SECONDS"})  # after a failed load
+    max_context: int = field(default=1024, metadata={"env": "MAX_CONTEXT_TOKENS"})  # bounds each KV row
+    cache_dir: str | None = field(default=None, metadata={"env": "TRANSFORMERS_CACHE"})  # None: HF_HOME
+    threads: int = field(default=0, metadata={"env": "THREADS", "minimum": 0})  # 0: the CPUs we may use
+
+
+def use_threads(setting: int) -> int:
+    """Size torch's thread pool: THREADS when set, else the CPUs this process may use. torch's
+    own default counts the host's cores, ignoring a container's CPU quota: 64 threads on 2 CPUs'
+    worth of quota spend most of their time throttled."""
+    threads = setting or cpu_budget()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def cpu_budget(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs in this process's affinity, capped by a cgroup v2 quota ("200000 100000" is 2 CPUs)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return cpus
 
 
 def resolve_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX). Without it, oneDNN
+    emulates bfloat16 and a batch product runs ~4x slower than float32."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _matmul_seconds(dtype: torch.dtype, rows: int, width: int) -> float:
@@ -108,13 +150,19 @@ def _matmul_seconds(dtype: torch.dtype, rows: int, width: int) -> float:
 
 
 def resolve_dtype(setting: str, device: torch.device, rows: int, width: int) -> torch.dtype:
-    """`auto`: bfloat16 where it is measured faster for a full batch, else float32."""
+    """`auto`: on CUDA bfloat16; on a CPU with native bfloat16, bfloat16 where a batch-sized
+    product measures faster (best of five, interleaved, so a busy machine cannot tip it); else
+    float32."""
     if setting != "auto":
         return getattr(torch, setting)  # type: ignore[no-any-return]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    fast = _matmul_seconds(torch.bfloat16, rows, width) < _matmul_seconds(torch.float32, rows, width)
-    return torch.bfloat16 if fast else torch.float32
+    if not native_bfloat16():
+        return torch.float32
+    timings = [(_matmul_seconds(torch.bfloat16, rows, width), _matmul_seconds(torch.float32, rows, width))
+               for _ in range(5)]  # fmt: skip
+    faster = min(bf16 for bf16, _ in timings) < min(fp32 for _, fp32 in timings)
+    return torch.bfloat16 if faster else torch.float32
 
 
 def _route_library_logs(hf_logging: Any) -> None:
@@ -130,14 +178,14 @@ def _route_library_logs(hf_logging: Any) -> None:
 @dataclass
 class LoadedModel:
     tokenizer: Any  # a transformers tokenizer: encode(text) -> ids, decode(ids) -> text
-    decoder: Decoder
+    model: Model
     eos_ids: frozenset[int]
     max_context: int
     dtype: torch.dtype
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
-    """Load tokenizer and weights (from the hub or a directory) and build our decoder."""
+    """Load tokenizer and weights (from the hub or a directory) and build our `Model`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -145,20 +193,19 @@ def load_model(config: ModelConfig) -> LoadedModel:
     device = resolve_device(config.device)
     tokenizer = AutoTokenizer.from_pretrained(config.name, cache_dir=config.cache_dir)
     hf_model = AutoModelForCausalLM.from_pretrained(config.name, cache_dir=config.cache_dir, dtype=torch.float32)
-    hf_config = hf_model.config
-    dtype = resolve_dtype(config.dtype, device, config.max_batch, hf_config.hidden_size)
-    decoder = build_decoder(hf_model, dtype, device, config.max_batch)
+    dtype = resolve_dtype(config.dtype, device, config.max_batch, hf_model.config.hidden_size)
+    model = build_model(hf_model, dtype, device, config.max_batch)
     eos = hf_model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
-    del hf_model  # our decoder holds copies of the weights; free transformers' module tree now
+    del hf_model  # our Model holds copies of the weights; free transformers' module tree now
     gc.collect()
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-    return LoadedModel(tokenizer, decoder, eos_ids, min(decoder.max_context, config.max_context), dtype)
+    return LoadedModel(tokenizer, model, eos_ids, min(model.max_context, config.max_context), dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# The decoder: a lean forward pass over the model's weights, with its own KV cache
+# The model: a lean forward pass over the checkpoint's weights, with its own KV cache
 
 
 @dataclass
@@ -240,18 +287,21 @@ class KVCache:
                 layer[dst] = layer[src]
 
 
-@dataclass
-class Step:
-    """One forward pass: a prefill of one sequence, or a decode of rows 0..B-1."""
+@dataclass(frozen=True)
+class Batch:
+    """What one forward pass needs besides token ids, computed before it starts: a prefill of
+    one sequence into one cache row, or a step of rows 0..B-1."""
 
     positions: torch.Tensor  # [B, T]
     prefill_row: int | None = None
-    mask: torch.Tensor | None = None  # decode only: [B, 1, 1, L], True where a row may attend
+    mask: torch.Tensor | None = None  # step only: [B, 1, 1, L], True where a row may attend
     cos: torch.Tensor | None = None  # rotary tables for these positions: [B, 1, T, D]
     sin: torch.Tensor | None = None
 
 
-class Decoder:
+class Model:
+    """The network: weights, KV cache, and the two forward passes the engine runs."""
+
     def __init__(
         self,
         arch: Architecture,
@@ -274,18 +324,18 @@ class Decoder:
     def prefill(self, row: int, tokens: list[int]) -> torch.Tensor:
         """Run a whole prompt into cache row `row`; return the next-token logits [V]."""
         ids = torch.tensor([tokens], device=self.device)  # [1, T]
-        step = Step(positions=torch.arange(len(tokens), device=self.device)[None], prefill_row=row)
+        positions = torch.arange(len(tokens), device=self.device)[None]  # [1, T]
         self.cache.reserve(row + 1, len(tokens), keep=row)
-        return self._forward(ids, step)[0]
+        return self._forward(ids, self._batch(positions, prefill_row=row))[0]
 
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def step(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Advance rows 0..B-1 by one token each; return logits [B, V]."""
         ids = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
         length = max(positions) + 1
         self.cache.reserve(len(tokens), length, keep=len(tokens))
         mask = torch.arange(length, device=self.device)[None, :] <= pos  # [B, L]
-        return self._forward(ids, Step(positions=pos, mask=mask[:, None, None, :]))
+        return self._forward(ids, self._batch(pos, mask=mask[:, None, None, :]))
 
     def move(self, src: int, dst: int) -> None:
         self.cache.move(src, dst)
@@ -293,28 +343,32 @@ class Decoder:
     def reset(self) -> None:
         self.cache.reset()
 
-    def _forward(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
+    def _batch(self, positions: torch.Tensor, **kinds: Any) -> Batch:
+        if self.arch.inv_freq is None:
+            return Batch(positions, **kinds)
+        cos, sin = self._rotary(positions)
+        return Batch(positions, cos=cos, sin=sin, **kinds)
+
+    def _forward(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         x = F.embedding(ids, self.embed)  # [B, T, C]
         if self.pos_embed is not None:
-            x = x + F.embedding(step.positions, self.pos_embed)
-        if self.arch.inv_freq is not None:
-            step.cos, step.sin = self._rotary(step.positions)
+            x = x + F.embedding(batch.positions, self.pos_embed)
         for index, layer in enumerate(self.layers):
-            x = self._layer(index, layer, x, step)
+            x = self._layer(index, layer, x, batch)
         x = self._norm(x[:, -1], *self.final_norm)  # only the last position needs logits
         return F.linear(x, self.lm_head)  # [B, V]
 
-    def _layer(self, index: int, w: LayerWeights, x: torch.Tensor, step: Step) -> torch.Tensor:
-        batch, length, _ = x.shape
+    def _layer(self, index: int, w: LayerWeights, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        size, length, _ = x.shape
         a = self.arch
         qkv = F.linear(self._norm(x, w.norm1, w.norm1_b), w.qkv, w.qkv_b)
         q, k, v = qkv.split([a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * a.head_dim], -1)
-        q = q.view(batch, length, a.heads, a.head_dim).transpose(1, 2)  # [B, Hq, T, D]
-        k = k.view(batch, length, a.kv_heads, a.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(batch, length, a.kv_heads, a.head_dim).transpose(1, 2)
-        if step.cos is not None and step.sin is not None:
-            q, k = _rotate(q, step.cos, step.sin), _rotate(k, step.cos, step.sin)
-        attn = self._attend(index, q, k, v, step).transpose(1, 2).reshape(batch, length, -1)
+        q = q.view(size, length, a.heads, a.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = k.view(size, length, a.kv_heads, a.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(size, length, a.kv_heads, a.head_dim).transpose(1, 2)
+        if batch.cos is not None and batch.sin is not None:
+            q, k = _rotate(q, batch.cos, batch.sin), _rotate(k, batch.cos, batch.sin)
+        attn = self._attend(index, q, k, v, batch).transpose(1, 2).reshape(size, length, -1)
         x = x + F.linear(attn, w.out, w.out_b)
         h = F.linear(self._norm(x, w.norm2, w.norm2_b), w.up, w.up_b)
         if a.gated_mlp:
@@ -324,19 +378,19 @@ class Decoder:
             h = F.gelu(h, approximate="tanh")
         return x + F.linear(h, w.down, w.down_b)
 
-    def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+    def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
         keys, values = self.cache.k[index], self.cache.v[index]
         gqa = self.arch.heads != self.arch.kv_heads
-        if step.prefill_row is not None:
-            row, length = step.prefill_row, k.shape[2]
+        if batch.prefill_row is not None:
+            row, length = batch.prefill_row, k.shape[2]
             keys[row, :, :length], values[row, :, :length] = k[0], v[0]
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        assert step.mask is not None
-        batch, length = q.shape[0], step.mask.shape[-1]
-        rows, pos = torch.arange(batch, device=q.device), step.positions[:, 0]
+        assert batch.mask is not None
+        size, length = q.shape[0], batch.mask.shape[-1]
+        rows, pos = torch.arange(size, device=q.device), batch.positions[:, 0]
         keys[rows, :, pos], values[rows, :, pos] = k[:, :, 0], v[:, :, 0]
         return F.scaled_dot_product_attention(
-            q, keys[:batch, :, :length], values[:batch, :, :length], attn_mask=step.mask, enable_gqa=gqa
+            q, keys[:size, :, :length], values[:size, :, :length], attn_mask=batch.mask, enable_gqa=gqa
         )
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -358,11 +412,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def build_decoder(hf_model: Any, dtype: torch.dtype, device: torch.device, max_batch: int) -> Decoder:
-    builders = {"gpt2": _gpt2_decoder, "llama": _llama_decoder}
+def build_model(hf_model: Any, dtype: torch.dtype, device: torch.device, max_batch: int) -> Model:
+    builders = {"gpt2": _gpt2_model, "llama": _llama_model}
     kind = hf_model.config.model_type
     if kind not in builders:
-        raise EngineUnavailable(f"model type {kind!r} is not supported; supported types: {', '.join(sorted(builders))}")
+        raise EngineUnavailable(
+            f"model type {kind!r} is not supported; supported types: {', '.join(sorted(builders))}", retry_after=0
+        )
     # Always copy: a tensor left as a view of the checkpoint keeps its whole memory map resident.
     return builders[kind](
         hf_model, lambda t: t.detach().to(device=device, dtype=dtype, copy=True).contiguous(), max_batch
@@ -372,7 +428,7 @@ def build_decoder(hf_model: Any, dtype: torch.dtype, device: torch.device, max_b
 Cast = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _gpt2_decoder(model: Any, cast: Cast, max_batch: int) -> Decoder:
+def _gpt2_model(model: Any, cast: Cast, max_batch: int) -> Model:
     cfg, body = model.config, model.transformer
     # GPT-2's Conv1D stores weights as [in, out]; F.linear wants [out, in].
     layers = [
@@ -387,17 +443,19 @@ def _gpt2_decoder(model: Any, cast: Cast, max_batch: int) -> Decoder:
         for b in body.h
     ]  # fmt: skip
     if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise EngineUnavailable(f"GPT-2 activation {cfg.activation_function!r} is not supported (gelu_new only)")
+        raise EngineUnavailable(
+            f"GPT-2 activation {cfg.activation_function!r} is not supported (gelu_new only)", retry_after=0
+        )
     head_dim = cfg.n_embd // cfg.n_head
     arch = Architecture(cfg.n_head, cfg.n_head, head_dim, cfg.layer_norm_epsilon, cfg.n_positions,
                         rms_norm=False, gated_mlp=False, inv_freq=None)  # fmt: skip
     embed = cast(body.wte.weight)
     final = (cast(body.ln_f.weight), cast(body.ln_f.bias))
     lm_head = _head(model, body.wte.weight, embed, cast)
-    return Decoder(arch, layers, embed, cast(body.wpe.weight), final, lm_head, max_batch)
+    return Model(arch, layers, embed, cast(body.wpe.weight), final, lm_head, max_batch)
 
 
-def _llama_decoder(model: Any, cast: Cast, max_batch: int) -> Decoder:
+def _llama_model(model: Any, cast: Cast, max_batch: int) -> Model:
     cfg, body = model.config, model.model
 
     def fused(*linears: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -418,7 +476,9 @@ def _llama_decoder(model: Any, cast: Cast, max_batch: int) -> Decoder:
         ))  # fmt: skip
     rotary = body.rotary_emb  # transformers' own frequencies, so static rope scalings are honoured
     if cfg.hidden_act != "silu" or getattr(rotary, "rope_type", "default") in ("dynamic", "longrope"):
-        raise EngineUnavailable("Llama variants with a non-silu MLP or position-dependent rope are not supported")
+        raise EngineUnavailable(
+            "Llama variants with a non-silu MLP or position-dependent rope are not supported", retry_after=0
+        )
     embed = cast(body.embed_tokens.weight)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     arch = Architecture(
@@ -428,7 +488,7 @@ def _llama_decoder(model: Any, cast: Cast, max_batch: int) -> Decoder:
         rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
     )  # fmt: skip
     lm_head = _head(model, body.embed_tokens.weight, embed, cast)
-    return Decoder(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, max_batch)
+    return Model(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, max_batch)
 
 
 def _head(model: Any, embedding: torch.Tensor, embed: torch.Tensor, cast: Cast) -> torch.Tensor:
@@ -446,50 +506,187 @@ def _maybe(cast: Cast, tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Draw one token from float32 logits [V] with this request's own generator."""
-    logits = (logits - logits.max()) / params.temperature  # <= 0 everywhere: no overflow to inf
+    """Draw one token from float32 logits [V] with this request's own generator. The most likely
+    token always stays a candidate, so no accepted top_p, top_k or temperature leaves none."""
+    raw, logits = logits, (logits - logits.max()) / params.temperature  # <= 0 everywhere: no overflow to inf
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
     if params.top_p < 1.0:
         ordered, order = logits.sort(descending=True)
-        cumulative = ordered.softmax(-1).cumsum(-1)
-        drop = cumulative - ordered.softmax(-1) >= params.top_p  # keep the token that crosses top_p
+        probs = ordered.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the token that crosses top_p
+        drop[0] = False  # a top_p below float32's smallest number would otherwise drop every token
         logits = logits.masked_fill(drop.scatter(0, order, drop), -math.inf)
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    probs = logits.softmax(-1)
+    if not bool(torch.isfinite(probs).all()):  # NaN logits from the model itself: fall back to greedy
+        return int(raw.nan_to_num(-math.inf).argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 # ---------------------------------------------------------------------------------------------
-# The batching engine
+# Text work: token ids back to text, stop strings
+
+
+def detokenize(tokenizer: Any, prompt_ids: list[int], ids: list[int]) -> str:
+    """The continuation's text. Detokenized after a few prompt tokens and cut after them, since
+    some tokenizers (SentencePiece) drop a leading space when a fragment is detokenized alone."""
+    context = prompt_ids[-DETOKENIZE_CONTEXT:]
+    head = tokenizer.decode(context, skip_special_tokens=True)
+    full = tokenizer.decode(context + ids, skip_special_tokens=True)
+    if full.startswith(head):
+        return str(full[len(head) :])
+    return str(tokenizer.decode(ids, skip_special_tokens=True))  # the context ended inside a character
+
+
+def cut_at_stop(text: str, stops: Iterable[str]) -> str | None:
+    """The text before the earliest stop string, or None when none occurs."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(hits)] if hits else None
+
+
+# ---------------------------------------------------------------------------------------------
+# A sequence: one request's tokens and state; it knows when it is finished
 
 
 @dataclass(eq=False)
-class Sequence_:
+class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
-    cancel: threading.Event
     generator: torch.Generator
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: end at the next step
+    deadline: float = math.inf  # time.monotonic() past which the sequence ends with "timeout"
     generated: list[int] = field(default_factory=list)
     text: str | None = None  # set when a stop string cut the continuation
     finish_reason: str | None = None
     error: Exception | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    deadline: float = math.inf  # time.monotonic() past which the sequence ends with "timeout"
 
     @property
     def cached(self) -> int:
         """Tokens whose keys and values are in the cache: all but the newest sampled one."""
         return len(self.prompt_ids) + len(self.generated) - 1
 
+    def append(self, token: int, eos_ids: frozenset[int], tokenizer: Any, expired: bool) -> bool:
+        """Take the next token; return True when the sequence is finished (and record why)."""
+        self.generated.append(token)
+        self.finish_reason = self._finish_reason(token, eos_ids, tokenizer, expired)
+        return self.finish_reason is not None
+
+    def _finish_reason(self, token: int, eos_ids: frozenset[int], tokenizer: Any, expired: bool) -> str | None:
+        params = self.params
+        if token in eos_ids and not params.ignore_eos:
+            return "eos"
+        if params.stop:
+            self.text = cut_at_stop(detokenize(tokenizer, self.prompt_ids, self.generated), params.stop)
+            if self.text is not None:
+                return "stop"
+        if len(self.generated) >= params.max_new_tokens:
+            return "length"
+        if expired or time.monotonic() > self.deadline:
+            return "timeout"
+        if self.cancel.is_set():
+            return "cancelled"
+        return None
+
+    def result(self, tokenizer: Any) -> Result:
+        assert self.finish_reason is not None
+        if self.text is None:
+            ids = self.generated[:-1] if self.finish_reason == "eos" else self.generated
+            self.text = detokenize(tokenizer, self.prompt_ids, ids)
+        return Result(self.text, len(self.generated), self.finish_reason)
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.done.set()
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.done.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler: the waiting queue and the cache rows
+
+
+class Scheduler:
+    """Owns which sequence waits and which runs in which cache row. Running sequences always
+    occupy rows 0..B-1 (`running[i]` is in row i), so a step is one slice of the cache.
+    Request threads add sequences; the engine thread does everything else."""
+
+    def __init__(self, max_batch: int):
+        self.max_batch = max_batch
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self._live: set[Sequence] = set()  # every sequence some request thread still waits for
+        self._wake = threading.Condition()
+        self.stopping = False
+
+    def add(self, seq: Sequence) -> None:
+        with self._wake:
+            if self.stopping:
+                raise EngineStopped("the engine is shutting down")
+            self.waiting.append(seq)
+            self._live.add(seq)
+            self._wake.notify()
+
+    def forget(self, seq: Sequence) -> None:
+        with self._wake:
+            self._live.discard(seq)
+
+    def stop(self) -> None:
+        with self._wake:
+            self.stopping = True
+            self._wake.notify()
+
+    def admit(self) -> list[Sequence]:
+        """Wait for work; then take waiting sequences up to the batch's free rows. An empty list
+        with `stopping` set means: shut down."""
+        with self._wake:
+            while not (self.waiting or self.running or self.stopping):
+                self._wake.wait()
+            if self.stopping:
+                return []
+            joining: list[Sequence] = []
+            while self.waiting and len(self.running) + len(joining) < self.max_batch:
+                joining.append(self.waiting.popleft())
+            return joining
+
+    def place(self, seq: Sequence) -> int:
+        """Give a sequence the next free row (it must then be prefilled into it)."""
+        self.running.append(seq)
+        return len(self.running) - 1
+
+    def release(self, finished: ListLike[Sequence]) -> list[tuple[int, int]]:
+        """Remove finished sequences, moving the last row into each hole to stay compact; return
+        the (from, to) row moves the KV cache must copy, in order."""
+        moves = []
+        for seq in finished:
+            row, last = self.running.index(seq), len(self.running) - 1
+            if row != last:
+                self.running[row] = self.running[last]
+                moves.append((last, row))
+            self.running.pop()
+        return moves
+
+    def unfinished(self) -> list[Sequence]:
+        """Waiting, running, and any held mid-step when a step broke."""
+        with self._wake:
+            return [seq for seq in self._live if not seq.done.is_set()]
+
+    def clear(self) -> None:
+        with self._wake:
+            self.running, self.waiting = [], collections.deque()
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: the API for request threads, and the loop of the engine thread
+
 
 class Engine:
-    def __init__(self, model: LoadedModel, max_batch: int):
-        self.model, self.max_batch = model, max_batch
-        self._waiting: collections.deque[Sequence_] = collections.deque()
-        self._active: list[Sequence_] = []  # index == cache row
-        self._live: set[Sequence_] = set()  # every sequence some request thread still waits for
-        self._wake = threading.Condition()
-        self._stopping = False
+    def __init__(self, loaded: LoadedModel, max_batch: int):
+        self.loaded, self.model = loaded, loaded.model
+        self.scheduler = Scheduler(max_batch)
         self._expired = False  # set by expire(): every sequence ends at its next step
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -507,46 +704,37 @@ class Engine:
 
         Setting `cancel` ends the sequence at the next step; so does passing `deadline`
         (a `time.monotonic()` value), with what it has so far."""
-        ids = self.model.tokenizer.encode(prompt)
+        ids = self.loaded.tokenizer.encode(prompt)
         self._check_fits(len(ids), params.max_new_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        generator = torch.Generator().manual_seed(seed)
-        seq = Sequence_(ids, params, cancel or threading.Event(), generator, deadline=deadline)
-        with self._wake:
-            if self._stopping:
-                raise EngineStopped("the engine is shutting down")
-            self._waiting.append(seq)
-            self._live.add(seq)
-            self._wake.notify()
+        seq = Sequence(ids, params, torch.Generator().manual_seed(seed), cancel or threading.Event(), deadline)
+        self.scheduler.add(seq)
         try:
             seq.done.wait()
         finally:
-            with self._wake:
-                self._live.discard(seq)
+            self.scheduler.forget(seq)
         if seq.error is not None:
             raise seq.error
-        return self._result(seq)
+        return seq.result(self.loaded.tokenizer)
 
     def expire(self) -> None:
         """End every sequence at its next step with finish_reason "timeout" (drain time is up)."""
         self._expired = True
 
     def close(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
+        self.scheduler.stop()
         self._thread.join(timeout=30)
 
     @property
     def active(self) -> int:
-        return len(self._active)
+        return len(self.scheduler.running)
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._thread.is_alive() and not self.scheduler.stopping
 
     def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        context = self.model.max_context
+        context = self.loaded.max_context
         if prompt_tokens == 0:
             raise PromptTooLong("prompt encodes to no tokens")
         if prompt_tokens + max_new_tokens > context:
@@ -555,159 +743,133 @@ class Engine:
                 f"{context - max_new_tokens} prompt tokens fit in the model's context of {context}"
             )
 
-    def _result(self, seq: Sequence_) -> Result:
-        assert seq.finish_reason is not None
-        text = seq.text if seq.text is not None else self._decode(seq)
-        return Result(text, len(seq.generated), seq.finish_reason)
-
-    def _decode(self, seq: Sequence_) -> str:
-        """The continuation's text. Decoded after a few prompt tokens and cut after them, since
-        some tokenizers (SentencePiece) drop a leading space when a fragment is decoded alone."""
-        ids = seq.generated[:-1] if seq.finish_reason == "eos" else seq.generated
-        context = seq.prompt_ids[-DECODE_CONTEXT:]
-        decode = self.model.tokenizer.decode
-        head, full = decode(context, skip_special_tokens=True), decode(context + ids, skip_special_tokens=True)
-        if full.startswith(head):
-            return str(full[len(head) :])
-        return str(decode(ids, skip_special_tokens=True))  # the context ended inside a character
-
     # -- the engine thread
 
     def _run(self) -> None:
         try:
             with torch.inference_mode():
-                while self._admit():
-                    if self._active:
-                        self._decode_step()
+                while self.step():
+                    pass
+            self._fail(self.scheduler.unfinished(), EngineStopped("the engine shut down"))
         except BaseException as exc:  # a bug here must not leave requests waiting forever
             log.exception("the engine thread stopped")
-            with self._wake:
-                self._stopping = True
-                self._fail(self._unfinished(), EngineStopped, f"the engine stopped: {exc}")
-                self._active, self._waiting = [], collections.deque()
+            self.scheduler.stop()
+            self._fail(self.scheduler.unfinished(), EngineStopped(f"the engine stopped: {exc}"))
+            self.scheduler.clear()
 
-    def _admit(self) -> bool:
-        """Wait for work, move waiting sequences into free rows and prefill them."""
-        with self._wake:
-            while not (self._waiting or self._active or self._stopping):
-                self._wake.wait()
-            if self._stopping:
-                self._fail(self._unfinished(), EngineStopped, "the engine shut down")
-                return False
-            joining: list[Sequence_] = []
-            while self._waiting and len(self._active) + len(joining) < self.max_batch:
-                joining.append(self._waiting.popleft())
+    def step(self) -> bool:
+        """One round: admit and prefill joining sequences, then advance the batch by one token.
+        Returns False once the engine is stopping."""
+        joining = self.scheduler.admit()
+        if self.scheduler.stopping:
+            return False
         for seq in joining:
             self._prefill(seq)
+        if self.scheduler.running:
+            self._decode()
         return True
 
-    def _prefill(self, seq: Sequence_) -> None:
+    def _prefill(self, seq: Sequence) -> None:
         if seq.cancel.is_set():  # the client left while waiting to join
-            seq.finish_reason = "cancelled"
-            seq.done.set()
+            seq.finish("cancelled")
             return
-        row = len(self._active)
+        row = self.scheduler.place(seq)
         try:
-            logits = self.model.decoder.prefill(row, seq.prompt_ids)
-            self._active.append(seq)
-            self._postprocess([seq], logits[None])
+            logits = self.model.prefill(row, seq.prompt_ids)
         except Exception as exc:  # one bad sequence must not take the batch down
             log.exception("prefill failed")
-            self._fail([seq], GenerationFailed, f"generation failed: {exc}")
-            if self._active and self._active[-1] is seq:
-                self._active.pop()
-
-    def _decode_step(self) -> None:
-        active = self._active
-        try:
-            logits = self.model.decoder.decode([s.generated[-1] for s in active], [s.cached for s in active])
-        except Exception as exc:
-            log.exception("decode step failed; failing the whole batch")
-            self._fail(active, GenerationFailed, f"generation failed: {exc}")
-            self._active = []
-            self.model.decoder.reset()
+            self._release([seq])
+            seq.fail(GenerationFailed(f"generation failed: {exc}"))
             return
-        self._postprocess(active, logits)
+        self._postprocess([seq], logits[None])
 
-    def _postprocess(self, batch: list[Sequence_], logits: torch.Tensor) -> None:
-        """Pick each sequence's next token, decide who finished, and free their rows."""
+    def _decode(self) -> None:
+        batch = self.scheduler.running
+        try:
+            logits = self.model.step([s.generated[-1] for s in batch], [s.cached for s in batch])
+        except Exception as exc:
+            log.exception("a step failed; failing the whole batch")
+            self._fail(batch, GenerationFailed(f"generation failed: {exc}"))
+            self.scheduler.clear()
+            self.model.reset()
+            return
+        self._postprocess(batch, logits)
+
+    def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> None:
+        """Pick each sequence's next token, collect the finished ones, and free their rows."""
         greedy = logits.argmax(-1).tolist()
         sampling = any(seq.params.temperature for seq in batch)
-        rows_logits = logits.float().cpu() if sampling else logits  # a copy only when someone samples
-        finished = []
+        row_logits = logits.float().cpu() if sampling else logits  # a copy only when someone samples
+        finished, failed = [], []
         for row, seq in enumerate(batch):
             try:
-                greedy_only = seq.params.temperature == 0
-                token = greedy[row] if greedy_only else sample(rows_logits[row], seq.params, seq.generator)
-                if self._advance(seq, token):
+                if seq.params.temperature == 0:
+                    token = greedy[row]
+                else:
+                    token = sample(row_logits[row], seq.params, seq.generator)
+                if seq.append(token, self.loaded.eos_ids, self.loaded.tokenizer, self._expired):
                     finished.append(seq)
             except Exception as exc:
                 log.exception("postprocessing a sequence failed")
-                self._fail([seq], GenerationFailed, f"generation failed: {exc}")
-                finished.append(seq)
-        self._release(finished)
-
-    def _advance(self, seq: Sequence_, token: int) -> bool:
-        """Append the token; return True when the sequence is finished (and say why)."""
-        seq.generated.append(token)
-        params = seq.params
-        if token in self.model.eos_ids and not params.ignore_eos:
-            seq.finish_reason = "eos"
-        elif params.stop and self._cut_at_stop(seq):
-            seq.finish_reason = "stop"
-        elif len(seq.generated) >= params.max_new_tokens:
-            seq.finish_reason = "length"
-        elif self._expired or time.monotonic() > seq.deadline:
-            seq.finish_reason = "timeout"
-        elif seq.cancel.is_set():
-            seq.finish_reason = "cancelled"
-        return seq.finish_reason is not None
-
-    def _cut_at_stop(self, seq: Sequence_) -> bool:
-        text = self._decode(seq)
-        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
-        if hits:
-            seq.text = text[: min(hits)]
-        return bool(hits)
-
-    def _release(self, finished: Sequence[Sequence_]) -> None:
-        """Remove finished sequences, moving the last row into each hole to stay compact."""
-        for seq in finished:
-            row = self._active.index(seq)
-            last = len(self._active) - 1
-            if row != last:
-                self._active[row] = self._active[last]
-                self.model.decoder.move(last, row)
-            self._active.pop()
-        if finished and not self._active:
-            self.model.decoder.reset()
+                failed.append((seq, exc))
+        self._release(finished + [seq for seq, _ in failed])
+        for seq, error in failed:
+            seq.fail(GenerationFailed(f"generation failed: {error}"))
         for seq in finished:
             seq.done.set()
 
-    def _unfinished(self) -> list[Sequence_]:
-        """Under the lock: waiting, active, and any held mid-step when a step broke."""
-        return [seq for seq in self._live if not seq.done.is_set()]
+    def _release(self, finished: list[Sequence]) -> None:
+        for src, dst in self.scheduler.release(finished):
+            self.model.move(src, dst)
+        if finished and not self.scheduler.running:
+            self.model.reset()
 
-    def _fail(self, seqs: Sequence[Sequence_], kind: type[GenerationFailed], message: str) -> None:
+    @staticmethod
+    def _fail(seqs: Iterable[Sequence], error: GenerationFailed) -> None:
         for seq in seqs:
-            seq.error = kind(message)  # one exception each: they are raised in different threads
-            seq.done.set()
+            seq.fail(type(error)(str(error)))  # one exception each: they are raised in different threads
 
 
 # ---------------------------------------------------------------------------------------------
 # The one module-level engine, created on first use
 
 
-class LazyEngine:
-    """Creates the engine once. After a failed load, callers get the same error at once until
-    `retry_after` seconds have passed (a hub that is down can take ~50 s to fail each time)."""
+def create_engine(config: ModelConfig) -> Engine:
+    start = time.perf_counter()
+    try:
+        loaded = load_model(config)
+    except EngineUnavailable as exc:
+        raise EngineUnavailable(str(exc), config.retry_seconds) from exc
+    except Exception as exc:
+        raise EngineUnavailable(
+            f"could not load model {config.name!r}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
+            "Set MODEL_NAME to a readable local model directory (tools/fetch_model.py makes one) "
+            "or make the model hub reachable.",
+            config.retry_seconds,
+        ) from exc
+    log.info("model %s loaded in %.1f s (%s)", config.name, time.perf_counter() - start, loaded.dtype)
+    return Engine(loaded, config.max_batch)
 
-    def __init__(self, factory: Callable[[], Engine], retry_after: float = 30.0):
-        self._factory, self._retry_after = factory, retry_after
+
+class LazyEngine:
+    """The engine, created by the first `get()` (in a worker thread; concurrent callers wait for
+    the same load). After a failed load, callers get the same error at once until
+    `retry_seconds` have passed (a hub that is down can take ~50 s to fail each time)."""
+
+    def __init__(self, factory: Callable[[ModelConfig], Engine] = create_engine):
+        self._factory = factory
         self._lock = threading.Lock()
+        self._config: ModelConfig | None = None
         self._engine: Engine | None = None
-        self._error: Exception | None = None
+        self._error: EngineUnavailable | None = None
         self._failed_at = -math.inf
+
+    def configure(self, config: ModelConfig) -> None:
+        """Set the model to load, once; a different second configuration is a bug, not a reload."""
+        with self._lock:
+            if self._config is not None and self._config != config:
+                raise RuntimeError(f"the engine is already configured with {self._config}; close() it first")
+            self._config = config
 
     @property
     def loaded(self) -> Engine | None:
@@ -718,56 +880,30 @@ class LazyEngine:
             if self._engine is not None and self._engine.running:
                 return self._engine
             self._engine = None  # never loaded, or its thread stopped: load (again)
-            wait = self._failed_at + self._retry_after - time.monotonic()
+            if self._config is None:
+                raise RuntimeError("the engine is not configured; call configure() first")
+            wait = self._failed_at + self._config.retry_seconds - time.monotonic()
             if self._error is not None and wait > 0:
                 raise EngineUnavailable(str(self._error), retry_after=math.ceil(wait))
-            try:
-                self._engine = self._factory()
-            except Exception as exc:
-                log.exception("loading the model failed")
-                self._error, self._failed_at = exc, time.monotonic()
-                message = str(exc) if isinstance(exc, EngineUnavailable) else f"{type(exc).__name__}: {exc}"
-                raise EngineUnavailable(message, retry_after=math.ceil(self._retry_after)) from exc
-            return self._engine
+            return self._load(self._config)
+
+    def _load(self, config: ModelConfig) -> Engine:
+        try:
+            self._engine = self._factory(config)
+        except Exception as exc:
+            log.exception("loading the model failed")
+            message = str(exc) if isinstance(exc, EngineUnavailable) else f"{type(exc).__name__}: {exc}"
+            self._error, self._failed_at = EngineUnavailable(message, config.retry_seconds), time.monotonic()
+            raise EngineUnavailable(message, retry_after=config.retry_seconds) from exc
+        self._error = None
+        return self._engine
+
+    def close(self) -> None:
+        """Stop the engine and forget the configuration (server shutdown; tests)."""
+        with self._lock:
+            engine, self._engine, self._config, self._error = self._engine, None, None, None
+        if engine is not None:
+            engine.close()
 
 
-def create_engine(config: ModelConfig) -> Engine:
-    start = time.perf_counter()
-    try:
-        model = load_model(config)
-    except EngineUnavailable:
-        raise
-    except Exception as exc:
-        raise EngineUnavailable(
-            f"could not load model {config.name!r}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
-            "Set MODEL_NAME to a readable local model directory (tools/fetch_model.py makes one) "
-            "or make the model hub reachable."
-        ) from exc
-    log.info("model %s loaded in %.1f s (%s)", config.name, time.perf_counter() - start, model.dtype)
-    return Engine(model, config.max_batch)
-
-
-_engine: LazyEngine | None = None
-_engine_lock = threading.Lock()
-
-
-def get_engine(config: ModelConfig) -> Engine:
-    """The module's single engine, loaded by the first caller (in a worker thread)."""
-    global _engine
-    with _engine_lock:
-        if _engine is None:
-            _engine = LazyEngine(lambda: create_engine(config), config.retry_seconds)
-    return _engine.get()
-
-
-def loaded_engine() -> Engine | None:
-    return _engine.loaded if _engine is not None else None
-
-
-def reset_engine() -> None:
-    """Close and forget the engine (tests; server shutdown)."""
-    global _engine
-    with _engine_lock:
-        engine, _engine = (_engine.loaded if _engine else None), None
-    if engine is not None:
-        engine.close()
+ENGINE = LazyEngine()  # the module's single engine: the server configures it at start

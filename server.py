@@ -1,25 +1,49 @@
 """LLM-Generator: a small REST API that serves a causal language model.
 
-Read top to bottom: settings, errors, request validation, routes, request logs, the OpenAPI
-document, the app.
-Requests flow one way: auth middleware (auth.py) -> route -> validation -> engine (engine.py)
--> JSON response. Every error is JSON of one shape: {"detail": "..."}.
+A request's path, outermost first:
+  RequestLog (below)        gives the request an id, writes one JSON log line when it ends
+  APIKeyMiddleware (auth.py) /generate only: one valid x-api-key header, else 401
+  route                     /health, /ready, /docs, /generate
+  read_json                 content type, body size and time, JSON syntax
+  parse_generate            every field, by hand
+  capacity check            MAX_BATCH_SIZE running + MAX_QUEUE waiting, else 503 at once
+  run_generation            a worker thread under the capacity limiter (anyio.to_thread.run_sync)
+  engine.ENGINE             loads the model once, then batches every request (engine.py)
 
-Run: API_KEY=... python server.py   (see README.md for every setting)
+Every limit, where it is enforced, and what the client gets:
+  setting                        enforced in                       status
+  API_KEY                        auth.APIKeyMiddleware             401
+  content-type                   read_json                         415
+  MAX_BODY_BYTES                 read_json (declared and read)     413
+  BODY_TIMEOUT                   read_json                         408
+  field rules, MAX_NEW_TOKENS_LIMIT  parse_generate                422
+  MAX_CONTEXT_TOKENS             engine.Engine._check_fits         422
+  MAX_BATCH_SIZE + MAX_QUEUE     generate (capacity check)         503, Retry-After RETRY_BUSY
+  QUEUE_TIMEOUT                  run_generation                    503, Retry-After RETRY_BUSY
+  MODEL_RETRY_SECONDS            engine.LazyEngine.get             503, Retry-After: seconds left
+  REQUEST_TIMEOUT                engine.Sequence                   200, finish_reason "timeout"
+  DRAIN_TIMEOUT                  DrainingServer                    200, finish_reason "timeout"
+  (shutting down)                generate, ready                   503, Retry-After RETRY_SHUTDOWN
+Every error is JSON of one shape, {"detail": "..."}; the errors section lists them on one screen.
+
+Reading order: settings, errors, validation, the OpenAPI document, running a generation, routes,
+request logs, the app and its shutdown. Run: API_KEY=... python server.py (README.md lists settings).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import threading
 import time
+import typing
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import FrameType
@@ -27,40 +51,48 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import engine
 from auth import APIKeyMiddleware
 
 SERVICE = "LLM-Generator"
 DRAIN_BACKSTOP_SECONDS = 10  # after DRAIN_TIMEOUT, time for the last step and responses to go out
+DEFAULTS = engine.SamplingParams()  # the API's defaults for every optional /generate field
 log = logging.getLogger("llm.server")
 access_log = logging.getLogger("llm.access")
 
 
 # ---------------------------------------------------------------------------------------------
-# Settings: read once from the environment into one frozen object
+# Settings: read once from the environment into frozen objects. Each default is written once, on
+# its field; `env` names the variable that overrides it (engine.ModelConfig's fields too).
+
+
+def setting(default: Any, env: str, minimum: int = 1) -> Any:
+    return field(default=default, metadata={"env": env, "minimum": minimum})
 
 
 @dataclass(frozen=True)
 class Limits:
     """Input limits; validation and the OpenAPI document both read them from here."""
 
-    max_new_tokens: int = 200
-    default_new_tokens: int = 50
-    temperature: float = 2.0
+    max_new_tokens: int = setting(200, "MAX_NEW_TOKENS_LIMIT")
+    max_body_bytes: int = setting(64 * 1024, "MAX_BODY_BYTES")
+    max_temperature: float = 2.0
     min_temperature: float = 0.01  # above 0: smaller values only round differently from greedy
-    top_k: int = 1000
-    seed: int = 2**63 - 1
-    stop_count: int = 4
-    stop_length: int = 64
-    body_bytes: int = 64 * 1024
+    max_top_k: int = 1000
+    max_seed: int = 2**63 - 1
+    max_stop_count: int = 4
+    max_stop_length: int = 64
 
 
 @dataclass(frozen=True)
@@ -68,15 +100,18 @@ class Settings:
     api_keys: tuple[str, ...]
     model: engine.ModelConfig = field(default_factory=engine.ModelConfig)
     limits: Limits = field(default_factory=Limits)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_queue: int = 64  # requests that may wait for a place in the batch; past that, 503 at once
-    queue_timeout: int = 30  # seconds a request may wait for a place before a 503
-    request_timeout: int = 120  # seconds after which a generation ends with finish_reason "timeout"
-    drain_timeout: int = 25  # seconds in-flight requests get to finish after SIGTERM
-    body_timeout: int = 30  # seconds a client may take to send its body (slow senders hold a connection)
-    load_on_start: bool = False  # load the model at start so /ready turns 200 without traffic
-    log_prompts: bool = False  # put prompt text in the request log
+    host: str = setting("127.0.0.1", "HOST")
+    port: int = setting(8000, "PORT")
+    max_queue: int = setting(64, "MAX_QUEUE", minimum=0)  # requests that may wait for a place in the batch
+    queue_timeout: int = setting(30, "QUEUE_TIMEOUT")  # seconds a request may wait for a place
+    request_timeout: int = setting(120, "REQUEST_TIMEOUT")  # seconds from arrival to finish_reason "timeout"
+    drain_timeout: int = setting(25, "DRAIN_TIMEOUT")  # seconds in-flight requests get after SIGTERM
+    body_timeout: int = setting(30, "BODY_TIMEOUT")  # seconds a client may take to send its body
+    head_timeout: int = setting(10, "HEAD_TIMEOUT")  # seconds a connection may take to send a request head
+    max_connections: int = setting(1000, "MAX_CONNECTIONS")  # open connections; past that, 503 and close
+    allowed_hosts: str = setting("", "ALLOWED_HOSTS")  # comma-separated Host names; empty: any
+    load_on_start: bool = setting(False, "LOAD_ON_START")  # so /ready turns 200 without traffic
+    log_prompts: bool = setting(False, "LOG_PROMPTS")  # put prompt text in the request log
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -86,53 +121,56 @@ class Settings:
                 "API_KEY is not set: set it to one key or a comma-separated list of keys "
                 "(clients send one in the x-api-key header). The server does not run without one."
             )
-        model = engine.ModelConfig(
-            name=env.get("MODEL_NAME", "distilgpt2"),
-            device=env.get("DEVICE", "auto"),
-            dtype=env.get("DTYPE", "auto"),
-            max_batch=_env_int(env, "MAX_BATCH_SIZE", 32),
-            retry_seconds=_env_int(env, "MODEL_RETRY_SECONDS", 30),
-            max_context=_env_int(env, "MAX_CONTEXT_TOKENS", 1024),
-            cache_dir=env.get("TRANSFORMERS_CACHE") or None,
-        )
-        limits = Limits(
-            max_new_tokens=_env_int(env, "MAX_NEW_TOKENS_LIMIT", 200),
-            body_bytes=_env_int(env, "MAX_BODY_BYTES", 64 * 1024),
-        )
-        return cls(
-            keys,
-            model,
-            limits,
-            host=env.get("HOST", "127.0.0.1"),
-            port=_env_int(env, "PORT", 8000),
-            max_queue=_env_int(env, "MAX_QUEUE", 64, minimum=0),
-            queue_timeout=_env_int(env, "QUEUE_TIMEOUT", 30),
-            request_timeout=_env_int(env, "REQUEST_TIMEOUT", 120),
-            drain_timeout=_env_int(env, "DRAIN_TIMEOUT", 25),
-            body_timeout=_env_int(env, "BODY_TIMEOUT", 30),
-            load_on_start=_env_flag(env, "LOAD_ON_START"),
-            log_prompts=_env_flag(env, "LOG_PROMPTS"),
-        )
+        model, limits = from_env(engine.ModelConfig, env), from_env(Limits, env)
+        settings: Settings = from_env(cls, env, api_keys=keys, model=model, limits=limits)
+        return settings
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    if not raw.isdigit() or int(raw) < minimum:
-        raise SystemExit(f"{name} must be an integer of at least {minimum}, got {raw!r}")
-    return int(raw)
+def from_env(cls: type[Any], env: Mapping[str, str], **given: Any) -> Any:
+    """Build a settings dataclass: each field with an `env` name takes that variable when set."""
+    types = typing.get_type_hints(cls)
+    values = dict(given)
+    for f in dataclasses.fields(cls):
+        raw = env.get(f.metadata.get("env", ""), "")
+        if raw != "":
+            values[f.name] = _parse(f.metadata["env"], raw, types[f.name], f.metadata.get("minimum", 1))
+    return cls(**values)
 
 
-def _env_flag(env: Mapping[str, str], name: str) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw not in ("", "0", "1", "true", "false", "yes", "no"):
-        raise SystemExit(f"{name} must be 1/0, true/false or yes/no, got {raw!r}")
-    return raw in ("1", "true", "yes")
+def _parse(name: str, raw: str, kind: Any, minimum: int) -> Any:
+    if kind is int:
+        if not raw.isdigit() or int(raw) < minimum:
+            raise SystemExit(f"{name} must be an integer of at least {minimum}, got {raw!r}")
+        return int(raw)
+    if kind is bool:
+        flag = raw.strip().lower()
+        if flag not in ("0", "1", "true", "false", "yes", "no"):
+            raise SystemExit(f"{name} must be 1/0, true/false or yes/no, got {raw!r}")
+        return flag in ("1", "true", "yes")
+    return raw  # str, or str | None
 
 
 # ---------------------------------------------------------------------------------------------
-# Errors: one exception type, one JSON shape
+# Errors: one exception, one JSON shape, one table of statuses, one mapping of engine errors
+
+RETRY_BUSY = 1  # seconds: at capacity, or no place within QUEUE_TIMEOUT; places free up every step
+RETRY_SHUTDOWN = 5  # seconds: draining, or the engine stopped; another instance or a fresh engine answers
+CLOSE = {"Connection": "close"}  # on answers sent before the body was read whole
+
+GENERATE_ERRORS = {
+    400: "Body is not valid JSON.",
+    401: "Missing, doubled or invalid x-api-key header.",
+    408: "The body did not arrive within BODY_TIMEOUT seconds.",
+    413: "Body larger than MAX_BODY_BYTES.",
+    415: "Content-Type is not application/json.",
+    422: "A field is missing, unknown, of the wrong type or out of range; or the prompt does not fit.",
+    503: (
+        "The model could not be loaded, the server is at capacity (MAX_BATCH_SIZE running plus MAX_QUEUE "
+        "waiting), no place freed up within QUEUE_TIMEOUT, or the server is shutting down. "
+        "Retry-After says when to try again."
+    ),
+}
+READY_ERRORS = {503: "The model is not loaded yet, or the server is shutting down."}
 
 
 class ApiError(Exception):
@@ -141,8 +179,28 @@ class ApiError(Exception):
         self.status, self.detail, self.headers = status, detail, dict(headers or {})
 
 
+def unavailable(detail: str, retry_after: int, close: bool = False) -> ApiError:
+    """A 503 that says when to try again (and, while draining, closes the connection)."""
+    headers = {"Retry-After": str(retry_after)} | (CLOSE if close else {})
+    return ApiError(503, detail, headers)
+
+
+def from_engine_error(exc: Exception) -> Exception:
+    """The engine's exceptions as statuses; anything else is a bug, left for RequestLog's 500."""
+    if isinstance(exc, engine.EngineUnavailable):
+        return unavailable(f"model unavailable: {exc}", exc.retry_after)
+    if isinstance(exc, engine.PromptTooLong):
+        return ApiError(422, str(exc))
+    if isinstance(exc, engine.EngineStopped):
+        return unavailable(f"{exc}; retry shortly", RETRY_SHUTDOWN)
+    return exc
+
+
 def error_response(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    # A detail may quote the client's input; a lone surrogate there cannot be encoded as UTF-8,
+    # so it is shown escaped (\ud800) instead of failing the answer.
+    safe = detail.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"detail": safe}, status_code=status, headers=headers)
 
 
 async def on_api_error(request: Request, exc: Exception) -> Response:
@@ -151,7 +209,7 @@ async def on_api_error(request: Request, exc: Exception) -> Response:
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
+    assert isinstance(exc, HTTPException)  # Starlette's own 404 and 405
     return error_response(exc.status_code, str(exc.detail), exc.headers)
 
 
@@ -161,24 +219,26 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 async def read_json(request: Request, limit: int, timeout: float) -> object:
     """Parse the body as JSON; refuse a wrong type (415), an oversized body while reading (413),
-    and a body that takes longer than `timeout` seconds to arrive (408)."""
+    and a body that takes longer than `timeout` seconds to arrive (408). Those answers close the
+    connection: the rest of an unread body must not be taken for the next request, and a client
+    that trickles bytes must not keep the connection."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
-        raise ApiError(415, f"content-type must be application/json, got {media_type or 'none'!r}")
+        raise ApiError(415, f"content-type must be application/json, got {_shown(media_type or 'none')}", CLOSE)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"body is {declared} bytes; the limit is {limit}")
+        raise ApiError(413, f"body is {declared} bytes; the limit is {limit}", CLOSE)
     body = bytearray()
     try:
         with anyio.fail_after(timeout):
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > limit:
-                    raise ApiError(413, f"body is over the limit of {limit} bytes")
+                    raise ApiError(413, f"body is over the limit of {limit} bytes", CLOSE)
     except ClientDisconnect:
-        raise ApiError(400, "client disconnected while sending the body") from None
+        raise ApiError(400, "client disconnected while sending the body", CLOSE) from None
     except TimeoutError:
-        raise ApiError(408, f"body not received within BODY_TIMEOUT={timeout:g} s") from None
+        raise ApiError(408, f"body not received within BODY_TIMEOUT={timeout:g} s", CLOSE) from None
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:  # bad UTF-8 is a ValueError too
@@ -194,15 +254,16 @@ def parse_generate(body: object, limits: Limits) -> tuple[str, engine.SamplingPa
         raise ApiError(422, f"body must be a JSON object, got {_json_type(body)}")
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise ApiError(422, f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
+        named = ", ".join(name[:40] for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise ApiError(422, f"unknown field(s): {named}; allowed: {', '.join(FIELDS)}")
     params = engine.SamplingParams(
-        max_new_tokens=_integer(body, "max_new_tokens", limits.default_new_tokens, 1, limits.max_new_tokens),
+        max_new_tokens=_integer(body, "max_new_tokens", 1, limits.max_new_tokens),
         temperature=_temperature(body, limits),
         top_p=_top_p(body),
-        top_k=_integer(body, "top_k", 0, 0, limits.top_k),
-        seed=_integer(body, "seed", None, 0, limits.seed),
+        top_k=_integer(body, "top_k", 0, limits.max_top_k),
+        seed=_integer(body, "seed", 0, limits.max_seed),
         stop=_stop(body, limits),
-        ignore_eos=_boolean(body, "ignore_eos", False),
+        ignore_eos=_boolean(body, "ignore_eos"),
     )
     return _prompt(body), params
 
@@ -228,70 +289,179 @@ def _prompt(body: dict[str, Any]) -> str:
     return _text(value, "prompt")
 
 
-def _integer(body: dict[str, Any], name: str, default: int | None, low: int, high: int) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ApiError(422, f"{name} must be an integer from {low} to {high}, got {json.dumps(value)}")
-    return value
+def _shown(value: object) -> str:
+    """A client's value as quoted in an error: JSON, and short."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+def _integer(body: dict[str, Any], name: str, low: int, high: int) -> Any:
+    """null means the default; 7.0 is the integer 7, as in JSON Schema (the document's dialect)."""
     value = body.get(name)
     if value is None:
-        return default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not low <= value <= high:
-        raise ApiError(422, f"{name} must be a number from {low} to {high}, got {json.dumps(value)}")
+        return getattr(DEFAULTS, name)
+    number = int(value) if isinstance(value, float) and value.is_integer() else value
+    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+        raise ApiError(422, f"{name} must be an integer from {low} to {high}, got {_shown(value)}")
+    return number
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return float(getattr(DEFAULTS, name))
+    # Compared before any conversion: an integer too large for a float is simply out of range.
+    # NaN compares false, so it fails the range check too.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ApiError(422, f"{name} must be a number from {low} to {high}, got {_shown(value)}")
     return float(value)
 
 
 def _temperature(body: dict[str, Any], limits: Limits) -> float:
-    value = _number(body, "temperature", 0.0, 0.0, limits.temperature)
+    value = _number(body, "temperature", 0.0, limits.max_temperature)
     if 0 < value < limits.min_temperature:
         raise ApiError(422, f"temperature must be 0 (greedy) or from {limits.min_temperature} to "
-                            f"{limits.temperature}, got {value}")  # fmt: skip
+                            f"{limits.max_temperature}, got {value}")  # fmt: skip
     return value
 
 
 def _top_p(body: dict[str, Any]) -> float:
-    value = _number(body, "top_p", 1.0, 0.0, 1.0)
+    value = _number(body, "top_p", 0.0, 1.0)
     if value == 0.0:
         raise ApiError(422, "top_p must be a number above 0 and at most 1, got 0")
     return value
 
 
-def _boolean(body: dict[str, Any], name: str, default: bool) -> bool:
+def _boolean(body: dict[str, Any], name: str) -> bool:
     value = body.get(name)
     if value is None:
-        return default
+        return bool(getattr(DEFAULTS, name))
     if not isinstance(value, bool):
-        raise ApiError(422, f"{name} must be true or false, got {json.dumps(value)}")
+        raise ApiError(422, f"{name} must be true or false, got {_shown(value)}")
     return value
 
 
 def _stop(body: dict[str, Any], limits: Limits) -> tuple[str, ...]:
     value = body.get("stop")
     if value is None:
-        return ()
+        return DEFAULTS.stop
     items = [value] if isinstance(value, str) else value
     rule = (
-        f"stop must be a string or a list of at most {limits.stop_count} strings, "
-        f"each 1 to {limits.stop_length} characters"
+        f"stop must be a string or a list of at most {limits.max_stop_count} strings, "
+        f"each 1 to {limits.max_stop_length} characters"
     )
     if not isinstance(items, list):
         raise ApiError(422, f"{rule}; got {_json_type(value)}")
-    if len(items) > limits.stop_count:
+    if len(items) > limits.max_stop_count:
         raise ApiError(422, f"{rule}; got {len(items)} strings")
     for item in items:
-        if not isinstance(item, str) or not 1 <= len(item) <= limits.stop_length:
-            raise ApiError(422, f"{rule}; got {json.dumps(item)[:80]}")
+        if not isinstance(item, str) or not 1 <= len(item) <= limits.max_stop_length:
+            raise ApiError(422, f"{rule}; got {_shown(item)}")
     return tuple(_text(item, "stop") for item in items)
 
 
 # ---------------------------------------------------------------------------------------------
-# Routes
+# The OpenAPI document, written by hand from the same limits, defaults and errors as above
+
+
+def openapi(settings: Settings) -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": SERVICE, "version": "1.0.0", "description": "Text generation with a causal language model."},
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
+            "schemas": {"GenerateRequest": _request_schema(settings.limits), **_SCHEMAS},
+        },
+        "paths": {
+            "/health": {"get": _operation("Liveness: 200 while the process runs, with model status", "Health", {})},
+            "/ready": {"get": _operation("Readiness: 200 once the model is loaded", "object", READY_ERRORS)},
+            "/docs": {"get": _operation("This OpenAPI document", "object", {})},
+            "/generate": {"post": _generate_operation(settings)},
+        },
+    }
+
+
+def _request_schema(limits: Limits) -> dict[str, Any]:
+    """Every optional field also takes null, meaning its default."""
+    d, string = DEFAULTS, {"type": "string", "minLength": 1, "maxLength": limits.max_stop_length}
+    return {
+        "type": "object",
+        "required": ["prompt"],
+        "additionalProperties": False,
+        "properties": {
+            "prompt": {"type": "string", "minLength": 1, "description": "Text to continue."},
+            "max_new_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": limits.max_new_tokens,
+                               "default": d.max_new_tokens},
+            "temperature": {"anyOf": [
+                {"const": 0}, {"type": "number", "minimum": limits.min_temperature, "maximum": limits.max_temperature},
+                {"type": "null"},
+            ], "default": d.temperature, "description": "0 means greedy decoding."},
+            "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1, "default": d.top_p},
+            "top_k": {"type": ["integer", "null"], "minimum": 0, "maximum": limits.max_top_k, "default": d.top_k,
+                      "description": "0 means no top-k filter."},
+            "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": limits.max_seed,
+                     "description": "Same seed and request, same text. Random when absent."},
+            "stop": {"anyOf": [string, {"type": "array", "maxItems": limits.max_stop_count, "items": string},
+                               {"type": "null"}],
+                     "description": "Generation ends at the first stop string, which is cut from the output."},
+            "ignore_eos": {"type": ["boolean", "null"], "default": d.ignore_eos,
+                           "description": "Generate exactly max_new_tokens, ignoring end of sequence."},
+        },
+        "x-max-body-bytes": limits.max_body_bytes,
+    }  # fmt: skip
+
+
+_SCHEMAS: dict[str, Any] = {
+    "Health": {
+        "type": "object",
+        "required": ["status", "service"],
+        "properties": {
+            "status": {"const": "ok"}, "service": {"const": SERVICE},
+            "model": {"type": "string"}, "model_loaded": {"type": "boolean"},
+            "active_sequences": {"type": "integer", "description": "Sequences in the running batch."},
+        },
+    },
+    "GenerateResponse": {
+        "type": "object",
+        "required": ["generated_text", "generated_tokens", "finish_reason"],
+        "properties": {
+            "generated_text": {"type": "string", "description": "The prompt followed by its continuation."},
+            "generated_tokens": {"type": "integer", "description": "Tokens the model generated."},
+            "finish_reason": {"enum": list(engine.FINISH_REASONS)},
+        },
+    },
+    "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}},
+}  # fmt: skip
+
+
+def _operation(summary: str, schema: str, errors: dict[int, str]) -> dict[str, Any]:
+    ref = {"type": "object"} if schema == "object" else {"$ref": f"#/components/schemas/{schema}"}
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": {"schema": ref}}}}
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    responses.update({str(code): {"description": text, "content": error} for code, text in errors.items()})
+    return {"summary": summary, "responses": responses}
+
+
+def _generate_operation(settings: Settings) -> dict[str, Any]:
+    operation = _operation("Continue a prompt", "GenerateResponse", GENERATE_ERRORS)
+    operation["description"] = (
+        f"Up to MAX_BATCH_SIZE={settings.model.max_batch} requests generate together and "
+        f"MAX_QUEUE={settings.max_queue} more may wait; past that, 503 at once. A request waits at most "
+        f"QUEUE_TIMEOUT={settings.queue_timeout} s for a place (then 503), and generation ends with "
+        f'finish_reason "timeout" and the text so far REQUEST_TIMEOUT={settings.request_timeout} s after '
+        "the request arrived."
+    )
+    operation["x-timeouts"] = {"queue_seconds": settings.queue_timeout, "request_seconds": settings.request_timeout}
+    operation["security"] = [{"apiKey": []}]
+    operation["requestBody"] = {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
+    }
+    return operation
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a generation: a worker thread under the capacity limiter, raced against two watchers
 
 
 @dataclass
@@ -303,9 +473,74 @@ class Runtime:
     draining: bool = False  # SIGTERM received: finish what runs, take nothing new
 
 
+@dataclass
+class Generation:
+    """One /generate request's run. `run` holds a place under the limiter while the engine works;
+    `watch_queue` gives up if no place comes within QUEUE_TIMEOUT. Whichever ends first (or the
+    client leaving) cancels the others; `cancel` tells the engine to drop the sequence."""
+
+    prompt: str
+    params: engine.SamplingParams
+    settings: Settings
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)  # a place is held
+    result: engine.Result | None = None
+    error: Exception | None = None
+
+    async def run(self, limiter: anyio.CapacityLimiter) -> None:
+        deadline = time.monotonic() + self.settings.request_timeout
+
+        def blocking() -> engine.Result:
+            self.started.set()  # we hold a place now: the queue timeout no longer applies
+            return engine.ENGINE.get().generate(self.prompt, self.params, self.cancel, deadline)
+
+        try:
+            self.result = await anyio.to_thread.run_sync(blocking, limiter=limiter)
+        except Exception as exc:
+            self.error = from_engine_error(exc)
+
+    async def watch_queue(self) -> None:
+        await anyio.sleep(self.settings.queue_timeout)
+        if not self.started.is_set():
+            detail = f"no place in the batch within QUEUE_TIMEOUT={self.settings.queue_timeout} s; retry shortly"
+            self.error = unavailable(detail, RETRY_BUSY)
+            return
+        await anyio.sleep_forever()  # a place is held: `run` decides when this ends
+
+    def outcome(self) -> engine.Result:
+        if self.error is not None:
+            raise self.error
+        return self.result or engine.Result("", 0, "cancelled")  # the client left
+
+
+async def run_generation(request: Request, prompt: str, params: engine.SamplingParams) -> engine.Result:
+    job = Generation(prompt, params, request.app.state.settings)
+    async with anyio.create_task_group() as group:
+
+        async def first_to_finish(watch: Callable[[], Awaitable[None]]) -> None:
+            await watch()
+            job.cancel.set()  # the engine drops the sequence at its next step (no-op once it is done)
+            group.cancel_scope.cancel()
+
+        group.start_soon(first_to_finish, lambda: job.run(request.app.state.runtime.limiter))
+        group.start_soon(first_to_finish, job.watch_queue)
+        group.start_soon(first_to_finish, lambda: _disconnected(request))
+    return job.outcome()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone away (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes
+
+
 async def health(request: Request) -> JSONResponse:
     settings: Settings = request.app.state.settings
-    running = engine.loaded_engine()
+    running = engine.ENGINE.loaded
     return JSONResponse(
         {
             "status": "ok",
@@ -319,7 +554,7 @@ async def health(request: Request) -> JSONResponse:
 
 async def ready(request: Request) -> JSONResponse:
     runtime: Runtime = request.app.state.runtime
-    running = engine.loaded_engine()
+    running = engine.ENGINE.loaded
     if runtime.draining:
         raise ApiError(503, "shutting down")
     if running is None or not running.running:
@@ -327,16 +562,20 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
+async def docs(request: Request) -> JSONResponse:
+    return JSONResponse(openapi(request.app.state.settings))
+
+
 async def generate(request: Request) -> JSONResponse:
     settings: Settings = request.app.state.settings
     runtime: Runtime = request.app.state.runtime
     if runtime.draining:
-        raise ApiError(503, "shutting down; retry on another instance", {"Retry-After": "5", "Connection": "close"})
-    body = await read_json(request, settings.limits.body_bytes, settings.body_timeout)
+        raise unavailable("shutting down; retry on another instance", RETRY_SHUTDOWN, close=True)
+    body = await read_json(request, settings.limits.max_body_bytes, settings.body_timeout)
     prompt, params = parse_generate(body, settings.limits)
     capacity = settings.model.max_batch + settings.max_queue
     if runtime.in_flight >= capacity:
-        raise ApiError(503, f"at capacity: {capacity} requests running or waiting; retry shortly", {"Retry-After": "1"})
+        raise unavailable(f"at capacity: {capacity} requests running or waiting; retry shortly", RETRY_BUSY)
     runtime.in_flight += 1
     try:
         result = await run_generation(request, prompt, params)
@@ -352,68 +591,6 @@ async def generate(request: Request) -> JSONResponse:
             "finish_reason": result.finish_reason,
         }
     )
-
-
-async def docs(request: Request) -> JSONResponse:
-    return JSONResponse(openapi(request.app.state.settings))
-
-
-async def run_generation(request: Request, prompt: str, params: engine.SamplingParams) -> engine.Result:
-    """Run one generation in a worker thread under the capacity limiter, and watch three things
-    meanwhile: the client leaving, the wait for a place running past QUEUE_TIMEOUT, and the task
-    being cancelled (uvicorn's shutdown backstop). Each frees the sequence's place at the next step."""
-    settings: Settings = request.app.state.settings
-    cancel, started = threading.Event(), threading.Event()
-    deadline = time.monotonic() + settings.request_timeout
-    outcome: list[engine.Result | Exception] = []
-
-    def blocking() -> engine.Result:
-        started.set()  # we hold a place now: the queue timeout no longer applies
-        return engine.get_engine(settings.model).generate(prompt, params, cancel, deadline)
-
-    async def work() -> None:
-        try:
-            outcome.append(await anyio.to_thread.run_sync(blocking, limiter=request.app.state.runtime.limiter))
-        except Exception as exc:
-            outcome.append(exc)
-        group.cancel_scope.cancel()
-
-    async def queue_timeout() -> None:
-        await anyio.sleep(settings.queue_timeout)
-        if not started.is_set():
-            detail = f"no place in the batch within QUEUE_TIMEOUT={settings.queue_timeout} s; retry shortly"
-            outcome.append(ApiError(503, detail, {"Retry-After": "1"}))
-            group.cancel_scope.cancel()
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(work)
-        group.start_soon(queue_timeout)
-        try:
-            await _disconnected(request)
-        finally:
-            cancel.set()  # the engine drops the sequence at its next step (no-op once it is done)
-            group.cancel_scope.cancel()
-    if not outcome:
-        return engine.Result("", 0, "cancelled")
-    if isinstance(outcome[0], Exception):
-        raise _as_api_error(outcome[0])
-    return outcome[0]
-
-
-async def _disconnected(request: Request) -> None:
-    """Return once the client has gone away (the body has been read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _as_api_error(exc: Exception) -> Exception:
-    if isinstance(exc, engine.EngineUnavailable):
-        return ApiError(503, f"model unavailable: {exc}", {"Retry-After": str(exc.retry_after)})
-    if isinstance(exc, engine.PromptTooLong):
-        return ApiError(422, str(exc))
-    if isinstance(exc, engine.EngineStopped):
-        return ApiError(503, f"{exc}; retry shortly", {"Retry-After": "5"})
-    return exc  # anything else is a bug or an engine failure: RequestLog logs it and answers 500
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,116 +651,53 @@ class JsonFormatter(logging.Formatter):
 
 
 # ---------------------------------------------------------------------------------------------
-# The OpenAPI document, written by hand from the same limits the validation uses
+# Connections: uvicorn's HTTP/1.1 protocol with the two guards it lacks
 
 
-def openapi(settings: Settings) -> dict[str, Any]:
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": SERVICE, "version": "1.0.0", "description": "Text generation with a causal language model."},
-        "components": {
-            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
-            "schemas": {"GenerateRequest": _request_schema(settings.limits), **_SCHEMAS},
-        },
-        "paths": {
-            "/health": {"get": _operation("Liveness: 200 while the process runs, with model status", "Health", {})},
-            "/ready": {"get": _operation("Readiness: 200 once the model is loaded", "object", READY_ERRORS)},
-            "/docs": {"get": _operation("This OpenAPI document", "object", {})},
-            "/generate": {"post": _generate_operation(settings)},
-        },
-    }
+def guarded_protocol(head_timeout: float, max_connections: int) -> type[H11Protocol]:
+    """uvicorn sets no timer on a request head that never completes (a connection that sends
+    nothing, or one byte at a time, is held forever), and bounds connections only by file
+    descriptors. This subclass closes a connection whose request head has not arrived within
+    `head_timeout` seconds of it opening or of the previous answer, and answers a connection past
+    `max_connections` with a JSON 503 at once, then closes it. Slow senders and idle sockets
+    therefore cost a bounded number of descriptors, and /health keeps answering."""
+    busy = json.dumps({"detail": f"too many open connections (MAX_CONNECTIONS={max_connections})"}).encode()
+    refusal = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        b"retry-after: %d\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+    ) % (RETRY_BUSY, len(busy), busy)
 
+    class GuardedH11Protocol(H11Protocol):
+        head_timer: asyncio.TimerHandle | None = None
 
-def _request_schema(limits: Limits) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": ["prompt"],
-        "additionalProperties": False,
-        "properties": {
-            "prompt": {"type": "string", "minLength": 1, "description": "Text to continue."},
-            "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens,
-                               "default": limits.default_new_tokens},
-            "temperature": {"type": "number", "minimum": 0, "maximum": limits.temperature, "default": 0,
-                            "description": f"0 means greedy decoding; otherwise at least {limits.min_temperature}."},
-            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
-            "top_k": {"type": "integer", "minimum": 0, "maximum": limits.top_k, "default": 0,
-                      "description": "0 means no top-k filter."},
-            "seed": {"type": "integer", "minimum": 0, "maximum": limits.seed,
-                     "description": "Same seed and request, same text."},
-            "stop": {"oneOf": [
-                {"type": "string", "minLength": 1, "maxLength": limits.stop_length},
-                {"type": "array", "maxItems": limits.stop_count,
-                 "items": {"type": "string", "minLength": 1, "maxLength": limits.stop_length}},
-            ], "description": "Generation ends at the first stop string, which is cut from the output."},
-            "ignore_eos": {"type": "boolean", "default": False,
-                           "description": "Generate exactly max_new_tokens, ignoring end of sequence."},
-        },
-        "x-max-body-bytes": limits.body_bytes,
-    }  # fmt: skip
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.write(refusal)
+                transport.close()
+                return
+            self.arm_head_timer()
 
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self.arm_head_timer()  # the next request's head is due in time too
 
-_SCHEMAS: dict[str, Any] = {
-    "Health": {
-        "type": "object",
-        "required": ["status", "service"],
-        "properties": {
-            "status": {"const": "ok"}, "service": {"const": SERVICE},
-            "model": {"type": "string"}, "model_loaded": {"type": "boolean"},
-            "active_sequences": {"type": "integer", "description": "Sequences in the running batch."},
-        },
-    },
-    "GenerateResponse": {
-        "type": "object",
-        "required": ["generated_text", "generated_tokens", "finish_reason"],
-        "properties": {
-            "generated_text": {"type": "string", "description": "The prompt followed by its continuation."},
-            "generated_tokens": {"type": "integer", "description": "Tokens the model generated."},
-            "finish_reason": {"enum": list(engine.FINISH_REASONS)},
-        },
-    },
-    "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}},
-}  # fmt: skip
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
 
-GENERATE_ERRORS = {
-    400: "Body is not valid JSON.",
-    401: "Missing, doubled or invalid x-api-key header.",
-    408: "The body did not arrive within BODY_TIMEOUT seconds.",
-    413: "Body larger than the limit.",
-    415: "Content-Type is not application/json.",
-    422: "A field is missing, unknown, of the wrong type or out of range; or the prompt does not fit.",
-    503: (
-        "The model could not be loaded, the server is at capacity (MAX_BATCH_SIZE running plus MAX_QUEUE "
-        "waiting), no place freed up within QUEUE_TIMEOUT, or the server is shutting down. "
-        "Retry-After says when to try again."
-    ),
-}
-READY_ERRORS = {503: "The model is not loaded yet, or the server is shutting down."}
+        def arm_head_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(head_timeout, self.head_timed_out)
 
+        def head_timed_out(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # still no complete request head
 
-def _operation(summary: str, schema: str, errors: dict[int, str]) -> dict[str, Any]:
-    ref = {"type": "object"} if schema == "object" else {"$ref": f"#/components/schemas/{schema}"}
-    responses: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": {"schema": ref}}}}
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    responses.update({str(code): {"description": text, "content": error} for code, text in errors.items()})
-    return {"summary": summary, "responses": responses}
-
-
-def _generate_operation(settings: Settings) -> dict[str, Any]:
-    operation = _operation("Continue a prompt", "GenerateResponse", GENERATE_ERRORS)
-    operation["description"] = (
-        f"Up to MAX_BATCH_SIZE={settings.model.max_batch} requests generate together and "
-        f"MAX_QUEUE={settings.max_queue} more may wait; past that, 503 at once. A request waits at most "
-        f"QUEUE_TIMEOUT={settings.queue_timeout} s for a place (then 503), and generation ends with "
-        f'finish_reason "timeout" and the text so far REQUEST_TIMEOUT={settings.request_timeout} s after '
-        "the request arrived."
-    )
-    operation["x-timeouts"] = {"queue_seconds": settings.queue_timeout, "request_seconds": settings.request_timeout}
-    operation["security"] = [{"apiKey": []}]
-    operation["requestBody"] = {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
-    }
-    return operation
+    return GuardedH11Protocol
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,10 +710,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.runtime = Runtime(anyio.CapacityLimiter(settings.model.max_batch))
+        engine.ENGINE.configure(settings.model)
         if settings.load_on_start:  # a plain thread: start-up is not held up, /health answers at once
-            threading.Thread(target=_preload, args=(settings.model,), name="preload", daemon=True).start()
+            threading.Thread(target=_preload, name="preload", daemon=True).start()
         yield
-        await anyio.to_thread.run_sync(engine.reset_engine)
+        await anyio.to_thread.run_sync(engine.ENGINE.close)
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -611,14 +726,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.settings = settings
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    if settings.allowed_hosts:  # a browser tricked by DNS rebinding sends a foreign Host: refuse it
+        hosts = [host.strip() for host in settings.allowed_hosts.split(",") if host.strip()]
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     app.add_middleware(RequestLog)  # outermost, so 401s are logged too
     return app
 
 
-def _preload(config: engine.ModelConfig) -> None:
+def _preload() -> None:
     # A failure is logged by the engine; /ready stays 503 and a later request tries again.
     with contextlib.suppress(engine.EngineUnavailable):
-        engine.get_engine(config)
+        engine.ENGINE.get()
 
 
 class DrainingServer(uvicorn.Server):
@@ -646,7 +764,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def _expire_generations() -> None:
-    running = engine.loaded_engine()
+    running = engine.ENGINE.loaded
     if running is not None:
         log.warning("drain timeout reached: ending generations in flight with what they have")
         running.expire()
@@ -657,11 +775,14 @@ def main() -> None:
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     settings = Settings.from_env()
+    threads = engine.use_threads(settings.model.threads)
+    log.info("starting", extra={"fields": {"model": settings.model.name, "threads": threads}})
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=guarded_protocol(settings.head_timeout, settings.max_connections),
         log_config=None,  # keep our JSON logging
         access_log=False,  # RequestLog writes one line per request instead
         timeout_graceful_shutdown=settings.drain_timeout + DRAIN_BACKSTOP_SECONDS,

@@ -113,7 +113,7 @@ def test_oversized_chunked_body_is_refused_while_reading(server: Server) -> None
         head = f"POST /generate HTTP/1.1\r\nhost: x\r\nx-api-key: {KEY}\r\ncontent-type: application/json\r\n"
         sock.sendall((head + "transfer-encoding: chunked\r\n\r\n").encode())
         chunk = b"x" * 8192
-        for _ in range(Limits().body_bytes // len(chunk) + 2):
+        for _ in range(Limits().max_body_bytes // len(chunk) + 2):
             sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         reply = b""  # the final zero-length chunk is never sent
         while not reply.endswith(b"}"):
@@ -194,7 +194,7 @@ def test_every_documented_error_status_is_produced(server: Server, broken_server
         400: post(server, None, content=b"{", json_type=True).status_code,
         401: httpx.post(server.url + "/generate", json={"prompt": "a"}).status_code,
         408: slow_body_status(server)[0],
-        413: post(server, None, content=b" " * (Limits().body_bytes + 1), json_type=True).status_code,
+        413: post(server, None, content=b" " * (Limits().max_body_bytes + 1), json_type=True).status_code,
         415: httpx.post(
             server.url + "/generate", content=b"{}", headers={**AUTH, "content-type": "text/csv"}
         ).status_code,

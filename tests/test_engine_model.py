@@ -63,22 +63,22 @@ def reference_tokens(model_dir: Path, prompt: str, n: int) -> list[int]:
 
 def greedy_ids(eng: Engine, prompt: str, n: int) -> list[int]:
     text = eng.generate(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True)).text
-    return list(eng.model.tokenizer.encode(text))
+    return list(eng.loaded.tokenizer.encode(text))
 
 
 def test_greedy_matches_transformers(eng: Engine, model_dir: Path) -> None:
-    """Our lean decoder (fused weights, own KV cache) gives transformers' tokens exactly."""
+    """Our lean Model (fused weights, own KV cache) gives transformers' tokens exactly."""
     for prompt in PROMPTS[:3]:
         expected = reference_tokens(model_dir, prompt, 16)
         result = eng.generate(prompt, SamplingParams(max_new_tokens=16, ignore_eos=True))
-        assert result.text == eng.model.tokenizer.decode(expected, skip_special_tokens=True)
+        assert result.text == eng.loaded.tokenizer.decode(expected, skip_special_tokens=True)
 
 
 def test_long_prompt_grows_the_cache_correctly(eng: Engine, model_dir: Path) -> None:
     prompt = "word " * (engine.CACHE_CHUNK + 40)  # past the first cache chunk
     expected = reference_tokens(model_dir, prompt, 8)
     result = eng.generate(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))
-    assert result.text == eng.model.tokenizer.decode(expected, skip_special_tokens=True)
+    assert result.text == eng.loaded.tokenizer.decode(expected, skip_special_tokens=True)
 
 
 def run_staggered(eng: Engine, jobs: list[tuple[str, SamplingParams]], gap: float) -> list[engine.Result]:
@@ -128,7 +128,7 @@ def test_stop_string_is_cut_from_real_text(eng: Engine) -> None:
 def test_engine_empties_and_releases_cache(eng: Engine) -> None:
     eng.generate("word " * 300, SamplingParams(max_new_tokens=4))
     assert eng.active == 0
-    assert eng.model.decoder.cache.capacity == engine.CACHE_CHUNK
+    assert eng.model.cache.capacity == engine.CACHE_CHUNK
 
 
 def test_resolve_dtype_auto_is_measured() -> None:

@@ -1,6 +1,6 @@
 """Unit: the batching engine with a fake model (no weights, milliseconds).
 
-The fake decoder keeps each cache row's token history itself and predicts the next token from
+The fake model keeps each cache row's token history itself and predicts the next token from
 that history, not from its input, so a row mix-up in the engine's bookkeeping changes the text.
 """
 
@@ -35,7 +35,7 @@ class FakeTokenizer:
         return "".join(chr(i) for i in ids if i != EOS)
 
 
-class FakeDecoder:
+class FakeModel:
     """Next token = last token of the row's own history + 1 (mod VOCAB)."""
 
     max_context = 64
@@ -44,7 +44,7 @@ class FakeDecoder:
         self.rows: dict[int, list[int]] = {}
         self.step_delay = step_delay
         self.batch_sizes: list[int] = []
-        self.fail_next_decode = False
+        self.fail_next_step = False
         self.fail_move = False
 
     def _logits(self, history: list[int]) -> torch.Tensor:
@@ -56,9 +56,9 @@ class FakeDecoder:
         self.rows[row] = list(tokens)
         return self._logits(self.rows[row])
 
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        if self.fail_next_decode:
-            self.fail_next_decode = False
+    def step(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        if self.fail_next_step:
+            self.fail_next_step = False
             raise RuntimeError("device fell over")
         time.sleep(self.step_delay)
         self.batch_sizes.append(len(tokens))
@@ -77,7 +77,7 @@ class FakeDecoder:
 
 
 def make_engine(max_batch: int = 4, step_delay: float = 0.0, tokenizer: FakeTokenizer | None = None) -> Engine:
-    model = LoadedModel(tokenizer or FakeTokenizer(), FakeDecoder(step_delay), frozenset([EOS]), 64, torch.float32)
+    model = LoadedModel(tokenizer or FakeTokenizer(), FakeModel(step_delay), frozenset([EOS]), 64, torch.float32)
     return Engine(model, max_batch)  # type: ignore[arg-type]
 
 
@@ -142,7 +142,7 @@ def test_concurrent_requests_share_steps_and_keep_their_rows() -> None:
     for n, (prompt, result) in enumerate(zip(prompts, results, strict=True), 3):
         expected = "".join(chr(ord(prompt) + i) for i in range(1, n + 1))
         assert result == engine.Result(expected, n, "length")
-    assert max(eng.model.decoder.batch_sizes) > 1  # type: ignore[attr-defined]
+    assert max(eng.model.batch_sizes) > 1  # type: ignore[attr-defined]
     eng.close()
 
 
@@ -163,7 +163,7 @@ def test_more_requests_than_rows_wait_and_all_finish() -> None:
     eng = make_engine(max_batch=2)
     results = in_threads([lambda: eng.generate("a", SamplingParams(max_new_tokens=5)) for _ in range(7)])
     assert all(r == engine.Result("bcdef", 5, "length") for r in results)
-    assert max(eng.model.decoder.batch_sizes) <= 2  # type: ignore[attr-defined]
+    assert max(eng.model.batch_sizes) <= 2  # type: ignore[attr-defined]
     eng.close()
 
 
@@ -201,7 +201,7 @@ def test_a_sequence_that_fails_fails_alone() -> None:
 
 
 def test_a_failed_step_fails_the_batch_and_the_engine_goes_on(eng: Engine) -> None:
-    eng.model.decoder.fail_next_decode = True  # type: ignore[attr-defined]
+    eng.model.fail_next_step = True  # type: ignore[attr-defined]
     with pytest.raises(GenerationFailed, match="device fell over"):
         eng.generate("a", SamplingParams(max_new_tokens=5))
     assert eng.generate("a", SamplingParams(max_new_tokens=2)).text == "bc"
@@ -244,17 +244,23 @@ class Counter:
     def __init__(self, fail_first: int = 0):
         self.calls, self.fail_first = 0, fail_first
 
-    def __call__(self) -> Engine:
+    def __call__(self, config: engine.ModelConfig) -> Engine:
         self.calls += 1
         time.sleep(0.1)  # a slow load, so concurrent callers really overlap
         if self.calls <= self.fail_first:
-            raise engine.EngineUnavailable("no weights here")
+            raise engine.EngineUnavailable("no weights here", config.retry_seconds)
         return make_engine()
+
+
+def lazy_engine(factory: Counter, retry_seconds: int = 30) -> engine.LazyEngine:
+    lazy = engine.LazyEngine(factory)
+    lazy.configure(engine.ModelConfig(name="fake", retry_seconds=retry_seconds))
+    return lazy
 
 
 def test_lazy_engine_loads_once_for_concurrent_first_calls() -> None:
     factory = Counter()
-    lazy = engine.LazyEngine(factory)
+    lazy = lazy_engine(factory)
     engines = in_threads([lazy.get] * 8)
     assert factory.calls == 1
     assert all(e is engines[0] for e in engines)
@@ -263,7 +269,7 @@ def test_lazy_engine_loads_once_for_concurrent_first_calls() -> None:
 
 def test_lazy_engine_shares_a_failure_then_tries_again_later() -> None:
     factory = Counter(fail_first=1)
-    lazy = engine.LazyEngine(factory, retry_after=0.5)
+    lazy = lazy_engine(factory, retry_seconds=1)
     results = in_threads([lazy.get] * 5)
     assert factory.calls == 1  # those who waited got the same error, no stampede of retries
     assert all(isinstance(r, engine.EngineUnavailable) for r in results)
@@ -271,7 +277,7 @@ def test_lazy_engine_shares_a_failure_then_tries_again_later() -> None:
         lazy.get()  # still inside the retry window: answered at once
     assert caught.value.retry_after == 1
     assert factory.calls == 1
-    time.sleep(0.5)
+    time.sleep(1)
     assert lazy.get() is not None  # a later request tries again and succeeds
     assert factory.calls == 2
     lazy.get().close()
@@ -312,7 +318,7 @@ def test_continuation_keeps_its_leading_space() -> None:
 
 def test_a_dead_engine_thread_fails_requests_instead_of_hanging() -> None:
     eng = make_engine(step_delay=0.002)
-    eng.model.decoder.fail_move = True  # type: ignore[attr-defined]
+    eng.model.fail_move = True  # type: ignore[attr-defined]
     calls = [lambda n=n: eng.generate("a", SamplingParams(max_new_tokens=n)) for n in (2, 20, 20)]
     results = in_threads(calls)  # when the short one finishes first, moving a row into its place fails
     assert all(isinstance(r, engine.Result | engine.EngineStopped) for r in results)  # nobody hangs
@@ -324,10 +330,22 @@ def test_a_dead_engine_thread_fails_requests_instead_of_hanging() -> None:
 
 def test_lazy_engine_reloads_after_its_engine_stopped() -> None:
     factory = Counter()
-    lazy = engine.LazyEngine(factory)
+    lazy = lazy_engine(factory)
     first = lazy.get()
     first.close()
     second = lazy.get()
     assert second is not first
     assert factory.calls == 2
     second.close()
+
+
+def test_lazy_engine_is_configured_once() -> None:
+    lazy = engine.LazyEngine(Counter())
+    with pytest.raises(RuntimeError, match="not configured"):
+        lazy.get()
+    lazy.configure(engine.ModelConfig(name="a"))
+    lazy.configure(engine.ModelConfig(name="a"))  # the same configuration again is harmless
+    with pytest.raises(RuntimeError, match="already configured"):
+        lazy.configure(engine.ModelConfig(name="b"))  # a second, different one is a bug, not a reload
+    lazy.close()
+    lazy.configure(engine.ModelConfig(name="b"))  # after close(), a new configuration is fine

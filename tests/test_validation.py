@@ -34,7 +34,11 @@ BAD_BODIES = [
     ({"prompt": "hi", "max_new_tokens": 201}, 422, ["from 1 to 200, got 201"]),
     ({"prompt": "hi", "max_new_tokens": -1}, 422, ["got -1"]),
     ({"prompt": "hi", "max_new_tokens": 2.5}, 422, ["got 2.5"]),
-    ({"prompt": "hi", "max_new_tokens": 2.0}, 422, ["got 2.0"]),
+    ({"prompt": "hi", "max_new_tokens": 2.000001}, 422, ["got 2.000001"]),
+    ({"prompt": "hi", "max_new_tokens": 1e300}, 422, ["from 1 to 200, got 1e+300"]),
+    ({"prompt": "hi", "temperature": 10**400}, 422, ["temperature must be a number", "got 1000000"]),
+    ({"prompt": "hi", "top_p": -(10**400)}, 422, ["top_p must be a number", "got -1000000"]),
+    ({"prompt": "hi", "top_k": 10**400}, 422, ["top_k must be an integer", "got 1000000"]),
     ({"prompt": "hi", "max_new_tokens": True}, 422, ["got true"]),
     ({"prompt": "hi", "max_new_tokens": "abc"}, 422, ['got "abc"']),
     ({"prompt": "hi", "max_new_tokens": 10**30}, 422, ["max_new_tokens"]),
@@ -101,10 +105,10 @@ def test_content_type_with_charset_is_accepted(client: TestClient) -> None:
 
 
 def test_declared_oversized_body_is_refused_at_once(client: TestClient) -> None:
-    body = json.dumps({"prompt": "x" * (LIMITS.body_bytes + 1)})
+    body = json.dumps({"prompt": "x" * (LIMITS.max_body_bytes + 1)})
     response = client.post("/generate", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 413
-    assert str(LIMITS.body_bytes) in response.json()["detail"]
+    assert str(LIMITS.max_body_bytes) in response.json()["detail"]
 
 
 def test_unknown_route_and_method_are_json(client: TestClient) -> None:
@@ -130,6 +134,26 @@ def test_defaults_and_full_request() -> None:
     assert set(body) == set(FIELDS)
     _, params = parse_generate(body, LIMITS)
     assert params == engine.SamplingParams(200, 0.7, 0.9, 40, 7, ("\n", "END"), True)
+
+
+def test_integral_floats_are_integers_as_in_json_schema() -> None:
+    _, params = parse_generate({"prompt": "p", "max_new_tokens": 199.0, "top_k": 214.0, "seed": 7.0}, LIMITS)
+    assert (params.max_new_tokens, params.top_k, params.seed) == (199, 214, 7)
+    assert all(type(v) is int for v in (params.max_new_tokens, params.top_k, params.seed))
+
+
+@pytest.mark.parametrize("raw", [b'{"prompt": "a", "\\ud800": 1}', b'{"prompt": "a", "\xed\xa0\x80": 1}'])
+def test_unknown_field_named_with_a_lone_surrogate_is_a_422(client: TestClient, raw: bytes) -> None:
+    response = client.post("/generate", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code in (400, 422)  # raw surrogate bytes are not UTF-8: 400; the escape: 422
+    assert response.json()["detail"]
+
+
+def test_a_lone_surrogate_in_a_field_name_is_shown_escaped(client: TestClient) -> None:
+    response = client.post("/generate", content=b'{"prompt": "a", "x\\ud800": 1}',
+                           headers={"content-type": "application/json"})  # fmt: skip
+    assert response.status_code == 422
+    assert "unknown field(s): x\\ud800" in response.json()["detail"]
 
 
 def test_null_means_default_and_a_single_stop_string_is_a_list() -> None:
@@ -173,16 +197,16 @@ def test_tiny_temperature_is_422_not_a_sampling_overflow(client: TestClient, val
 
 
 def test_engine_errors_map_to_statuses() -> None:
-    from server import _as_api_error
+    from server import from_engine_error
 
-    stopped = _as_api_error(engine.EngineStopped("the engine stopped"))
+    stopped = from_engine_error(engine.EngineStopped("the engine stopped"))
     assert isinstance(stopped, ApiError)
     assert (stopped.status, stopped.headers["Retry-After"]) == (503, "5")
-    unavailable = _as_api_error(engine.EngineUnavailable("no weights", retry_after=7))
+    unavailable = from_engine_error(engine.EngineUnavailable("no weights", retry_after=7))
     assert isinstance(unavailable, ApiError)
     assert (unavailable.status, unavailable.headers["Retry-After"]) == (503, "7")
     bug = RuntimeError("bug")
-    assert _as_api_error(bug) is bug  # left to RequestLog's 500
+    assert from_engine_error(bug) is bug  # left to RequestLog's 500
 
 
 def test_unexpected_error_is_one_json_500_with_request_id(caplog: pytest.LogCaptureFixture) -> None:
