@@ -10,16 +10,24 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import httpx
 import pytest
+import uvicorn
 import websocket
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
-from tests.conftest import KEY, Server, run_server
+import server as service
+from tests.conftest import KEY, Server, free_port, run_server
 
 pytestmark = pytest.mark.e2e
 
@@ -192,8 +200,14 @@ def test_every_form_control_has_a_label(server: Server, browser: Browser) -> Non
     assert browser.evaluate("[...document.querySelectorAll('input, textarea')].every(e => e.tabIndex === 0)")
 
 
-def test_the_form_generates_and_shows_the_answer(server: Server, browser: Browser) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_the_form_generates_and_shows_the_answer(server: Server, browser: Browser, stream: bool) -> None:
     browser.open(server.url + "/docs")
+    has_stream = browser.evaluate("document.getElementById('field-stream') !== null")
+    if stream and not has_stream:
+        pytest.skip("this server's GenerateRequest has no stream field yet")
+    if has_stream and browser.evaluate("document.getElementById('field-stream').checked") != stream:
+        browser.evaluate("document.getElementById('field-stream').click()")
     fill_and_send(browser, KEY, "Hello, world", max_new_tokens="6")
     browser.wait_for("document.getElementById('status').innerText.startsWith('Done')")
     expected = httpx.post(
@@ -234,6 +248,104 @@ def test_the_csp_blocks_injected_code_and_violations_are_seen(server: Server, br
     assert any(problem.startswith("CSP: script-src") for problem in browser.problems())
 
 
+class StreamingStandIn:
+    """Serves the real page, CSP and document, plus the `stream` field and a /generate that answers
+    in server-sent events the way the streaming design says, paced by the test: the page's streaming
+    path is tested here, before the server streams."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()  # set by the test: send the rest of the stream
+        self.requests: list[tuple[str | None, object]] = []
+        page, spec = service.DocsPage.load(), service.openapi(service.Settings.from_env({"API_KEY": KEY}))
+        spec["components"]["schemas"]["GenerateRequest"]["properties"]["stream"] = {"type": "boolean", "default": False}
+
+        async def docs(request: Request) -> Response:
+            return Response(page.html, media_type="text/html", headers=page.headers)
+
+        async def openapi(request: Request) -> Response:
+            return JSONResponse(spec)
+
+        async def generate(request: Request) -> Response:
+            body = await request.json()
+            self.requests.append((request.headers.get("x-api-key"), body))
+            if not body.get("stream"):
+                return JSONResponse(self.answer(body["prompt"]))
+            return StreamingResponse(self.events(body["prompt"]), media_type="text/event-stream")
+
+        routes = [Route("/docs", docs), Route("/openapi.json", openapi), Route("/generate", generate, methods=["POST"])]
+        self.app = Starlette(routes=routes)
+
+    async def events(self, prompt: str) -> AsyncIterator[str]:
+        yield ": waiting\n\n"
+        token = 'event: token\ndata: {"token_ids": [1], "text": " upon", "generated_tokens": 1}\n\n'
+        yield token[:20]  # an event split across two chunks
+        await anyio.sleep(0.05)
+        yield token[20:] + 'event: token\ndata: {"token_ids": [2], "text": " a", "generated_tokens": 2}\n\n'
+        await anyio.to_thread.run_sync(self.release.wait, 30)
+        if prompt == "fail":
+            yield 'event: error\ndata: {"detail": "the engine stopped"}\n\n'
+            return
+        yield 'event: token\ndata: {"token_ids": [3], "text": " time", "generated_tokens": 3}\n\n'
+        yield f"event: done\ndata: {json.dumps(self.answer(prompt))}\n\n"
+
+    @staticmethod
+    def answer(prompt: str) -> dict[str, object]:
+        return {"generated_text": prompt + " upon a time", "generated_tokens": 3, "finish_reason": "length"}
+
+
+@pytest.fixture
+def stand_in() -> Iterator[tuple[str, StreamingStandIn]]:
+    app, port = StreamingStandIn(), free_port()
+    runner = uvicorn.Server(uvicorn.Config(app.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    while not runner.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        app.release.set()
+        runner.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_streamed_answer_shows_as_it_arrives(stand_in: tuple[str, StreamingStandIn], browser: Browser) -> None:
+    url, app = stand_in
+    browser.open(url + "/docs")
+    assert browser.evaluate("document.getElementById('field-stream').checked") is True  # on by default
+    fill_and_send(browser, KEY, "Once")
+    browser.wait_for("document.getElementById('answer').innerText === 'Once upon a'")  # before the end
+    assert text_of(browser, "status") == "Generating… 2 tokens so far."
+    app.release.set()
+    browser.wait_for("document.getElementById('status').innerText.startsWith('Done')")
+    assert text_of(browser, "answer") == "Once upon a time"
+    assert text_of(browser, "status") == 'Done: 3 tokens, finish_reason "length".'
+    assert app.requests == [(KEY, {"prompt": "Once", "stream": True})]
+    assert browser.problems() == []
+
+
+def test_an_error_event_shows_its_detail(stand_in: tuple[str, StreamingStandIn], browser: Browser) -> None:
+    url, app = stand_in
+    browser.open(url + "/docs")
+    fill_and_send(browser, KEY, "fail")
+    browser.wait_for("document.getElementById('answer').innerText === 'fail upon a'")
+    app.release.set()
+    browser.wait_for("!document.getElementById('error').hidden")
+    assert text_of(browser, "error") == "Error: the engine stopped"
+    assert text_of(browser, "answer") == "fail upon a"  # what arrived stays readable
+    assert browser.problems() == []
+
+
+def test_unticking_stream_asks_for_one_json_answer(stand_in: tuple[str, StreamingStandIn], browser: Browser) -> None:
+    url, app = stand_in
+    browser.open(url + "/docs")
+    browser.evaluate("document.getElementById('field-stream').click()")
+    fill_and_send(browser, KEY, "Once")
+    browser.wait_for("document.getElementById('status').innerText.startsWith('Done')")
+    assert text_of(browser, "answer") == "Once upon a time"
+    assert app.requests == [(KEY, {"prompt": "Once"})]  # stream left at its default, false
+
+
 @pytest.mark.skipif(not os.environ.get("DOCS_SCREENSHOT"), reason="set DOCS_SCREENSHOT=path to refresh the image")
 def test_screenshot_for_the_readme(smollm2_dir: Path, tmp_path: Path) -> None:
     """`make screenshot`: the page answering with the offline SmolLM2, saved for the README."""
@@ -243,7 +355,9 @@ def test_screenshot_for_the_readme(smollm2_dir: Path, tmp_path: Path) -> None:
             browser.open(real.url + "/docs")
             fill_and_send(browser, KEY, "The capital of France is", max_new_tokens="8")
             browser.wait_for("document.getElementById('status').innerText.startsWith('Done')")
-            browser.evaluate("document.getElementById('try-title').scrollIntoView()")
+            size = {"width": 1000, "height": 1040, "deviceScaleFactor": 1, "mobile": False}
+            browser.call("Emulation.setDeviceMetricsOverride", **size)
+            browser.evaluate("document.activeElement.blur(); document.getElementById('try-title').scrollIntoView()")
             browser.screenshot(Path(os.environ["DOCS_SCREENSHOT"]))
     finally:
         browser.close()
