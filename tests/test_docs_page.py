@@ -161,6 +161,14 @@ def text_of(browser: Browser, element_id: str) -> str:
     return str(browser.evaluate(f"document.getElementById({element_id!r}).innerText"))
 
 
+def wait_until_done(browser: Browser) -> None:
+    """Until the page shows an answer or an error; an error fails with the page's own words."""
+    browser.wait_for(
+        "document.getElementById('status').innerText.startsWith('Done') || !document.getElementById('error').hidden"
+    )
+    assert browser.evaluate("document.getElementById('error').hidden"), text_of(browser, "error")
+
+
 def fill_and_send(browser: Browser, key: str, prompt: str, **fields: str) -> None:
     browser.type_into("key", key)
     browser.type_into("prompt", prompt)
@@ -195,9 +203,12 @@ def test_page_shows_every_route_field_status_and_setting(server: Server, browser
 
 def test_every_form_control_has_a_label(server: Server, browser: Browser) -> None:
     browser.open(server.url + "/docs")
-    unlabelled = browser.evaluate("[...document.querySelectorAll('input, textarea')].filter(e => !e.labels.length)")
+    fields = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
+    controls = "[...document.querySelectorAll('input, textarea')]"
+    assert browser.evaluate(f"{controls}.length") == 1 + len(fields)  # the key, and one per field
+    unlabelled = browser.evaluate(f"{controls}.filter(e => !e.labels.length).map(e => e.id)")
     assert unlabelled == []
-    assert browser.evaluate("[...document.querySelectorAll('input, textarea')].every(e => e.tabIndex === 0)")
+    assert browser.evaluate(f"{controls}.every(e => e.tabIndex === 0)")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -209,7 +220,7 @@ def test_the_form_generates_and_shows_the_answer(server: Server, browser: Browse
     if has_stream and browser.evaluate("document.getElementById('field-stream').checked") != stream:
         browser.evaluate("document.getElementById('field-stream').click()")
     fill_and_send(browser, KEY, "Hello, world", max_new_tokens="6")
-    browser.wait_for("document.getElementById('status').innerText.startsWith('Done')")
+    wait_until_done(browser)
     expected = httpx.post(
         server.url + "/generate", json={"prompt": "Hello, world", "max_new_tokens": 6}, headers={"x-api-key": KEY}
     ).json()
@@ -235,6 +246,16 @@ def test_a_value_out_of_range_shows_the_422_detail(server: Server, browser: Brow
     fill_and_send(browser, KEY, "Hello", max_new_tokens="9999", stop='["\\n", "."]')
     browser.wait_for("!document.getElementById('error').hidden")
     assert text_of(browser, "error") == "Error 422: max_new_tokens must be an integer from 1 to 200, got 9999"
+
+
+def test_a_missing_key_and_the_largest_seed(server: Server, browser: Browser) -> None:
+    browser.open(server.url + "/docs")
+    fill_and_send(browser, "", "Hello")
+    browser.wait_for("!document.getElementById('error').hidden")
+    assert text_of(browser, "error") == "Error 401: missing x-api-key header"
+    # 2^63-1 is beyond JavaScript's exact integers: rounded, it would be 2^63 and refused with a 422.
+    fill_and_send(browser, KEY, "Hello", max_new_tokens="2", seed=str(2**63 - 1), temperature="1")
+    wait_until_done(browser)
 
 
 def test_the_csp_blocks_injected_code_and_violations_are_seen(server: Server, browser: Browser) -> None:
@@ -317,7 +338,7 @@ def test_a_streamed_answer_shows_as_it_arrives(stand_in: tuple[str, StreamingSta
     browser.wait_for("document.getElementById('answer').innerText === 'Once upon a'")  # before the end
     assert text_of(browser, "status") == "Generating… 2 tokens so far."
     app.release.set()
-    browser.wait_for("document.getElementById('status').innerText.startsWith('Done')")
+    wait_until_done(browser)
     assert text_of(browser, "answer") == "Once upon a time"
     assert text_of(browser, "status") == 'Done: 3 tokens, finish_reason "length".'
     assert app.requests == [(KEY, {"prompt": "Once", "stream": True})]
@@ -341,7 +362,7 @@ def test_unticking_stream_asks_for_one_json_answer(stand_in: tuple[str, Streamin
     browser.open(url + "/docs")
     browser.evaluate("document.getElementById('field-stream').click()")
     fill_and_send(browser, KEY, "Once")
-    browser.wait_for("document.getElementById('status').innerText.startsWith('Done')")
+    wait_until_done(browser)
     assert text_of(browser, "answer") == "Once upon a time"
     assert app.requests == [(KEY, {"prompt": "Once"})]  # stream left at its default, false
 
@@ -354,7 +375,7 @@ def test_screenshot_for_the_readme(smollm2_dir: Path, tmp_path: Path) -> None:
         with run_server(tmp_path, MODEL_NAME=str(smollm2_dir)) as real:
             browser.open(real.url + "/docs")
             fill_and_send(browser, KEY, "The capital of France is", max_new_tokens="8")
-            browser.wait_for("document.getElementById('status').innerText.startsWith('Done')")
+            wait_until_done(browser)
             size = {"width": 1000, "height": 1040, "deviceScaleFactor": 1, "mobile": False}
             browser.call("Emulation.setDeviceMetricsOverride", **size)
             browser.evaluate("document.activeElement.blur(); document.getElementById('try-title').scrollIntoView()")
