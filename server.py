@@ -1,7 +1,7 @@
 """LLM-Generator: a small REST API that serves a causal language model.
 
 Read top to bottom: settings, errors, request validation, routes, request logs, the OpenAPI
-document, the app.
+document, the docs page (docs.html, for browsers at /docs), the app.
 Requests flow one way: auth middleware (auth.py) -> route -> validation -> engine (engine.py)
 -> JSON response. Every error is JSON of one shape: {"detail": "..."}.
 
@@ -633,8 +633,13 @@ class DocsPage:
             f"default-src 'none'; script-src {_hashes(text, 'script')}; style-src {_hashes(text, 'style')}; "
             "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
         )
-        headers = {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Vary": "Accept"}
-        return cls(text.encode(), {**headers, "Referrer-Policy": "no-referrer"})
+        headers = {
+            "Content-Security-Policy": csp,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Vary": "Accept",
+        }
+        return cls(text.encode(), headers)
 
 
 def _hashes(html: str, tag: str) -> str:
