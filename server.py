@@ -26,18 +26,22 @@ Every limit, where it is enforced, and what the client gets:
   (shutting down)                generate, ready                   503, Retry-After RETRY_SHUTDOWN
 Every error is JSON of one shape, {"detail": "..."}; the errors section lists them on one screen.
 
-Reading order: settings, errors, validation, the OpenAPI document, running a generation, routes,
-request logs, the app and its shutdown. Run: API_KEY=... python server.py (README.md lists settings).
+Reading order: settings, errors, validation, the OpenAPI document, the docs page (docs.html, what
+a browser gets at /docs), running a generation, routes, request logs, connections, the app and its
+shutdown. Run: API_KEY=... python server.py (README.md lists settings).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -46,6 +50,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -375,7 +380,8 @@ def openapi(settings: Settings) -> dict[str, Any]:
         "paths": {
             "/health": {"get": _operation("Liveness: 200 while the process runs, with model status", "Health", {})},
             "/ready": {"get": _operation("Readiness: 200 once the model is loaded", "object", READY_ERRORS)},
-            "/docs": {"get": _operation("This OpenAPI document", "object", {})},
+            "/docs": {"get": _docs_operation()},
+            "/openapi.json": {"get": _operation("This OpenAPI document, whatever the Accept header", "object", {})},
             "/generate": {"post": _generate_operation(settings)},
         },
     }
@@ -452,12 +458,75 @@ def _generate_operation(settings: Settings) -> dict[str, Any]:
         "the request arrived."
     )
     operation["x-timeouts"] = {"queue_seconds": settings.queue_timeout, "request_seconds": settings.request_timeout}
+    operation["x-settings"] = {  # the values in force, for readers of the docs page
+        "MAX_BATCH_SIZE": settings.model.max_batch, "MAX_QUEUE": settings.max_queue,
+        "QUEUE_TIMEOUT": settings.queue_timeout, "REQUEST_TIMEOUT": settings.request_timeout,
+        "BODY_TIMEOUT": settings.body_timeout, "MAX_BODY_BYTES": settings.limits.max_body_bytes,
+        "MAX_NEW_TOKENS_LIMIT": settings.limits.max_new_tokens, "MAX_CONTEXT_TOKENS": settings.model.max_context,
+    }  # fmt: skip
     operation["security"] = [{"apiKey": []}]
     operation["requestBody"] = {
         "required": True,
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
     }
     return operation
+
+
+def _docs_operation() -> dict[str, Any]:
+    operation = _operation("This document as JSON; a browser (Accept: text/html) gets a page of it", "object", {})
+    operation["responses"]["200"]["content"]["text/html"] = {"schema": {"type": "string"}}
+    return operation
+
+
+# ---------------------------------------------------------------------------------------------
+# The docs page: what a browser gets at /docs
+
+DOCS_PAGE = Path(__file__).with_name("docs.html")
+
+
+@dataclass(frozen=True)
+class DocsPage:
+    html: bytes
+    headers: dict[str, str]
+
+    @classmethod
+    def load(cls, path: Path = DOCS_PAGE) -> DocsPage:
+        """Read the page once. Its Content-Security-Policy allows exactly the page's own inline style
+        and script (by SHA-256) and requests to this server: a changed or injected script does not
+        run, and nothing is loaded from or sent to anywhere else."""
+        text = path.read_text(encoding="utf-8")
+        csp = (
+            f"default-src 'none'; script-src {_hashes(text, 'script')}; style-src {_hashes(text, 'style')}; "
+            "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+        headers = {
+            "Content-Security-Policy": csp,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Vary": "Accept",
+        }
+        return cls(text.encode(), headers)
+
+
+def _hashes(html: str, tag: str) -> str:
+    """The CSP sources for the page's <style> or <script> blocks: those whose tag starts a line (a tag
+    named in a comment or a string is not one)."""
+    blocks = re.findall(rf"^<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL | re.MULTILINE)
+    digests = [base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in blocks]
+    return " ".join(f"'sha256-{digest}'" for digest in digests) or "'none'"
+
+
+def prefers_html(accept: str) -> bool:
+    """True when Accept names text/html and ranks it above JSON, as browsers do. `*/*` (curl, httpx),
+    application/json, no header or a tie keep the JSON document, /docs's answer by design."""
+    weights: dict[str, float] = {}
+    for item in accept.lower().split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        q = next((param[2:] for param in params if param.startswith("q=")), "1")
+        with contextlib.suppress(ValueError):
+            weights.setdefault(media, float(q))
+    json_weight = weights.get("application/json", weights.get("application/*", weights.get("*/*", 0.0)))
+    return weights.get("text/html", 0.0) > json_weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,7 +631,16 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-async def docs(request: Request) -> JSONResponse:
+async def docs(request: Request) -> Response:
+    """The OpenAPI document, or for a browser (its Accept prefers text/html) docs.html, a page that
+    renders the same document and has a form to try /generate."""
+    if prefers_html(request.headers.get("accept", "")):
+        page: DocsPage = request.app.state.docs_page
+        return Response(page.html, media_type="text/html", headers=page.headers)
+    return JSONResponse(openapi(request.app.state.settings), headers={"Vary": "Accept"})
+
+
+async def openapi_json(request: Request) -> JSONResponse:
     return JSONResponse(openapi(request.app.state.settings))
 
 
@@ -721,10 +799,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/ready", ready, methods=["GET"]),
         Route("/generate", generate, methods=["POST"]),
         Route("/docs", docs, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
     handlers = {ApiError: on_api_error, HTTPException: on_http_error}  # other errors: RequestLog
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.settings = settings
+    app.state.docs_page = DocsPage.load()
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
     if settings.allowed_hosts:  # a browser tricked by DNS rebinding sends a foreign Host: refuse it
         hosts = [host.strip() for host in settings.allowed_hosts.split(",") if host.strip()]
