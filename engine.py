@@ -40,6 +40,7 @@ log = logging.getLogger("llm.engine")
 FINISH_REASONS = ("length", "stop", "eos", "timeout", "cancelled")
 CACHE_CHUNK = 256  # KV cache length grows (and shrinks back) in steps of this many tokens
 ROW_CHUNK = 8  # and its rows in steps of this many sequences
+PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
 DETOKENIZE_CONTEXT = 4  # prompt tokens detokenized ahead of the continuation (see `detokenize`)
 
 
@@ -322,11 +323,18 @@ class Model:
         return self.embed.device
 
     def prefill(self, row: int, tokens: list[int]) -> torch.Tensor:
-        """Run a whole prompt into cache row `row`; return the next-token logits [V]."""
-        ids = torch.tensor([tokens], device=self.device)  # [1, T]
-        positions = torch.arange(len(tokens), device=self.device)[None]  # [1, T]
-        self.cache.reserve(row + 1, len(tokens), keep=row)
-        return self._forward(ids, self._batch(positions, prefill_row=row))[0]
+        """Run a whole prompt into cache row `row`; return the next-token logits [V].
+
+        The prompt is padded to a multiple of PREFILL_BUCKET: each new input shape costs the
+        matrix libraries a kernel (and its memory) of its own. Causal attention keeps the padding
+        out of the real positions, and the next steps overwrite its cache entries before any
+        sequence attends to them."""
+        length = len(tokens)
+        padded = min(math.ceil(length / PREFILL_BUCKET) * PREFILL_BUCKET, max(self.max_context, length))
+        ids = torch.tensor([tokens + [tokens[-1]] * (padded - length)], device=self.device)  # [1, T]
+        positions = torch.arange(padded, device=self.device)[None]  # [1, T]
+        self.cache.reserve(row + 1, padded, keep=row)
+        return self._forward(ids, self._batch(positions, prefill_row=row), last=length - 1)[0]
 
     def step(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Advance rows 0..B-1 by one token each; return logits [B, V]."""
@@ -349,13 +357,13 @@ class Model:
         cos, sin = self._rotary(positions)
         return Batch(positions, cos=cos, sin=sin, **kinds)
 
-    def _forward(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, batch: Batch, last: int = -1) -> torch.Tensor:
         x = F.embedding(ids, self.embed)  # [B, T, C]
         if self.pos_embed is not None:
             x = x + F.embedding(batch.positions, self.pos_embed)
         for index, layer in enumerate(self.layers):
             x = self._layer(index, layer, x, batch)
-        x = self._norm(x[:, -1], *self.final_norm)  # only the last position needs logits
+        x = self._norm(x[:, last], *self.final_norm)  # only the last real position needs logits
         return F.linear(x, self.lm_head)  # [B, V]
 
     def _layer(self, index: int, w: LayerWeights, x: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -99,6 +99,11 @@ class Limits:
     max_stop_count: int = 4
     max_stop_length: int = 64
 
+    @property
+    def default_new_tokens(self) -> int:
+        """The API's default, unless MAX_NEW_TOKENS_LIMIT is set below it."""
+        return min(DEFAULTS.max_new_tokens, self.max_new_tokens)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -262,7 +267,7 @@ def parse_generate(body: object, limits: Limits) -> tuple[str, engine.SamplingPa
         named = ", ".join(name[:40] for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise ApiError(422, f"unknown field(s): {named}; allowed: {', '.join(FIELDS)}")
     params = engine.SamplingParams(
-        max_new_tokens=_integer(body, "max_new_tokens", 1, limits.max_new_tokens),
+        max_new_tokens=_integer(body, "max_new_tokens", 1, limits.max_new_tokens, limits.default_new_tokens),
         temperature=_temperature(body, limits),
         top_p=_top_p(body),
         top_k=_integer(body, "top_k", 0, limits.max_top_k),
@@ -300,11 +305,11 @@ def _shown(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _integer(body: dict[str, Any], name: str, low: int, high: int) -> Any:
+def _integer(body: dict[str, Any], name: str, low: int, high: int, default: int | None = None) -> Any:
     """null means the default; 7.0 is the integer 7, as in JSON Schema (the document's dialect)."""
     value = body.get(name)
     if value is None:
-        return getattr(DEFAULTS, name)
+        return getattr(DEFAULTS, name) if default is None else default
     number = int(value) if isinstance(value, float) and value.is_integer() else value
     if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
         raise ApiError(422, f"{name} must be an integer from {low} to {high}, got {_shown(value)}")
@@ -397,7 +402,7 @@ def _request_schema(limits: Limits) -> dict[str, Any]:
         "properties": {
             "prompt": {"type": "string", "minLength": 1, "description": "Text to continue."},
             "max_new_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": limits.max_new_tokens,
-                               "default": d.max_new_tokens},
+                               "default": limits.default_new_tokens},
             "temperature": {"anyOf": [
                 {"const": 0}, {"type": "number", "minimum": limits.min_temperature, "maximum": limits.max_temperature},
                 {"type": "null"},

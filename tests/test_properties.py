@@ -63,7 +63,7 @@ def check_params(prompt: str, params: engine.SamplingParams) -> None:
     assert len(params.stop) <= LIMITS.max_stop_count
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bodies())
 def test_any_body_is_a_clean_4xx_or_valid_parameters(body: object) -> None:
     try:
