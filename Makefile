@@ -9,7 +9,7 @@ TEST_MODEL_DIR ?= models/random-distilgpt2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint unit bench clean
+.PHONY: run test lint unit bench clean haproxy
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,17 +34,23 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/hadolint Dockerfile deploy/model.Dockerfile
 	@if command -v docker-compose >/dev/null; then \
 		docker-compose -f docker-compose.yml config --quiet && echo "docker-compose.yml is valid"; \
+		API_KEY=validate-only docker-compose -f deploy/docker-compose.replicas.yml config --quiet \
+			&& echo "deploy/docker-compose.replicas.yml is valid"; \
 	else \
 		echo "docker-compose not installed: docker-compose.yml NOT validated (.ci/run installs it)"; \
 	fi
 
+# tests/test_replicas.py runs Debian's haproxy in front of the replicas.
+haproxy:
+	@command -v haproxy >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends haproxy >/dev/null; }
+
 unit: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not integration and not e2e"
 
-test: lint $(MODEL_DIR)/config.json $(TEST_MODEL_DIR)/config.json
+test: lint haproxy $(MODEL_DIR)/config.json $(TEST_MODEL_DIR)/config.json
 	$(PY) -m pytest -q
 
 clean:
