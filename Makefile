@@ -45,7 +45,8 @@ lint: $(VENV)/.installed
 
 # tests/test_replicas.py runs Debian's haproxy in front of the replicas.
 haproxy:
-	@command -v haproxy >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends haproxy >/dev/null; }
+	@command -v haproxy >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends haproxy >/dev/null; } \
+		|| { echo "tests/test_replicas.py needs haproxy: install Debian's haproxy package (as root)" >&2; exit 1; }
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not integration and not e2e"

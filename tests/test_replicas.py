@@ -347,3 +347,16 @@ def test_overload_through_haproxy_gives_200_or_503_and_no_replica_is_taken_out(c
     assert all(o.complete for o in outcomes if o.status == 200)
     assert set(seen) == {"UP"}
     assert [after[n]["chkdown"] for n in names] == [before[n]["chkdown"] for n in names]
+
+
+def test_haproxys_own_503_has_the_servers_error_shape_and_a_retry_after(tmp_path: Path) -> None:
+    nobody = [Replica(f"r{i + 1}", free_port(), {}, tmp_path) for i in range(REPLICAS)]  # never started
+    haproxy = start_haproxy(nobody, tmp_path)
+    try:
+        response = httpx.post(haproxy.url + "/generate", json={"prompt": PROMPT}, headers={"x-api-key": KEY})
+    finally:
+        haproxy.process.terminate()
+        haproxy.process.wait(timeout=10)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert response.json() == {"detail": "no replica available; retry shortly"}
