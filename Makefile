@@ -12,7 +12,7 @@ PORT ?= 8000
 DEMO_KEY := gpp-llm-service-secret
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint unit browser screenshot bench clean
+.PHONY: help run test lint unit debs screenshot clean
 
 # $(call step,what it does,command): say what is about to run, run it, say how long it took.
 step = @echo "==> $(1)"; start=$$(date +%s); $(2) && echo "    done in $$(( $$(date +%s) - start )) s"
@@ -49,11 +49,13 @@ lint: $(VENV)/.installed ## ruff, mypy, hadolint, and both compose files
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/hadolint Dockerfile deploy/model.Dockerfile
 	@if command -v docker-compose >/dev/null; then \
 		API_KEY=lint-placeholder docker-compose -f docker-compose.yml config --quiet && echo "docker-compose.yml is valid" && \
 		API_KEY=lint-placeholder docker-compose -f docker-compose.yml -f docker-compose.offline.yml config --quiet && \
-		echo "docker-compose.offline.yml is valid"; \
+		echo "docker-compose.offline.yml is valid" && \
+		API_KEY=lint-placeholder docker-compose -f deploy/docker-compose.replicas.yml config --quiet && \
+		echo "deploy/docker-compose.replicas.yml is valid"; \
 	else \
 		echo "docker-compose not installed: the compose files are NOT validated (.ci/run installs it)"; \
 	fi
@@ -61,20 +63,25 @@ lint: $(VENV)/.installed ## ruff, mypy, hadolint, and both compose files
 unit: $(VENV)/.installed ## the fast tests only (no model, no server process)
 	$(PY) -m pytest -q -m "not integration and not e2e"
 
-# The browser test needs Debian's chromium; install it when missing and root (as CI is).
-browser: ## install headless Chromium for the docs page's browser test, when missing
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+# Real infrastructure the end-to-end tests drive, from Debian: chromium (the docs page in a browser),
+# haproxy (replicas behind a load balancer), prometheus and promtool (scraping /metrics),
+# docker-compose (validating the compose files). Installed when missing and root, as in CI.
+DEBS := chromium:chromium haproxy:haproxy prometheus:prometheus promtool:prometheus docker-compose:docker-compose
+debs: ## install the Debian packages the tests drive (chromium, haproxy, prometheus), when missing
+	@missing=$$(for pair in $(DEBS); do command -v $${pair%%:*} >/dev/null 2>&1 || echo $${pair#*:}; done | sort -u); \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			echo "==> installing chromium for the browser test (~1 min)"; \
-			apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+			echo "==> installing $$missing for the end-to-end tests (~1 min)"; \
+			apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 		else \
-			echo "chromium is not installed: sudo apt-get install chromium (tests/test_docs_page.py needs it)" >&2; \
-		fi; }
+			echo "the end-to-end tests need: sudo apt-get install $$missing" >&2; exit 1; \
+		fi; \
+	fi
 
-test: lint browser $(MODEL_DIR)/config.json $(TEST_MODEL_DIR)/config.json ## lint, type checks and every test
+test: lint debs $(MODEL_DIR)/config.json $(TEST_MODEL_DIR)/config.json ## lint, type checks and every test
 	$(PY) -m pytest -q
 
-screenshot: $(VENV)/.installed $(MODEL_DIR)/config.json browser ## refresh docs/docs-page.png (the page in Chromium)
+screenshot: $(VENV)/.installed $(MODEL_DIR)/config.json debs ## refresh docs/docs-page.png (the page in Chromium)
 	DOCS_SCREENSHOT=docs/docs-page.png $(PY) -m pytest -q tests/test_docs_page.py -k screenshot
 
 clean: ## remove the virtual environment and caches (keeps models/)
