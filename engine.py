@@ -24,9 +24,11 @@ import logging
 import math
 import os
 import secrets
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Sequence as ListLike
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,7 @@ CACHE_CHUNK = 256  # KV cache length grows (and shrinks back) in steps of this m
 ROW_CHUNK = 8  # and its rows in steps of this many sequences
 PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
 DETOKENIZE_CONTEXT = 4  # prompt tokens detokenized ahead of the continuation (see `detokenize`)
+HUB, HUB_PROBE_SECONDS = "https://huggingface.co", 5  # where hub ids come from; how long to try reaching it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +70,21 @@ class Result:
     text: str  # the continuation only; the server prepends the prompt
     tokens: int
     finish_reason: str
+    # Accounting, not content: two results with the same text, tokens and reason are equal.
+    prompt_tokens: int = field(default=0, compare=False)
+    admitted_at: float = field(default=0.0, compare=False)  # time.monotonic() when its prefill began
+    first_token_at: float = field(default=0.0, compare=False)  # ... when its first token was sampled
+    finished_at: float = field(default=0.0, compare=False)  # ... when it finished
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What a streaming request gets after a step: new token ids, and the new text that is safe
+    to show (see `TextStream`)."""
+
+    token_ids: list[int]
+    text: str
+    tokens: int  # generated so far
 
 
 class EngineUnavailable(RuntimeError):
@@ -185,6 +203,32 @@ class LoadedModel:
     dtype: torch.dtype
 
 
+def _offline(config: ModelConfig) -> bool:
+    """Whether to load without asking the hub: a local directory, or a hub id already in the cache.
+    A hub id that must be downloaded while the hub cannot be reached fails here at once: the hub
+    client's own retries would hold the first request ~50 s before it fails anyway."""
+    from transformers import AutoConfig
+
+    if Path(config.name).is_dir():
+        return True
+    try:
+        AutoConfig.from_pretrained(config.name, cache_dir=config.cache_dir, local_files_only=True)
+        return True  # cached (the weights come with it when the download once finished)
+    except OSError:
+        pass
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", HUB)).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        raise EngineUnavailable(
+            f"model {config.name!r} is neither a local directory nor in the cache, and the model hub "
+            f"({host}) cannot be reached: {exc}. Set MODEL_NAME to a local model directory "
+            "(tools/fetch_model.py makes one), or give this host access to the hub.",
+            retry_after=0,
+        ) from None
+    return False
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
     """Load tokenizer and weights (from the hub or a directory) and build our `Model`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -192,8 +236,9 @@ def load_model(config: ModelConfig) -> LoadedModel:
 
     _route_library_logs(hf_logging)
     device = resolve_device(config.device)
-    tokenizer = AutoTokenizer.from_pretrained(config.name, cache_dir=config.cache_dir)
-    hf_model = AutoModelForCausalLM.from_pretrained(config.name, cache_dir=config.cache_dir, dtype=torch.float32)
+    where = {"cache_dir": config.cache_dir, "local_files_only": _offline(config)}
+    tokenizer = AutoTokenizer.from_pretrained(config.name, **where)
+    hf_model = AutoModelForCausalLM.from_pretrained(config.name, dtype=torch.float32, **where)
     dtype = resolve_dtype(config.dtype, device, config.max_batch, hf_model.config.hidden_size)
     model = build_model(hf_model, dtype, device, config.max_batch)
     eos = hf_model.generation_config.eos_token_id
@@ -538,13 +583,50 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 def detokenize(tokenizer: Any, prompt_ids: list[int], ids: list[int]) -> str:
     """The continuation's text. Detokenized after a few prompt tokens and cut after them, since
-    some tokenizers (SentencePiece) drop a leading space when a fragment is detokenized alone."""
+    some tokenizers (SentencePiece) drop a leading space when a fragment is detokenized alone.
+    No clean-up of spaces before punctuation: with it, a text could stop being the start of the
+    same text one token longer, and streamed pieces would not add up to the whole."""
+
+    def text(part: list[int]) -> str:
+        return str(tokenizer.decode(part, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
     context = prompt_ids[-DETOKENIZE_CONTEXT:]
-    head = tokenizer.decode(context, skip_special_tokens=True)
-    full = tokenizer.decode(context + ids, skip_special_tokens=True)
+    head, full = text(context), text(context + ids)
     if full.startswith(head):
-        return str(full[len(head) :])
-    return str(tokenizer.decode(ids, skip_special_tokens=True))  # the context ended inside a character
+        return full[len(head) :]
+    return text(ids)  # the context ended inside a character
+
+
+class TextStream:
+    """Turns a growing list of token ids into text pieces that never need taking back: a
+    character still split across tokens (shown as U+FFFD) is held back until it is whole, and so
+    is any ending that could still grow into a stop string; a complete stop string and what follows
+    are never sent. `finish` sends the rest of the final text, so the pieces add up to it exactly."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], stops: tuple[str, ...]):
+        self.tokenizer, self.prompt_ids, self.stops = tokenizer, prompt_ids, stops
+        self.sent = ""
+
+    def update(self, ids: list[int]) -> str:
+        text = detokenize(self.tokenizer, self.prompt_ids, ids)
+        cut = cut_at_stop(text, self.stops)
+        safe = cut if cut is not None else text[: len(text) - self._held_back(text)]
+        return self._send(safe)
+
+    def finish(self, final_text: str) -> str:
+        return self._send(final_text)
+
+    def _held_back(self, text: str) -> int:
+        """How many characters at the end may not be sent yet."""
+        partial = len(text) - len(text.rstrip("\ufffd"))
+        could_stop = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        return max(partial, could_stop)
+
+    def _send(self, safe: str) -> str:
+        if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
+            return ""  # nothing new (or the tokenizer rewrote the past: wait for the final text)
+        delta, self.sent = safe[len(self.sent) :], safe
+        return delta
 
 
 def cut_at_stop(text: str, stops: Iterable[str]) -> str | None:
@@ -569,6 +651,10 @@ class Sequence:
     finish_reason: str | None = None
     error: Exception | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    updated: threading.Event = field(default_factory=threading.Event)  # set at each new token (streaming)
+    admitted_at: float = 0.0  # time.monotonic() stamps, for the timing headers and metrics
+    first_token_at: float = 0.0
+    finished_at: float = 0.0
 
     @property
     def cached(self) -> int:
@@ -578,7 +664,10 @@ class Sequence:
     def append(self, token: int, eos_ids: frozenset[int], tokenizer: Any, expired: bool) -> bool:
         """Take the next token; return True when the sequence is finished (and record why)."""
         self.generated.append(token)
+        if len(self.generated) == 1:
+            self.first_token_at = time.monotonic()
         self.finish_reason = self._finish_reason(token, eos_ids, tokenizer, expired)
+        self.updated.set()
         return self.finish_reason is not None
 
     def _finish_reason(self, token: int, eos_ids: frozenset[int], tokenizer: Any, expired: bool) -> str | None:
@@ -602,15 +691,22 @@ class Sequence:
         if self.text is None:
             ids = self.generated[:-1] if self.finish_reason == "eos" else self.generated
             self.text = detokenize(tokenizer, self.prompt_ids, ids)
-        return Result(self.text, len(self.generated), self.finish_reason)
+        return Result(self.text, len(self.generated), self.finish_reason, len(self.prompt_ids),
+                      self.admitted_at, self.first_token_at, self.finished_at)  # fmt: skip
+
+    def end(self) -> None:
+        """Hand the sequence back to its request thread (finish_reason or error is set)."""
+        self.finished_at = time.monotonic()
+        self.done.set()
+        self.updated.set()
 
     def finish(self, reason: str) -> None:
         self.finish_reason = reason
-        self.done.set()
+        self.end()
 
     def fail(self, error: Exception) -> None:
         self.error = error
-        self.done.set()
+        self.end()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,10 +787,14 @@ class Scheduler:
 # The engine: the API for request threads, and the loop of the engine thread
 
 
+StepObserver = Callable[[str, float, int], None]  # (kind "prefill" or "decode", seconds, sequences)
+
+
 class Engine:
-    def __init__(self, loaded: LoadedModel, max_batch: int):
+    def __init__(self, loaded: LoadedModel, max_batch: int, observe: StepObserver | None = None):
         self.loaded, self.model = loaded, loaded.model
         self.scheduler = Scheduler(max_batch)
+        self.observe = observe or (lambda kind, seconds, size: None)
         self._expired = False  # set by expire(): every sequence ends at its next step
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -712,15 +812,49 @@ class Engine:
 
         Setting `cancel` ends the sequence at the next step; so does passing `deadline`
         (a `time.monotonic()` value), with what it has so far."""
+        seq = self._submit(prompt, params, cancel, deadline)
+        try:
+            seq.done.wait()
+        finally:
+            self.scheduler.forget(seq)
+        return self._result(seq)
+
+    def stream(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        cancel: threading.Event | None = None,
+        deadline: float = math.inf,
+    ) -> Iterator[Delta | Result]:
+        """Like `generate`, but yield a `Delta` whenever new tokens arrive, then the `Result`. The
+        deltas' texts add up to the result's text."""
+        seq = self._submit(prompt, params, cancel, deadline)
+        text, seen = TextStream(self.loaded.tokenizer, seq.prompt_ids, params.stop), 0
+        try:
+            while not seq.done.is_set():
+                seq.updated.wait()
+                seq.updated.clear()
+                ids = seq.generated[:]  # a snapshot: the engine thread appends meanwhile
+                piece = text.update(ids) if len(ids) > seen and not seq.done.is_set() else ""
+                if piece:  # token ids whose text is held back go out with the next piece
+                    yield Delta(ids[seen:], piece, len(ids))
+                    seen = len(ids)
+        finally:
+            self.scheduler.forget(seq)
+        result = self._result(seq)
+        if result.tokens > seen or text.sent != result.text:
+            yield Delta(seq.generated[seen:], text.finish(result.text), result.tokens)
+        yield result
+
+    def _submit(self, prompt: str, params: SamplingParams, cancel: threading.Event | None, deadline: float) -> Sequence:
         ids = self.loaded.tokenizer.encode(prompt)
         self._check_fits(len(ids), params.max_new_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(ids, params, torch.Generator().manual_seed(seed), cancel or threading.Event(), deadline)
         self.scheduler.add(seq)
-        try:
-            seq.done.wait()
-        finally:
-            self.scheduler.forget(seq)
+        return seq
+
+    def _result(self, seq: Sequence) -> Result:
         if seq.error is not None:
             raise seq.error
         return seq.result(self.loaded.tokenizer)
@@ -781,7 +915,7 @@ class Engine:
         if seq.cancel.is_set():  # the client left while waiting to join
             seq.finish("cancelled")
             return
-        row = self.scheduler.place(seq)
+        row, seq.admitted_at = self.scheduler.place(seq), time.monotonic()
         try:
             logits = self.model.prefill(row, seq.prompt_ids)
         except Exception as exc:  # one bad sequence must not take the batch down
@@ -789,10 +923,11 @@ class Engine:
             self._release([seq])
             seq.fail(GenerationFailed(f"generation failed: {exc}"))
             return
+        self.observe("prefill", time.monotonic() - seq.admitted_at, 1)
         self._postprocess([seq], logits[None])
 
     def _decode(self) -> None:
-        batch = self.scheduler.running
+        batch, start = self.scheduler.running, time.monotonic()
         try:
             logits = self.model.step([s.generated[-1] for s in batch], [s.cached for s in batch])
         except Exception as exc:
@@ -801,6 +936,7 @@ class Engine:
             self.scheduler.clear()
             self.model.reset()
             return
+        self.observe("decode", time.monotonic() - start, len(batch))
         self._postprocess(batch, logits)
 
     def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> None:
@@ -824,7 +960,7 @@ class Engine:
         for seq, error in failed:
             seq.fail(GenerationFailed(f"generation failed: {error}"))
         for seq in finished:
-            seq.done.set()
+            seq.end()
 
     def _release(self, finished: list[Sequence]) -> None:
         for src, dst in self.scheduler.release(finished):
@@ -842,7 +978,7 @@ class Engine:
 # The one module-level engine, created on first use
 
 
-def create_engine(config: ModelConfig) -> Engine:
+def create_engine(config: ModelConfig, observe: StepObserver | None = None) -> Engine:
     start = time.perf_counter()
     try:
         loaded = load_model(config)
@@ -856,7 +992,7 @@ def create_engine(config: ModelConfig) -> Engine:
             config.retry_seconds,
         ) from exc
     log.info("model %s loaded in %.1f s (%s)", config.name, time.perf_counter() - start, loaded.dtype)
-    return Engine(loaded, config.max_batch)
+    return Engine(loaded, config.max_batch, observe)
 
 
 class LazyEngine:
@@ -864,24 +1000,35 @@ class LazyEngine:
     the same load). After a failed load, callers get the same error at once until
     `retry_seconds` have passed (a hub that is down can take ~50 s to fail each time)."""
 
-    def __init__(self, factory: Callable[[ModelConfig], Engine] = create_engine):
+    def __init__(self, factory: Callable[[ModelConfig, StepObserver | None], Engine] = create_engine):
         self._factory = factory
         self._lock = threading.Lock()
         self._config: ModelConfig | None = None
+        self._observe: StepObserver | None = None
         self._engine: Engine | None = None
         self._error: EngineUnavailable | None = None
         self._failed_at = -math.inf
+        self.loading = False
+        self.load_seconds = 0.0  # how long the last successful load took
 
-    def configure(self, config: ModelConfig) -> None:
-        """Set the model to load, once; a different second configuration is a bug, not a reload."""
+    def configure(self, config: ModelConfig, observe: StepObserver | None = None) -> None:
+        """Set the model to load, once; a different second configuration is a bug, not a reload.
+        `observe` is told the kind, duration and size of every engine step (metrics)."""
         with self._lock:
             if self._config is not None and self._config != config:
                 raise RuntimeError(f"the engine is already configured with {self._config}; close() it first")
-            self._config = config
+            self._config, self._observe = config, observe
 
     @property
     def loaded(self) -> Engine | None:
         return self._engine
+
+    def failure(self) -> tuple[str, int] | None:
+        """While no engine runs after a failed load: why it failed, and seconds until the next try."""
+        error, config = self._error, self._config
+        if error is None or config is None or self._engine is not None:
+            return None
+        return str(error), max(0, math.ceil(self._failed_at + config.retry_seconds - time.monotonic()))
 
     def get(self) -> Engine:
         with self._lock:
@@ -896,14 +1043,17 @@ class LazyEngine:
             return self._load(self._config)
 
     def _load(self, config: ModelConfig) -> Engine:
+        start, self.loading = time.monotonic(), True
         try:
-            self._engine = self._factory(config)
+            self._engine = self._factory(config, self._observe)
         except Exception as exc:
             log.exception("loading the model failed")
             message = str(exc) if isinstance(exc, EngineUnavailable) else f"{type(exc).__name__}: {exc}"
             self._error, self._failed_at = EngineUnavailable(message, config.retry_seconds), time.monotonic()
             raise EngineUnavailable(message, retry_after=config.retry_seconds) from exc
-        self._error = None
+        finally:
+            self.loading = False
+        self._error, self.load_seconds = None, time.monotonic() - start
         return self._engine
 
     def close(self) -> None:

@@ -35,11 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
+import collections
 import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -47,6 +50,7 @@ import threading
 import time
 import typing
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -55,9 +59,11 @@ from types import FrameType
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import h11
 import uvicorn
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -255,11 +261,18 @@ async def read_json(request: Request, limit: int, timeout: float) -> object:
         raise ApiError(400, f"body is not valid JSON: {exc}") from None
 
 
-FIELDS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+FIELDS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "stream")
 
 
-def parse_generate(body: object, limits: Limits) -> tuple[str, engine.SamplingParams]:
-    """Return the prompt and sampling parameters, or raise a 422 naming the field and the rule."""
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: str
+    params: engine.SamplingParams
+    stream: bool = False  # answer as server-sent events, piece by piece
+
+
+def parse_generate(body: object, limits: Limits) -> GenerateRequest:
+    """Return the request's values, or raise a 422 naming the field and the rule."""
     if not isinstance(body, dict):
         raise ApiError(422, f"body must be a JSON object, got {_json_type(body)}")
     unknown = sorted(set(body) - set(FIELDS))
@@ -273,9 +286,9 @@ def parse_generate(body: object, limits: Limits) -> tuple[str, engine.SamplingPa
         top_k=_integer(body, "top_k", 0, limits.max_top_k),
         seed=_integer(body, "seed", 0, limits.max_seed),
         stop=_stop(body, limits),
-        ignore_eos=_boolean(body, "ignore_eos"),
+        ignore_eos=_boolean(body, "ignore_eos", DEFAULTS.ignore_eos),
     )
-    return _prompt(body), params
+    return GenerateRequest(_prompt(body), params, _boolean(body, "stream", False))
 
 
 def _json_type(value: object) -> str:
@@ -342,10 +355,10 @@ def _top_p(body: dict[str, Any]) -> float:
     return value
 
 
-def _boolean(body: dict[str, Any], name: str) -> bool:
+def _boolean(body: dict[str, Any], name: str, default: bool) -> bool:
     value = body.get(name)
     if value is None:
-        return bool(getattr(DEFAULTS, name))
+        return default
     if not isinstance(value, bool):
         raise ApiError(422, f"{name} must be true or false, got {_shown(value)}")
     return value
@@ -387,6 +400,7 @@ def openapi(settings: Settings) -> dict[str, Any]:
             "/ready": {"get": _operation("Readiness: 200 once the model is loaded", "object", READY_ERRORS)},
             "/docs": {"get": _docs_operation()},
             "/openapi.json": {"get": _operation("This OpenAPI document, whatever the Accept header", "object", {})},
+            "/metrics": {"get": _metrics_operation()},
             "/generate": {"post": _generate_operation(settings)},
         },
     }
@@ -417,6 +431,8 @@ def _request_schema(limits: Limits) -> dict[str, Any]:
                      "description": "Generation ends at the first stop string, which is cut from the output."},
             "ignore_eos": {"type": ["boolean", "null"], "default": d.ignore_eos,
                            "description": "Generate exactly max_new_tokens, ignoring end of sequence."},
+            "stream": {"type": ["boolean", "null"], "default": False,
+                       "description": "Answer as text/event-stream: `token` events, then `done` (or `error`)."},
         },
         "x-max-body-bytes": limits.max_body_bytes,
     }  # fmt: skip
@@ -453,6 +469,21 @@ def _operation(summary: str, schema: str, errors: dict[int, str]) -> dict[str, A
     return {"summary": summary, "responses": responses}
 
 
+TIMING_HEADERS = {
+    "x-queue-time": "Milliseconds from arrival until the request joined the batch.",
+    "x-compute-time": "Milliseconds from joining the batch to the last token.",
+    "x-total-time": "Milliseconds from arrival to the answer.",
+    "x-generated-tokens": "Tokens generated.",
+    "x-prompt-tokens": "Tokens in the prompt.",
+}
+STREAM_DESCRIPTION = (
+    'With "stream": true, text/event-stream: an `event: token` with data {"token_ids", "text" (the new '
+    'piece), "generated_tokens"} per piece of text, then `event: done` with the GenerateResponse, or '
+    '`event: error` with {"detail"} if generation fails or the server drains after the stream began. '
+    'Lines starting with ":" are keep-alives. A failure before the first event is a JSON status.'
+)
+
+
 def _generate_operation(settings: Settings) -> dict[str, Any]:
     operation = _operation("Continue a prompt", "GenerateResponse", GENERATE_ERRORS)
     operation["description"] = (
@@ -469,12 +500,22 @@ def _generate_operation(settings: Settings) -> dict[str, Any]:
         "BODY_TIMEOUT": settings.body_timeout, "MAX_BODY_BYTES": settings.limits.max_body_bytes,
         "MAX_NEW_TOKENS_LIMIT": settings.limits.max_new_tokens, "MAX_CONTEXT_TOKENS": settings.model.max_context,
     }  # fmt: skip
+    ok = operation["responses"]["200"]
+    ok["description"] = "OK. " + STREAM_DESCRIPTION
+    ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+    ok["headers"] = {name: {"description": text, "schema": {"type": "string"}} for name, text in TIMING_HEADERS.items()}
     operation["security"] = [{"apiKey": []}]
     operation["requestBody"] = {
         "required": True,
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
     }
     return operation
+
+
+def _metrics_operation() -> dict[str, Any]:
+    text = {"text/plain": {"schema": {"type": "string"}}}
+    return {"summary": "Prometheus metrics (text format 0.0.4); no key needed",
+            "responses": {"200": {"description": "OK", "content": text}}}  # fmt: skip
 
 
 def _docs_operation() -> dict[str, Any]:
@@ -535,7 +576,115 @@ def prefers_html(accept: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running a generation: a worker thread under the capacity limiter, raced against two watchers
+# Metrics: counters and histograms, written out in Prometheus' text format (0.0.4) at /metrics
+
+ROUTES = ("/health", "/ready", "/generate", "/docs", "/openapi.json", "/metrics")  # labels: these, or "other"
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...] = SECONDS):
+        self.buckets, self.counts, self.sum = buckets, [0] * (len(buckets) + 1), 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        cumulative, out = 0, []
+        for bound, count in zip([*map(str, self.buckets), "+Inf"], self.counts, strict=True):
+            cumulative += count
+            out.append(f'{name}_bucket{{{labels}{"," if labels else ""}le="{bound}"}} {cumulative}')
+        braces = f"{{{labels}}}" if labels else ""
+        return [*out, f"{name}_sum{braces} {self.sum}", f"{name}_count{braces} {cumulative}"]
+
+
+@dataclass
+class Metrics:
+    """Everything /metrics reports that is not read live. Updated on the event loop, except the
+    step figures, which only the engine thread writes."""
+
+    requests: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
+    durations: collections.defaultdict[str, Histogram] = field(default_factory=lambda: defaultdict(Histogram))
+    queue: Histogram = field(default_factory=Histogram)
+    first_token: Histogram = field(default_factory=Histogram)
+    per_token: Histogram = field(default_factory=Histogram)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: collections.defaultdict[str, Histogram] = field(default_factory=lambda: defaultdict(Histogram))
+    batch_sizes: Histogram = field(default_factory=lambda: Histogram((1, 2, 4, 8, 16, 32, 64, 128, 256)))
+
+    def observe_step(self, kind: str, seconds: float, size: int) -> None:
+        self.steps[kind].observe(seconds)
+        if kind == "decode":
+            self.batch_sizes.observe(size)
+
+    def observe_request(self, path: str, status: int, seconds: float) -> None:
+        route = path if path in ROUTES else "other"  # bounded label values, whatever clients send
+        self.requests[route, status] += 1
+        self.durations[route].observe(seconds)
+
+    def observe_generation(self, timing: Timing) -> None:
+        self.queue.observe(timing.queue)
+        self.prompt_tokens += timing.result.prompt_tokens
+        self.generated_tokens += timing.result.tokens
+        if timing.result.tokens:
+            self.first_token.observe(timing.first_token)
+        if timing.result.tokens > 1:
+            self.per_token.observe(timing.per_token)
+
+
+def render_metrics(metrics: Metrics, settings: Settings, runtime: Runtime) -> str:
+    running = engine.ENGINE.loaded
+    active = running.active if running else 0
+    families: list[tuple[str, str, str, list[str]]] = [
+        ("llm_requests_total", "counter", "HTTP requests by route and status.",
+         [f'llm_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(metrics.requests.items())]),
+        ("llm_request_duration_seconds", "histogram", "Time from request to response end, by route.",
+         [line for r, h in sorted(metrics.durations.items()) for line in h.lines("llm_request_duration_seconds",
+                                                                                   f'route="{r}"')]),
+        ("llm_queue_duration_seconds", "histogram", "Time a generation waited before joining the batch.",
+         metrics.queue.lines("llm_queue_duration_seconds")),
+        ("llm_time_to_first_token_seconds", "histogram", "Time from request to the first generated token.",
+         metrics.first_token.lines("llm_time_to_first_token_seconds")),
+        ("llm_time_per_output_token_seconds", "histogram", "Mean time between generated tokens, per request.",
+         metrics.per_token.lines("llm_time_per_output_token_seconds")),
+        ("llm_prompt_tokens_total", "counter", "Prompt tokens of finished generations.",
+         [f"llm_prompt_tokens_total {metrics.prompt_tokens}"]),
+        ("llm_generated_tokens_total", "counter", "Tokens generated.",
+         [f"llm_generated_tokens_total {metrics.generated_tokens}"]),
+        ("llm_running_sequences", "gauge", "Sequences in the running batch.", [f"llm_running_sequences {active}"]),
+        ("llm_waiting_sequences", "gauge", "Requests waiting for a place in the batch.",
+         [f"llm_waiting_sequences {max(0, runtime.in_flight - active)}"]),
+        ("llm_max_batch_size", "gauge", "MAX_BATCH_SIZE.", [f"llm_max_batch_size {settings.model.max_batch}"]),
+        ("llm_max_queue", "gauge", "MAX_QUEUE.", [f"llm_max_queue {settings.max_queue}"]),
+        ("llm_engine_steps_total", "counter", "Engine forward passes by kind.",
+         [f'llm_engine_steps_total{{kind="{k}"}} {sum(h.counts)}' for k, h in sorted(metrics.steps.items())]),
+        ("llm_engine_step_duration_seconds", "histogram", "Duration of one forward pass, by kind.",
+         [line for k, h in sorted(metrics.steps.items()) for line in h.lines("llm_engine_step_duration_seconds",
+                                                                                f'kind="{k}"')]),
+        ("llm_batch_size", "histogram", "Sequences advanced by each decode step.",
+         metrics.batch_sizes.lines("llm_batch_size")),
+        ("llm_model_loaded", "gauge", "1 once the model is loaded.", [f"llm_model_loaded {int(running is not None)}"]),
+        ("llm_model_load_duration_seconds", "gauge", "How long the last model load took.",
+         [f"llm_model_load_duration_seconds {engine.ENGINE.load_seconds}"]),
+        ("process_resident_memory_bytes", "gauge", "Resident memory of this process.",
+         [f"process_resident_memory_bytes {_resident_bytes()}"]),
+    ]  # fmt: skip
+    lines = []
+    for name, kind, text, samples in families:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples]
+    return "\n".join(lines) + "\n"
+
+
+def _resident_bytes() -> int:
+    with contextlib.suppress(OSError):  # Linux; elsewhere 0
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a generation: a worker thread under the capacity limiter, raced against watchers
 
 
 @dataclass
@@ -547,37 +696,87 @@ class Runtime:
     draining: bool = False  # SIGTERM received: finish what runs, take nothing new
 
 
+@dataclass(frozen=True)
+class Timing:
+    """One generation's times in seconds, from the request's arrival (the timing headers)."""
+
+    result: engine.Result
+    arrived: float  # time.monotonic()
+
+    @property
+    def queue(self) -> float:
+        return max(0.0, (self.result.admitted_at or self.result.finished_at) - self.arrived)
+
+    @property
+    def compute(self) -> float:
+        return max(0.0, self.result.finished_at - self.result.admitted_at) if self.result.admitted_at else 0.0
+
+    @property
+    def first_token(self) -> float:
+        return max(0.0, self.result.first_token_at - self.arrived)
+
+    @property
+    def per_token(self) -> float:
+        return (self.result.finished_at - self.result.first_token_at) / max(1, self.result.tokens - 1)
+
+    def log_fields(self) -> dict[str, Any]:
+        ms = {"queue_ms": self.queue, "compute_ms": self.compute, "first_token_ms": self.first_token}
+        counts = {"tokens": self.result.tokens, "prompt_tokens": self.result.prompt_tokens}
+        return {**counts, "finish_reason": self.result.finish_reason} | {k: round(v * 1000, 1) for k, v in ms.items()}
+
+    def headers(self) -> dict[str, str]:
+        total = time.monotonic() - self.arrived
+        return {"x-queue-time": f"{self.queue * 1000:.0f}", "x-compute-time": f"{self.compute * 1000:.0f}",
+                "x-total-time": f"{total * 1000:.0f}", "x-generated-tokens": str(self.result.tokens),
+                "x-prompt-tokens": str(self.result.prompt_tokens)}  # fmt: skip
+
+
 @dataclass
 class Generation:
     """One /generate request's run. `run` holds a place under the limiter while the engine works;
-    `watch_queue` gives up if no place comes within QUEUE_TIMEOUT. Whichever ends first (or the
-    client leaving) cancels the others; `cancel` tells the engine to drop the sequence."""
+    `watch_queue` gives up if no place comes within QUEUE_TIMEOUT; `cancel` tells the engine to
+    drop the sequence at its next step. A streaming run also hands each piece to `events`."""
 
-    prompt: str
-    params: engine.SamplingParams
+    request: GenerateRequest
     settings: Settings
+    events: MemoryObjectSendStream[engine.Delta | engine.Result] | None = None
+    arrived: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
     started: threading.Event = field(default_factory=threading.Event)  # a place is held
     result: engine.Result | None = None
     error: Exception | None = None
 
     async def run(self, limiter: anyio.CapacityLimiter) -> None:
-        deadline = time.monotonic() + self.settings.request_timeout
-
-        def blocking() -> engine.Result:
-            self.started.set()  # we hold a place now: the queue timeout no longer applies
-            return engine.ENGINE.get().generate(self.prompt, self.params, self.cancel, deadline)
-
         try:
-            self.result = await anyio.to_thread.run_sync(blocking, limiter=limiter)
+            self.result = await anyio.to_thread.run_sync(self._blocking, limiter=limiter)
         except Exception as exc:
             self.error = from_engine_error(exc)
+        finally:
+            if self.events is not None:
+                self.events.close()  # the stream ends: what follows is result or error
+
+    def _blocking(self) -> engine.Result:
+        self.started.set()  # we hold a place now: the queue timeout no longer applies
+        deadline = self.arrived + self.settings.request_timeout
+        prompt, params, running = self.request.prompt, self.request.params, engine.ENGINE.get()
+        if self.events is None:
+            return running.generate(prompt, params, self.cancel, deadline)
+        for item in running.stream(prompt, params, self.cancel, deadline):
+            try:
+                anyio.from_thread.run_sync(self.events.send_nowait, item)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.cancel.set()  # nobody reads any more
+            if isinstance(item, engine.Result):
+                return item
+        raise AssertionError("a stream always ends with its result")
 
     async def watch_queue(self) -> None:
         await anyio.sleep(self.settings.queue_timeout)
         if not self.started.is_set():
             detail = f"no place in the batch within QUEUE_TIMEOUT={self.settings.queue_timeout} s; retry shortly"
             self.error = unavailable(detail, RETRY_BUSY)
+            if self.events is not None:
+                self.events.close()
             return
         await anyio.sleep_forever()  # a place is held: `run` decides when this ends
 
@@ -587,8 +786,7 @@ class Generation:
         return self.result or engine.Result("", 0, "cancelled")  # the client left
 
 
-async def run_generation(request: Request, prompt: str, params: engine.SamplingParams) -> engine.Result:
-    job = Generation(prompt, params, request.app.state.settings)
+async def run_generation(request: Request, job: Generation) -> engine.Result:
     async with anyio.create_task_group() as group:
 
         async def first_to_finish(watch: Callable[[], Awaitable[None]]) -> None:
@@ -606,6 +804,103 @@ async def _disconnected(request: Request) -> None:
     """Return once the client has gone away (the body has been read already)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def answer(job: Generation, result: engine.Result) -> dict[str, Any]:
+    """The JSON answer, and the last event of a stream."""
+    generated = job.request.prompt + result.text
+    return {"generated_text": generated, "generated_tokens": result.tokens, "finish_reason": result.finish_reason}
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: server-sent events, one per new piece of text, then "done" (or "error")
+
+KEEPALIVE_SECONDS = 5  # an SSE comment this often while nothing else is sent, so proxies keep the stream
+STREAM_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                  (b"x-accel-buffering", b"no")]  # fmt: skip
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+@dataclass
+class EventStream:
+    """The ASGI answer of a streaming /generate. Until the first piece (or the first keep-alive)
+    nothing is sent, so an early failure is still a plain JSON status; after that, a failure or
+    the drain ends the stream with an `error` event, never by just stopping."""
+
+    job: Generation
+    runtime: Runtime
+    metrics: Metrics
+    begun: bool = False  # the 200 and its headers went out
+    gone: bool = False  # the client left
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        sender, events = anyio.create_memory_object_stream[engine.Delta | engine.Result](math.inf)
+        self.job.events = sender
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def until_disconnected() -> None:
+                    await _disconnected(request)
+                    self.gone = True
+                    self.job.cancel.set()  # before cancelling: the worker thread waits for the engine
+                    group.cancel_scope.cancel()
+
+                group.start_soon(self.job.run, self.runtime.limiter)
+                group.start_soon(self.job.watch_queue)
+                group.start_soon(until_disconnected)
+                await self.forward(events, send)
+                self.job.cancel.set()
+                group.cancel_scope.cancel()
+        finally:
+            self.runtime.in_flight -= 1
+            self.job.cancel.set()
+        if not self.gone:
+            await self.finish(scope, send)
+
+    async def forward(self, events: MemoryObjectReceiveStream[engine.Delta | engine.Result], send: Send) -> None:
+        while True:
+            with anyio.move_on_after(KEEPALIVE_SECONDS) as idle:
+                try:
+                    item = await events.receive()
+                except anyio.EndOfStream:
+                    return
+            if idle.cancelled_caught:
+                await self.begin(send)
+                await send({"type": "http.response.body", "body": b": waiting\n\n", "more_body": True})
+            elif isinstance(item, engine.Delta):
+                await self.begin(send)
+                piece = {"token_ids": item.token_ids, "text": item.text, "generated_tokens": item.tokens}
+                await send({"type": "http.response.body", "body": sse("token", piece), "more_body": True})
+
+    async def begin(self, send: Send) -> None:
+        if not self.begun:
+            self.begun = True
+            await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
+
+    async def finish(self, scope: Scope, send: Send) -> None:
+        """The last event: `done` with the whole answer, or `error`; or, before anything was sent,
+        the JSON answer's status."""
+        error, result = self.job.error, self.job.result
+        if error is None and result is not None:
+            timing = Timing(result, self.job.arrived)
+            self.metrics.observe_generation(timing)
+            scope["state"].update(timing.log_fields())
+        if not self.begun:
+            if error is not None:
+                raise error
+            await self.begin(send)
+        if error is not None:
+            detail = error.detail if isinstance(error, ApiError) else "internal server error"
+            if not isinstance(error, ApiError):
+                log.error("generation failed mid-stream", exc_info=error)
+            last = sse("error", {"detail": detail})
+        else:
+            last = sse("done", answer(self.job, self.job.outcome()))
+        await send({"type": "http.response.body", "body": last, "more_body": False})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,43 +944,50 @@ async def openapi_json(request: Request) -> JSONResponse:
     return JSONResponse(openapi(request.app.state.settings))
 
 
-async def generate(request: Request) -> JSONResponse:
+async def generate(request: Request) -> Response | EventStream:
     settings: Settings = request.app.state.settings
     runtime: Runtime = request.app.state.runtime
     if runtime.draining:
         raise unavailable("shutting down; retry on another instance", RETRY_SHUTDOWN, close=True)
     body = await read_json(request, settings.limits.max_body_bytes, settings.body_timeout)
-    prompt, params = parse_generate(body, settings.limits)
+    job = Generation(parse_generate(body, settings.limits), settings)
     capacity = settings.model.max_batch + settings.max_queue
     if runtime.in_flight >= capacity:
         raise unavailable(f"at capacity: {capacity} requests running or waiting; retry shortly", RETRY_BUSY)
+    if settings.log_prompts:
+        request.state.prompt = job.request.prompt
     runtime.in_flight += 1
+    if job.request.stream:
+        return EventStream(job, runtime, request.app.state.metrics)  # it gives the place back when done
     try:
-        result = await run_generation(request, prompt, params)
+        result = await run_generation(request, job)
     finally:
         runtime.in_flight -= 1
-    request.state.tokens, request.state.finish_reason = result.tokens, result.finish_reason
-    if settings.log_prompts:
-        request.state.prompt = prompt
-    return JSONResponse(
-        {
-            "generated_text": prompt + result.text,
-            "generated_tokens": result.tokens,
-            "finish_reason": result.finish_reason,
-        }
-    )
+    timing = Timing(result, job.arrived)
+    request.app.state.metrics.observe_generation(timing)
+    request.scope["state"].update(timing.log_fields())
+    return JSONResponse(answer(job, result), headers=timing.headers())
+
+
+async def metrics(request: Request) -> Response:
+    text = render_metrics(request.app.state.metrics, request.app.state.settings, request.app.state.runtime)
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 # ---------------------------------------------------------------------------------------------
 # Request logs: one JSON line per request
 
 
+LOGGED = ("tokens", "prompt_tokens", "finish_reason", "queue_ms", "compute_ms", "first_token_ms", "prompt")
+
+
 class RequestLog:
     """Pure ASGI middleware: gives each request an id (X-Request-ID, or a new one), returns it,
-    and logs method, path, status, tokens and latency. Never headers, so never the API key."""
+    logs method, path, status, tokens and times, and counts the request for /metrics. Never
+    headers, so never the API key; prompt text only with LOG_PROMPTS=1."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -710,9 +1012,11 @@ class RequestLog:
                 await error_response(500, "internal server error")(scope, receive, send_with_id)
         finally:
             fields = {"request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status}
-            fields["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
-            fields.update({k: state[k] for k in ("tokens", "finish_reason", "prompt") if k in state})
+            seconds = time.perf_counter() - start
+            fields["latency_ms"] = round(seconds * 1000, 1)
+            fields.update({k: state[k] for k in LOGGED if k in state})
             access_log.info("request", extra={"fields": fields})
+            self.metrics.observe_request(scope["path"], status, seconds)
 
 
 def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
@@ -793,7 +1097,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.runtime = Runtime(anyio.CapacityLimiter(settings.model.max_batch))
-        engine.ENGINE.configure(settings.model)
+        engine.ENGINE.configure(settings.model, observe=app.state.metrics.observe_step)
         if settings.load_on_start:  # a plain thread: start-up is not held up, /health answers at once
             threading.Thread(target=_preload, name="preload", daemon=True).start()
         yield
@@ -805,16 +1109,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/generate", generate, methods=["POST"]),
         Route("/docs", docs, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
     handlers = {ApiError: on_api_error, HTTPException: on_http_error}  # other errors: RequestLog
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.settings = settings
     app.state.docs_page = DocsPage.load()
+    app.state.metrics = Metrics()
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
     if settings.allowed_hosts:  # a browser tricked by DNS rebinding sends a foreign Host: refuse it
         hosts = [host.strip() for host in settings.allowed_hosts.split(",") if host.strip()]
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
-    app.add_middleware(RequestLog)  # outermost, so 401s are logged too
+    app.add_middleware(RequestLog, metrics=app.state.metrics)  # outermost, so 401s are logged and counted
     return app
 
 

@@ -29,7 +29,7 @@ class FakeTokenizer:
     def encode(self, text: str) -> list[int]:
         return [ord(c) % VOCAB for c in text]
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True, **options: object) -> str:
         if self.broken_id in ids:
             raise ValueError(f"cannot decode {self.broken_id}")
         return "".join(chr(i) for i in ids if i != EOS)
@@ -244,7 +244,7 @@ class Counter:
     def __init__(self, fail_first: int = 0):
         self.calls, self.fail_first = 0, fail_first
 
-    def __call__(self, config: engine.ModelConfig) -> Engine:
+    def __call__(self, config: engine.ModelConfig, observe: object = None) -> Engine:
         self.calls += 1
         time.sleep(0.1)  # a slow load, so concurrent callers really overlap
         if self.calls <= self.fail_first:
@@ -305,7 +305,7 @@ def test_kv_cache_grows_in_rows_and_length_keeping_data_and_shrinks_back() -> No
 class SentencePieceLike(FakeTokenizer):
     """Drops the leading space of whatever it decodes, as SentencePiece's Metaspace decoder does."""
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True, **options: object) -> str:
         return super().decode(ids).lstrip(" ")
 
 

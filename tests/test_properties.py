@@ -67,11 +67,12 @@ def check_params(prompt: str, params: engine.SamplingParams) -> None:
 @given(bodies())
 def test_any_body_is_a_clean_4xx_or_valid_parameters(body: object) -> None:
     try:
-        prompt, params = parse_generate(body, LIMITS)
+        request = parse_generate(body, LIMITS)
     except ApiError as exc:
         check_error(exc)
     else:
-        check_params(prompt, params)
+        check_params(request.prompt, request.params)
+        assert isinstance(request.stream, bool)
 
 
 @st.composite
@@ -80,7 +81,7 @@ def accepted_params(draw: st.DrawFn) -> engine.SamplingParams:
     top_p = draw(st.one_of(st.floats(5e-324, 1.0), st.sampled_from([5e-324, 1e-45, 1.0])))
     top_k = draw(st.integers(0, LIMITS.max_top_k))
     body = {"prompt": "p", "temperature": temperature, "top_p": top_p, "top_k": top_k}
-    return parse_generate(body, LIMITS)[1]
+    return parse_generate(body, LIMITS).params
 
 
 @settings(max_examples=500, deadline=None)

@@ -142,7 +142,7 @@ class Cluster:
 
 
 def start_haproxy(replicas: list[Replica], tmp: Path) -> Haproxy:
-    assert shutil.which("haproxy"), "haproxy is not installed: `make haproxy` (or apt-get install haproxy)"
+    assert shutil.which("haproxy"), "haproxy is not installed: `make debs` (or apt-get install haproxy)"
     port, sock, log_path = free_port(), tmp / "haproxy.sock", tmp / "haproxy.log"
     env = {**os.environ, "LB_BIND": f"127.0.0.1:{port}", "LB_STATS_SOCKET": str(sock)}
     env.update({f"LLM_SERVER_{i + 1}": f"127.0.0.1:{r.port}" for i, r in enumerate(replicas)})

@@ -118,8 +118,10 @@ def test_unknown_route_and_method_are_json(client: TestClient) -> None:
 
 
 def test_defaults_and_full_request() -> None:
-    prompt, params = parse_generate({"prompt": "hi"}, LIMITS)
+    request = parse_generate({"prompt": "hi"}, LIMITS)
+    prompt, params = request.prompt, request.params
     assert prompt == "hi"
+    assert request.stream is False
     assert params == engine.SamplingParams(max_new_tokens=50)
     body = {
         "prompt": "p",
@@ -130,14 +132,15 @@ def test_defaults_and_full_request() -> None:
         "seed": 7,
         "stop": ["\n", "END"],
         "ignore_eos": True,
+        "stream": True,
     }
     assert set(body) == set(FIELDS)
-    _, params = parse_generate(body, LIMITS)
+    params = parse_generate(body, LIMITS).params
     assert params == engine.SamplingParams(200, 0.7, 0.9, 40, 7, ("\n", "END"), True)
 
 
 def test_integral_floats_are_integers_as_in_json_schema() -> None:
-    _, params = parse_generate({"prompt": "p", "max_new_tokens": 199.0, "top_k": 214.0, "seed": 7.0}, LIMITS)
+    params = parse_generate({"prompt": "p", "max_new_tokens": 199.0, "top_k": 214.0, "seed": 7.0}, LIMITS).params
     assert (params.max_new_tokens, params.top_k, params.seed) == (199, 214, 7)
     assert all(type(v) is int for v in (params.max_new_tokens, params.top_k, params.seed))
 
@@ -157,7 +160,8 @@ def test_a_lone_surrogate_in_a_field_name_is_shown_escaped(client: TestClient) -
 
 
 def test_null_means_default_and_a_single_stop_string_is_a_list() -> None:
-    _, params = parse_generate({"prompt": "p", "max_new_tokens": None, "stop": "END", "temperature": 1}, LIMITS)
+    body = {"prompt": "p", "max_new_tokens": None, "stop": "END", "temperature": 1, "stream": None}
+    params = parse_generate(body, LIMITS).params
     assert params.max_new_tokens == 50
     assert params.stop == ("END",)
     assert params.temperature == 1.0
@@ -165,7 +169,7 @@ def test_null_means_default_and_a_single_stop_string_is_a_list() -> None:
 
 def test_max_new_tokens_limit_is_a_setting() -> None:
     limits = Limits(max_new_tokens=500)
-    assert parse_generate({"prompt": "p", "max_new_tokens": 500}, limits)[1].max_new_tokens == 500
+    assert parse_generate({"prompt": "p", "max_new_tokens": 500}, limits).params.max_new_tokens == 500
     with pytest.raises(ApiError, match="from 1 to 500, got 501"):
         parse_generate({"prompt": "p", "max_new_tokens": 501}, limits)
 
@@ -214,12 +218,13 @@ def test_unexpected_error_is_one_json_500_with_request_id(caplog: pytest.LogCapt
     from starlette.middleware import Middleware
     from starlette.routing import Route
 
-    from server import RequestLog
+    from server import Metrics, RequestLog
 
     async def broken(request: object) -> None:
         raise RuntimeError("boom")
 
-    app = Starlette(routes=[Route("/x", broken)], middleware=[Middleware(RequestLog)])  # as create_app has it
+    middleware = [Middleware(RequestLog, metrics=Metrics())]  # as create_app has it
+    app = Starlette(routes=[Route("/x", broken)], middleware=middleware)
     with TestClient(app) as client:
         response = client.get("/x", headers={"x-request-id": "r-1"})
     assert response.status_code == 500
