@@ -218,7 +218,7 @@ def seconds(duration: str) -> float:
 
 def test_haproxy_can_replay_any_request_the_server_accepts() -> None:
     # L7 retries replay from one buffer, of which haproxy keeps 1 KiB for rewrites; allow 8 KiB of headers
-    assert int(haproxy("tune.bufsize")) - 1024 >= server.Limits().body_bytes + 8192
+    assert int(haproxy("tune.bufsize")) - 1024 >= server.Limits().max_body_bytes + 8192
     assert "option http-buffer-request" in haproxy_lines()
     assert {"conn-failure", "empty-response", "503"} <= set(haproxy("retry-on").split())
     assert haproxy("option redispatch") == "1"  # each retry on another replica
