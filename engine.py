@@ -618,9 +618,9 @@ class TextStream:
 
     def _held_back(self, text: str) -> int:
         """How many characters at the end may not be sent yet."""
-        partial = len(text) - len(text.rstrip("\ufffd"))
-        could_stop = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
-        return max(partial, could_stop)
+        whole = text.rstrip("\ufffd")  # what the next token may still complete into a stop string
+        could_stop = max((n for stop in self.stops for n in range(1, len(stop)) if whole.endswith(stop[:n])), default=0)
+        return len(text) - len(whole) + could_stop
 
     def _send(self, safe: str) -> str:
         if len(safe) <= len(self.sent) or not safe.startswith(self.sent):

@@ -445,6 +445,8 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "status": {"const": "ok"}, "service": {"const": SERVICE},
             "model": {"type": "string"}, "model_loaded": {"type": "boolean"},
+            "model_state": {"enum": ["not loaded", "loading", "loaded", "failed"]},
+            "model_error": {"type": "string", "description": "Why the last load failed, and when the next try is."},
             "active_sequences": {"type": "integer", "description": "Sequences in the running batch."},
         },
     },
@@ -898,6 +900,8 @@ class EventStream:
             if not isinstance(error, ApiError):
                 log.error("generation failed mid-stream", exc_info=error)
             last = sse("error", {"detail": detail})
+        elif self.runtime.draining and self.job.outcome().finish_reason == "timeout":
+            last = sse("error", {"detail": "the server is shutting down: generation stopped early; retry elsewhere"})
         else:
             last = sse("done", answer(self.job, self.job.outcome()))
         await send({"type": "http.response.body", "body": last, "more_body": False})
@@ -907,27 +911,39 @@ class EventStream:
 # Routes
 
 
+def model_state() -> tuple[str, str]:
+    """The model's state for /health and /ready: loaded, loading, failed (and why), or not loaded."""
+    running, failure = engine.ENGINE.loaded, engine.ENGINE.failure()
+    if running is not None and running.running:
+        return "loaded", "the model is loaded"
+    if engine.ENGINE.loading:
+        return "loading", "the model is loading"
+    if failure is not None:
+        reason, retry_in = failure
+        return "failed", f"loading the model failed: {reason[:300]}; the next request after {retry_in} s tries again"
+    return "not loaded", "model not loaded yet (it loads on the first /generate, or at start with LOAD_ON_START=1)"
+
+
 async def health(request: Request) -> JSONResponse:
+    """Liveness: 200 whenever the process answers. A model that cannot load shows in the body
+    (point readiness probes at /ready), not as a failing liveness check that restarts the pod."""
     settings: Settings = request.app.state.settings
     running = engine.ENGINE.loaded
-    return JSONResponse(
-        {
-            "status": "ok",
-            "service": SERVICE,
-            "model": settings.model.name,
-            "model_loaded": running is not None,
-            "active_sequences": running.active if running else 0,
-        }
-    )
+    state, detail = model_state()
+    body = {"status": "ok", "service": SERVICE, "model": settings.model.name, "model_loaded": state == "loaded",
+            "model_state": state, "active_sequences": running.active if running else 0}  # fmt: skip
+    if state == "failed":
+        body["model_error"] = detail
+    return JSONResponse(body)
 
 
 async def ready(request: Request) -> JSONResponse:
     runtime: Runtime = request.app.state.runtime
-    running = engine.ENGINE.loaded
     if runtime.draining:
         raise ApiError(503, "shutting down")
-    if running is None or not running.running:
-        raise ApiError(503, "model not loaded yet (it loads on the first /generate, or at start with LOAD_ON_START=1)")
+    state, detail = model_state()
+    if state != "loaded":
+        raise ApiError(503, detail)
     return JSONResponse({"status": "ready"})
 
 

@@ -247,3 +247,49 @@ def test_server_refuses_to_start_without_api_key() -> None:
     done = subprocess.run([sys.executable, "server.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "API_KEY is not set" in done.stderr
+
+
+def read_events(response: httpx.Response) -> list[tuple[str, dict]]:
+    """Server-sent events as (name, data); comments (keep-alives) are skipped."""
+    events, name = [], ""
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+def test_streaming_sends_pieces_then_the_same_answer(server: Server) -> None:
+    body = {"prompt": "Stream me", "max_new_tokens": 12, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+    whole = post(server, body).json()
+    with httpx.stream("POST", server.url + "/generate", json={**body, "stream": True}, headers=AUTH) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert (response.headers["cache-control"], response.headers["x-accel-buffering"]) == ("no-cache", "no")
+        events = read_events(response)
+    *tokens, (last, done) = events
+    assert last == "done"
+    assert done == whole
+    assert all(name == "token" for name, _ in tokens)
+    assert "Stream me" + "".join(piece["text"] for _, piece in tokens) == whole["generated_text"]
+    assert [piece["generated_tokens"] for _, piece in tokens] == sorted(p["generated_tokens"] for _, p in tokens)
+
+
+def test_errors_before_the_first_event_are_json_statuses(server: Server, broken_server: Server) -> None:
+    bad = httpx.post(server.url + "/generate", json={"prompt": "", "stream": True}, headers=AUTH)
+    assert (bad.status_code, bad.headers["content-type"]) == (422, "application/json")
+    down = httpx.post(broken_server.url + "/generate", json={"prompt": "a", "stream": True}, headers=AUTH)
+    assert down.status_code == 503
+    assert "MODEL_NAME" in down.json()["detail"]
+
+
+def test_a_failed_load_shows_in_health_and_ready(broken_server: Server) -> None:
+    post(broken_server, {"prompt": "a"})
+    health = httpx.get(broken_server.url + "/health").json()
+    assert (health["status"], health["model_state"]) == ("ok", "failed")
+    assert "loading the model failed" in health["model_error"]
+    ready = httpx.get(broken_server.url + "/ready")
+    assert ready.status_code == 503
+    assert "loading the model failed" in ready.json()["detail"]
+    assert "tries again" in ready.json()["detail"]

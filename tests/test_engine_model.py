@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import engine
 from engine import Engine, SamplingParams
@@ -149,3 +151,20 @@ def test_max_context_setting_caps_the_models_context(gpt2_dir: Path) -> None:
             capped.generate("word " * 60, SamplingParams(max_new_tokens=10))
     finally:
         capped.close()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    prompt=st.one_of(st.sampled_from(PROMPTS), st.text(st.characters(codec="utf-8"), min_size=1, max_size=12)),
+    seed=st.integers(0, 2**32),
+    stop=st.one_of(st.just(()), st.tuples(st.sampled_from([" the", "\n", "e", "😀", ", "]))),
+)
+def test_streamed_pieces_add_up_to_the_same_seeds_answer(eng: Engine, prompt: str, seed: int, stop: tuple) -> None:
+    """Any prompt (emoji and CJK included), any seed, with and without stop strings: the pieces
+    of a stream add up to exactly the text the non-streaming call returns for the same seed."""
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=50, seed=seed, stop=stop)
+    whole = eng.generate(prompt, params)
+    *deltas, result = eng.stream(prompt, params)
+    assert result == whole
+    assert "".join(d.text for d in deltas) == whole.text  # type: ignore[union-attr]
+    assert sum(len(d.token_ids) for d in deltas) == result.tokens  # type: ignore[union-attr]

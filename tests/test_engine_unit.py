@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import engine
 from engine import Engine, GenerationFailed, LoadedModel, PromptTooLong, SamplingParams
@@ -349,3 +351,61 @@ def test_lazy_engine_is_configured_once() -> None:
         lazy.configure(engine.ModelConfig(name="b"))  # a second, different one is a bug, not a reload
     lazy.close()
     lazy.configure(engine.ModelConfig(name="b"))  # after close(), a new configuration is fine
+
+
+class ByteTokenizer:
+    """Byte-level, like GPT-2's BPE: one token per UTF-8 byte (id = byte + 1; 0 is EOS), so a
+    multi-byte character is split across tokens and a prefix may end inside it (U+FFFD)."""
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 1 for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True, **options: object) -> str:
+        return bytes(i - 1 for i in ids if i != EOS).decode("utf-8", errors="replace")
+
+
+def stream_pieces(text: str, stops: tuple[str, ...]) -> tuple[list[str], str]:
+    """Feed `text` one byte-token at a time through a TextStream, as the engine would."""
+    tokenizer = ByteTokenizer()
+    ids, stream, pieces = tokenizer.encode(text), engine.TextStream(tokenizer, [], stops), []
+    final = engine.cut_at_stop(text, stops)
+    for n in range(1, len(ids) + 1):
+        pieces.append(stream.update(ids[:n]))
+    pieces.append(stream.finish(text if final is None else final))
+    return pieces, text if final is None else final
+
+
+@given(st.text(st.characters(codec="utf-8"), max_size=30), st.lists(st.text(min_size=1, max_size=4), max_size=3))
+@settings(max_examples=400, deadline=None)
+def test_streamed_pieces_add_up_and_never_show_a_split_character_or_a_stop_string(text: str, stops: list[str]) -> None:
+    pieces, final = stream_pieces(text, tuple(stops))
+    assert "".join(pieces) == final
+    sent = ""
+    for piece in pieces[:-1]:
+        sent += piece
+        assert "\ufffd" not in piece or "\ufffd" in text  # a half character is never sent
+        assert final.startswith(sent)  # nothing sent is ever taken back, or lies past a stop string
+
+
+def test_a_stop_string_spanning_tokens_is_never_partly_sent() -> None:
+    pieces, final = stream_pieces("say END now", ("END",))
+    assert final == "say "
+    assert "".join(pieces) == "say "
+    assert not any("E" in piece for piece in pieces)
+
+
+def test_an_emoji_split_across_tokens_arrives_whole() -> None:
+    pieces, _ = stream_pieces("a😀b", ())
+    assert [p for p in pieces if p] == ["a", "😀", "b"]
+
+
+def test_engine_stream_pieces_add_up_to_the_result() -> None:
+    eng = make_engine()
+    items = list(eng.stream("a", SamplingParams(max_new_tokens=6, stop=("fg",))))
+    *deltas, result = items
+    assert isinstance(result, engine.Result)
+    assert result == engine.Result("bcde", 6, "stop")
+    assert "".join(d.text for d in deltas) == result.text
+    assert [t for d in deltas for t in d.token_ids] == [ord(c) for c in "bcdefg"]
+    assert [d.tokens for d in deltas] == sorted(d.tokens for d in deltas)
+    eng.close()

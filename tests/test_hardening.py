@@ -229,3 +229,18 @@ def test_past_the_drain_timeout_generations_end_with_what_they_have(gpt2_dir: Pa
         assert body["finish_reason"] == "timeout"
         assert 0 < body["generated_tokens"] < 200
     assert "drain timeout reached" in server.log()
+
+
+def test_a_stream_cut_short_by_the_drain_ends_with_an_error_event(gpt2_dir: Path, tmp_path: Path) -> None:
+    with run_server(tmp_path, MODEL_NAME=str(gpt2_dir), LOAD_ON_START="1", DRAIN_TIMEOUT="1") as server:
+        wait_for(lambda: httpx.get(server.url + "/ready").status_code == 200, timeout=60)
+        lines: list[str] = []
+        with httpx.stream("POST", server.url + "/generate", json={**LONG, "stream": True}, headers=AUTH) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+                if len(lines) == 2:  # the first event is in: the stream has begun
+                    server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+    assert lines[0] == "event: token"
+    assert "event: error" in lines
+    assert "shutting down" in lines[lines.index("event: error") + 1]
