@@ -43,6 +43,7 @@ FINISH_REASONS = ("length", "stop", "eos", "timeout", "cancelled")
 CACHE_CHUNK = 256  # KV cache length grows (and shrinks back) in steps of this many tokens
 ROW_CHUNK = 8  # and its rows in steps of this many sequences
 PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
+PREFILL_CHUNK = 64  # prompt tokens prefilled per engine step: a long prompt joins over several steps
 DETOKENIZE_CONTEXT = 4  # prompt tokens detokenized ahead of the continuation (see `detokenize`)
 HUB, HUB_PROBE_SECONDS = "https://huggingface.co", 5  # where hub ids come from; how long to try reaching it
 
@@ -340,7 +341,8 @@ class Batch:
 
     positions: torch.Tensor  # [B, T]
     prefill_row: int | None = None
-    mask: torch.Tensor | None = None  # step only: [B, 1, 1, L], True where a row may attend
+    prefill_start: int = 0  # a later chunk of a prompt: the positions already in the row's cache
+    mask: torch.Tensor | None = None  # [B, 1, T, L], True where a position may attend (step; later chunks)
     cos: torch.Tensor | None = None  # rotary tables for these positions: [B, 1, T, D]
     sin: torch.Tensor | None = None
 
@@ -367,26 +369,32 @@ class Model:
     def device(self) -> torch.device:
         return self.embed.device
 
-    def prefill(self, row: int, tokens: list[int]) -> torch.Tensor:
-        """Run a whole prompt into cache row `row`; return the next-token logits [V].
+    def prefill(self, row: int, tokens: list[int], start: int = 0) -> torch.Tensor:
+        """Run prompt tokens into cache row `row` at positions start.. (a whole prompt, or one
+        chunk of it after `start` tokens already cached); return the next-token logits [V].
 
-        The prompt is padded to a multiple of PREFILL_BUCKET: each new input shape costs the
+        The tokens are padded to a multiple of PREFILL_BUCKET: each new input shape costs the
         matrix libraries a kernel (and its memory) of its own. Causal attention keeps the padding
-        out of the real positions, and the next steps overwrite its cache entries before any
-        sequence attends to them."""
+        out of the real positions, and later chunks and steps overwrite its cache entries before
+        any position attends to them."""
         length = len(tokens)
-        padded = min(math.ceil(length / PREFILL_BUCKET) * PREFILL_BUCKET, max(self.max_context, length))
+        padded = min(math.ceil(length / PREFILL_BUCKET) * PREFILL_BUCKET, max(self.max_context - start, length))
         ids = torch.tensor([tokens + [tokens[-1]] * (padded - length)], device=self.device)  # [1, T]
-        positions = torch.arange(padded, device=self.device)[None]  # [1, T]
-        self.cache.reserve(row + 1, padded, keep=row)
-        return self._forward(ids, self._batch(positions, prefill_row=row), last=length - 1)[0]
+        positions = torch.arange(start, start + padded, device=self.device)[None]  # [1, T]
+        self.cache.reserve(row + 1, start + padded, keep=row + 1)
+        mask = None
+        if start:  # attend to the cached chunks and causally within this one: [1, 1, T, start + T]
+            mask = (torch.arange(start + padded, device=self.device)[None, :] <= positions[0, :, None])[None, None]
+        batch = self._batch(positions, prefill_row=row, prefill_start=start, mask=mask)
+        return self._forward(ids, batch, last=length - 1)[0]
 
-    def step(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """Advance rows 0..B-1 by one token each; return logits [B, V]."""
+    def step(self, tokens: list[int], positions: list[int], rows: int = 0) -> torch.Tensor:
+        """Advance rows 0..B-1 by one token each; return logits [B, V]. `rows` rows in all are in
+        use (one past B when a prompt is being prefilled in chunks), and kept if the cache grows."""
         ids = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
-        length = max(positions) + 1
-        self.cache.reserve(len(tokens), length, keep=len(tokens))
+        length, rows = max(positions) + 1, max(rows, len(tokens))
+        self.cache.reserve(rows, length, keep=rows)
         mask = torch.arange(length, device=self.device)[None, :] <= pos  # [B, L]
         return self._forward(ids, self._batch(pos, mask=mask[:, None, None, :]))
 
@@ -435,9 +443,12 @@ class Model:
         keys, values = self.cache.k[index], self.cache.v[index]
         gqa = self.arch.heads != self.arch.kv_heads
         if batch.prefill_row is not None:
-            row, length = batch.prefill_row, k.shape[2]
-            keys[row, :, :length], values[row, :, :length] = k[0], v[0]
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            row, start, end = batch.prefill_row, batch.prefill_start, batch.prefill_start + k.shape[2]
+            keys[row, :, start:end], values[row, :, start:end] = k[0], v[0]
+            if not start:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            past_k, past_v = keys[row : row + 1, :, :end], values[row : row + 1, :, :end]
+            return F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=batch.mask, enable_gqa=gqa)
         assert batch.mask is not None
         size, length = q.shape[0], batch.mask.shape[-1]
         rows, pos = torch.arange(size, device=q.device), batch.positions[:, 0]
@@ -647,6 +658,7 @@ class Sequence:
     cancel: threading.Event = field(default_factory=threading.Event)  # set: end at the next step
     deadline: float = math.inf  # time.monotonic() past which the sequence ends with "timeout"
     generated: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens already in the cache (a long prompt joins in chunks)
     text: str | None = None  # set when a stop string cut the continuation
     finish_reason: str | None = None
     error: Exception | None = None
@@ -655,6 +667,10 @@ class Sequence:
     admitted_at: float = 0.0  # time.monotonic() stamps, for the timing headers and metrics
     first_token_at: float = 0.0
     finished_at: float = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt_ids)
 
     @property
     def cached(self) -> int:
@@ -715,8 +731,9 @@ class Sequence:
 
 class Scheduler:
     """Owns which sequence waits and which runs in which cache row. Running sequences always
-    occupy rows 0..B-1 (`running[i]` is in row i), so a step is one slice of the cache.
-    Request threads add sequences; the engine thread does everything else."""
+    occupy rows 0..B-1 (`running[i]` is in row i), so a step is one slice of the cache. At most
+    one of them is still being prefilled, in chunks; it is always the last, so the decoding ones
+    stay rows 0..B-2. Request threads add sequences; the engine thread does everything else."""
 
     def __init__(self, max_batch: int):
         self.max_batch = max_batch
@@ -743,33 +760,43 @@ class Scheduler:
             self.stopping = True
             self._wake.notify()
 
-    def admit(self) -> list[Sequence]:
-        """Wait for work; then take waiting sequences up to the batch's free rows. An empty list
-        with `stopping` set means: shut down."""
+    def wait_for_work(self) -> bool:
+        """Block until something waits or runs; False once the engine is stopping."""
         with self._wake:
             while not (self.waiting or self.running or self.stopping):
                 self._wake.wait()
-            if self.stopping:
-                return []
-            joining: list[Sequence] = []
-            while self.waiting and len(self.running) + len(joining) < self.max_batch:
-                joining.append(self.waiting.popleft())
-            return joining
+            return not self.stopping
 
-    def place(self, seq: Sequence) -> int:
-        """Give a sequence the next free row (it must then be prefilled into it)."""
-        self.running.append(seq)
-        return len(self.running) - 1
+    def prefilling(self) -> Sequence | None:
+        return self.running[-1] if self.running and self.running[-1].prefilling else None
+
+    def decoding(self) -> list[Sequence]:
+        return self.running[:-1] if self.prefilling() else self.running[:]
+
+    def next_to_join(self) -> Sequence | None:
+        """The next waiting sequence, placed in the next free row, if a row is free and no other
+        prompt is still being prefilled."""
+        with self._wake:
+            if not self.waiting or len(self.running) >= self.max_batch or self.prefilling():
+                return None
+            self.running.append(self.waiting.popleft())
+            return self.running[-1]
 
     def release(self, finished: ListLike[Sequence]) -> list[tuple[int, int]]:
-        """Remove finished sequences, moving the last row into each hole to stay compact; return
-        the (from, to) row moves the KV cache must copy, in order."""
+        """Remove finished sequences, moving the last decoding row into each hole (and the one
+        being prefilled after it) to stay compact; return the (from, to) row moves the KV cache
+        must copy, in order."""
         moves = []
         for seq in finished:
-            row, last = self.running.index(seq), len(self.running) - 1
-            if row != last:
-                self.running[row] = self.running[last]
-                moves.append((last, row))
+            pending = self.prefilling()
+            if seq is not pending:
+                row, last = self.running.index(seq), len(self.running) - (2 if pending else 1)
+                if row != last:
+                    self.running[row] = self.running[last]
+                    moves.append((last, row))
+                if pending:
+                    self.running[last] = pending
+                    moves.append((last + 1, last))
             self.running.pop()
         return moves
 
@@ -900,39 +927,50 @@ class Engine:
             self.scheduler.clear()
 
     def step(self) -> bool:
-        """One round: admit and prefill joining sequences, then advance the batch by one token.
-        Returns False once the engine is stopping."""
-        joining = self.scheduler.admit()
-        if self.scheduler.stopping:
+        """One round: prefill up to PREFILL_CHUNK prompt tokens (finishing a long prompt's chunks
+        first, then joining waiting sequences), then advance the decoding sequences by one token.
+        A long prompt thus never stalls the batch for more than one chunk. Returns False once the
+        engine is stopping."""
+        if not self.scheduler.wait_for_work():
             return False
-        for seq in joining:
-            self._prefill(seq)
-        if self.scheduler.running:
-            self._decode()
+        budget = PREFILL_CHUNK
+        while budget > 0 and (seq := self.scheduler.prefilling() or self.scheduler.next_to_join()):
+            budget -= self._prefill(seq, budget)
+            if seq.prefilling:
+                break  # the rest of this prompt in the next steps
+        if batch := self.scheduler.decoding():
+            self._decode(batch)
         return True
 
-    def _prefill(self, seq: Sequence) -> None:
-        if seq.cancel.is_set():  # the client left while waiting to join
-            seq.finish("cancelled")
-            return
-        row, seq.admitted_at = self.scheduler.place(seq), time.monotonic()
+    def _prefill(self, seq: Sequence, budget: int) -> int:
+        """Prefill the next chunk of a placed sequence's prompt; return the tokens it took."""
+        if seq.cancel.is_set() or self._expired:  # the client left, or the drain ended, before it could start
+            self._release([seq])
+            seq.finish("cancelled" if seq.cancel.is_set() else "timeout")
+            return 0
+        start, seq.admitted_at = time.monotonic(), seq.admitted_at or time.monotonic()
+        chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + budget]
         try:
-            logits = self.model.prefill(row, seq.prompt_ids)
+            logits = self.model.prefill(len(self.scheduler.running) - 1, chunk, seq.prefilled)
         except Exception as exc:  # one bad sequence must not take the batch down
             log.exception("prefill failed")
             self._release([seq])
             seq.fail(GenerationFailed(f"generation failed: {exc}"))
-            return
-        self.observe("prefill", time.monotonic() - seq.admitted_at, 1)
-        self._postprocess([seq], logits[None])
+            return len(chunk)
+        seq.prefilled += len(chunk)
+        self.observe("prefill", time.monotonic() - start, 1)
+        if not seq.prefilling:
+            self._postprocess([seq], logits[None])  # the prompt is in: its first token
+        return len(chunk)
 
-    def _decode(self) -> None:
-        batch, start = self.scheduler.running, time.monotonic()
+    def _decode(self, batch: list[Sequence]) -> None:
+        start = time.monotonic()
         try:
-            logits = self.model.step([s.generated[-1] for s in batch], [s.cached for s in batch])
+            tokens, positions = [s.generated[-1] for s in batch], [s.cached for s in batch]
+            logits = self.model.step(tokens, positions, rows=len(self.scheduler.running))
         except Exception as exc:
             log.exception("a step failed; failing the whole batch")
-            self._fail(batch, GenerationFailed(f"generation failed: {exc}"))
+            self._fail(self.scheduler.running, GenerationFailed(f"generation failed: {exc}"))
             self.scheduler.clear()
             self.model.reset()
             return

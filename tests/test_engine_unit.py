@@ -46,6 +46,7 @@ class FakeModel:
         self.rows: dict[int, list[int]] = {}
         self.step_delay = step_delay
         self.batch_sizes: list[int] = []
+        self.prefills: list[int] = []  # tokens in each prefill call
         self.fail_next_step = False
         self.fail_move = False
 
@@ -54,11 +55,13 @@ class FakeModel:
         logits[(history[-1] + 1) % VOCAB] = 1.0
         return logits
 
-    def prefill(self, row: int, tokens: list[int]) -> torch.Tensor:
-        self.rows[row] = list(tokens)
+    def prefill(self, row: int, tokens: list[int], start: int = 0) -> torch.Tensor:
+        assert start == len(self.rows.get(row, [])) if start else True, "a chunk must continue its row"
+        self.rows[row] = self.rows[row][:start] + list(tokens) if start else list(tokens)
+        self.prefills.append(len(tokens))
         return self._logits(self.rows[row])
 
-    def step(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def step(self, tokens: list[int], positions: list[int], rows: int = 0) -> torch.Tensor:
         if self.fail_next_step:
             self.fail_next_step = False
             raise RuntimeError("device fell over")
@@ -409,3 +412,44 @@ def test_engine_stream_pieces_add_up_to_the_result() -> None:
     assert [t for d in deltas for t in d.token_ids] == [ord(c) for c in "bcdefg"]
     assert [d.tokens for d in deltas] == sorted(d.tokens for d in deltas)
     eng.close()
+
+
+def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of PREFILL_CHUNK tokens, one per step: the running sequences advance between them,
+    and sequences that finish mid-prefill move rows without mixing anyone's history up."""
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 8)
+    eng = make_engine(max_batch=4, step_delay=0.003)
+    fake: FakeModel = eng.model  # type: ignore[assignment]
+    short = [lambda n=n: eng.generate(chr(65 + n), SamplingParams(max_new_tokens=3 + 4 * n)) for n in range(3)]
+    long_prompt = "".join(chr(33 + i % 90) for i in range(45))
+
+    def late_long() -> object:
+        time.sleep(0.01)  # the short ones are decoding by now
+        return eng.generate(long_prompt, SamplingParams(max_new_tokens=5))
+
+    *shorts, long_result = in_threads([*short, late_long])
+    for n, result in enumerate(shorts):
+        assert result == engine.Result("".join(chr(65 + n + k) for k in range(1, 4 + 4 * n)), 3 + 4 * n, "length")
+    expected = "".join(chr((ord(long_prompt[-1]) + k) % VOCAB) for k in range(1, 6))
+    assert long_result == engine.Result(expected, 5, "length")
+    assert max(fake.prefills) <= 8
+    assert fake.prefills.count(8) >= 5  # 45 tokens: five full chunks and a rest
+    eng.close()
+
+
+def test_release_keeps_the_prefilling_sequence_last() -> None:
+    scheduler = engine.Scheduler(max_batch=4)
+    seqs = [engine.Sequence([1, 2], SamplingParams(), torch.Generator()) for _ in range(3)]
+    for seq in seqs:
+        scheduler.add(seq)
+        assert scheduler.next_to_join() is seq
+        seq.prefilled = 2  # fully prefilled: decoding
+    pending = engine.Sequence([1, 2, 3, 4], SamplingParams(), torch.Generator())
+    scheduler.add(pending)
+    assert scheduler.next_to_join() is pending
+    assert scheduler.next_to_join() is None  # one prompt in chunks at a time
+    assert scheduler.release([seqs[0]]) == [(2, 0), (3, 2)]
+    assert scheduler.running == [seqs[2], seqs[1], pending]
+    assert scheduler.decoding() == [seqs[2], seqs[1]]
+    assert scheduler.release([pending]) == []
+    assert scheduler.running == [seqs[2], seqs[1]]

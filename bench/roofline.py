@@ -1,0 +1,101 @@
+"""The engine's own efficiency: one full decode step of our Model against the bare matrix products
+of the same weights in the same format, at several batch sizes, in one run.
+
+The ratio (step / bare products) is comparable across machines: 1.0 would mean everything but
+the matrix products is free. Prints a Markdown table and the CPU it ran on; writes JSON.
+
+Run: python bench/roofline.py --model models/smollm2-135m-instruct [--dtype float32] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import engine
+
+
+def cpu_description() -> str:
+    flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0] if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())  # fmt: skip
+    isa = "AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
+    return f"{model} ({isa}, {torch.get_num_threads()} threads)"
+
+
+def median_ms(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up: kernels are picked on first use
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def bare_products(model: engine.Model, batch: int) -> Callable[[], object]:
+    """Every weight matrix of a step applied once to a batch of activations of the right width."""
+    width, dtype = model.embed.shape[1], model.embed.dtype
+    inputs: dict[int, torch.Tensor] = {}
+    for w in model.layers:
+        for weight in (w.qkv, w.out, w.up, w.down):
+            inputs.setdefault(weight.shape[1], torch.randn(batch, weight.shape[1], dtype=dtype))
+
+    def run() -> None:
+        for w in model.layers:
+            for weight in (w.qkv, w.out, w.up, w.down):
+                F.linear(inputs[weight.shape[1]], weight)
+        F.linear(inputs[width], model.lm_head)
+
+    return run
+
+
+def full_step(model: engine.Model, batch: int, cached: int) -> Callable[[], object]:
+    """One decode step of `batch` rows that each hold `cached` tokens (cache contents do not
+    change the cost)."""
+    model.cache.reserve(batch, cached + 1, keep=0)
+    tokens, positions = [1] * batch, [cached] * batch
+    return lambda: model.step(tokens, positions)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/smollm2-135m-instruct")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--cached", type=int, default=160, help="tokens already in each row's cache")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(engine.cpu_budget())
+    config = engine.ModelConfig(name=args.model, dtype=args.dtype, max_batch=max(args.batches))
+    loaded = engine.load_model(config)
+    rows = []
+    with torch.inference_mode():
+        for batch in args.batches:
+            step = median_ms(full_step(loaded.model, batch, args.cached), args.repeats)
+            bare = median_ms(bare_products(loaded.model, batch), args.repeats)
+            rows.append({"batch": batch, "step_ms": round(step, 2), "products_ms": round(bare, 2),
+                         "ratio": round(step / bare, 2)})  # fmt: skip
+    cpu = cpu_description()
+    print(f"{args.model}, {loaded.dtype}, {args.cached} cached tokens; {cpu}\n")
+    print("| batch | decode step (ms) | bare matrix products (ms) | ratio |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['batch']} | {row['step_ms']} | {row['products_ms']} | {row['ratio']} |")
+    if args.json:
+        out = {"model": args.model, "dtype": str(loaded.dtype), "cpu": cpu, "cached": args.cached, "rows": rows}
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
