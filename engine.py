@@ -324,8 +324,8 @@ class KVCache:
         length = max(self.capacity, math.ceil(length / CACHE_CHUNK) * CACHE_CHUNK)
         for cache in (self.k, self.v):
             for i, old in enumerate(cache):  # one layer at a time, so the old and new never all coexist
-                new = self._zeros(rows, length)
-                new[:keep, :, : old.shape[2]] = old[:keep]
+                new, kept = self._zeros(rows, length), min(keep, old.shape[0])
+                new[:kept, :, : old.shape[2]] = old[:kept]
                 cache[i] = new
 
     def move(self, src: int, dst: int) -> None:

@@ -301,6 +301,13 @@ def test_kv_cache_grows_in_rows_and_length_keeping_data_and_shrinks_back() -> No
         assert layer[3:].abs().sum() == 0  # new rows and positions are zeros, never garbage
     cache.reserve(rows=30, length=10, keep=3)
     assert cache.rows == 20  # never past max_rows
+    cache.reset()
+    cache.k[0][:] = 1.0
+    cache.reserve(rows=engine.ROW_CHUNK + 1, length=10, keep=engine.ROW_CHUNK + 1)  # a new row's own chunk
+    assert cache.k[0][: engine.ROW_CHUNK].min() == 1.0
+    cache.reset()
+    for layer in cache.k:
+        layer[:3, :, :10] = torch.arange(3.0)[:, None, None, None] + 1
     cache.move(2, 0)
     assert cache.k[0][0, 0, 0, 0] == 3.0
     cache.reset()
