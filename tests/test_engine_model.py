@@ -168,3 +168,18 @@ def test_streamed_pieces_add_up_to_the_same_seeds_answer(eng: Engine, prompt: st
     assert result == whole
     assert "".join(d.text for d in deltas) == whole.text  # type: ignore[union-attr]
     assert sum(len(d.token_ids) for d in deltas) == result.tokens  # type: ignore[union-attr]
+
+
+def test_more_rows_than_the_first_cache_chunk_and_a_long_prompt_in_chunks(gpt2_dir: Path) -> None:
+    """Ten sequences (past the cache's first 8 rows), the last a prompt of several prefill chunks
+    joining while the others decode: everyone's greedy text is what it is alone."""
+    eng = open_engine(gpt2_dir, max_batch=12)
+    try:
+        long_prompt = "The history of the city is long. " * 30  # ~240 tokens: four chunks
+        jobs = [(p, SamplingParams(max_new_tokens=30, ignore_eos=True)) for p in PROMPTS + PROMPTS[:1]]
+        jobs.append((long_prompt, SamplingParams(max_new_tokens=12, ignore_eos=True)))
+        alone = [eng.generate(*job).text for job in jobs]
+        batched = run_staggered(eng, jobs, gap=0.02)
+        assert [r.text for r in batched] == alone
+    finally:
+        eng.close()
