@@ -343,6 +343,7 @@ class Batch:
     prefill_row: int | None = None
     prefill_start: int = 0  # a later chunk of a prompt: the positions already in the row's cache
     mask: torch.Tensor | None = None  # [B, 1, T, L], True where a position may attend (step; later chunks)
+    slots: torch.Tensor | None = None  # step only: [B Hkv], where each row's new key goes in a flat cache layer
     cos: torch.Tensor | None = None  # rotary tables for these positions: [B, 1, T, D]
     sin: torch.Tensor | None = None
 
@@ -396,7 +397,15 @@ class Model:
         length, rows = max(positions) + 1, max(rows, len(tokens))
         self.cache.reserve(rows, length, keep=rows)
         mask = torch.arange(length, device=self.device)[None, :] <= pos  # [B, L]
-        return self._forward(ids, self._batch(pos, mask=mask[:, None, None, :]))
+        # Row r's key for head h goes to cache[r, h, p]: in a layer seen as [R Hkv L, D], index
+        # (r Hkv + h) L + p. One index_copy_ per layer; indexing rows and positions together is slower.
+        heads, capacity = self.arch.kv_heads, self.cache.capacity
+        rows_heads = (
+            torch.arange(len(tokens), device=self.device)[:, None] * heads
+            + torch.arange(heads, device=self.device)[None, :]
+        )
+        slots = (rows_heads * capacity + pos).flatten()  # [B Hkv]
+        return self._forward(ids, self._batch(pos, mask=mask[:, None, None, :], slots=slots))
 
     def move(self, src: int, dst: int) -> None:
         self.cache.move(src, dst)
@@ -449,10 +458,10 @@ class Model:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             past_k, past_v = keys[row : row + 1, :, :end], values[row : row + 1, :, :end]
             return F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=batch.mask, enable_gqa=gqa)
-        assert batch.mask is not None
-        size, length = q.shape[0], batch.mask.shape[-1]
-        rows, pos = torch.arange(size, device=q.device), batch.positions[:, 0]
-        keys[rows, :, pos], values[rows, :, pos] = k[:, :, 0], v[:, :, 0]
+        assert batch.mask is not None and batch.slots is not None
+        size, length, dim = q.shape[0], batch.mask.shape[-1], q.shape[-1]
+        keys.view(-1, dim).index_copy_(0, batch.slots, k[:, :, 0].reshape(-1, dim))
+        values.view(-1, dim).index_copy_(0, batch.slots, v[:, :, 0].reshape(-1, dim))
         return F.scaled_dot_product_attention(
             q, keys[:size, :, :length], values[:size, :, :length], attn_mask=batch.mask, enable_gqa=gqa
         )
