@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
 import engine
 from server import FIELDS, ApiError, Limits, Settings, create_app, parse_generate
-from tests.conftest import KEY
+from tests.conftest import KEY, ROOT
 
 LIMITS = Limits()
 
@@ -236,3 +240,36 @@ def test_unexpected_error_is_one_json_500_with_request_id(caplog: pytest.LogCapt
 def test_max_context_tokens_setting() -> None:
     assert Settings.from_env({"API_KEY": "k"}).model.max_context == 1024
     assert Settings.from_env({"API_KEY": "k", "MAX_CONTEXT_TOKENS": "4096"}).model.max_context == 4096
+
+
+def test_allowed_hosts_refuses_a_foreign_host_header() -> None:
+    model = engine.ModelConfig(name="/nonexistent/model")  # the module's client holds the one engine: same config
+    settings = Settings(api_keys=(KEY,), model=model, allowed_hosts="localhost, api.example")
+    with TestClient(create_app(settings), base_url="http://localhost") as local:
+        assert local.get("/health").status_code == 200
+        assert local.get("/health", headers={"host": "api.example"}).status_code == 200
+        assert local.get("/docs", headers={"host": "evil.example"}).status_code == 400  # DNS rebinding
+    with TestClient(create_app(Settings(api_keys=(KEY,), model=model)), base_url="http://anything.example") as anyhost:
+        assert anyhost.get("/health").status_code == 200  # off by default
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [("max 100000", None), ("150000 100000", 2), ("50000 100000", 1)])
+def test_threads_follow_the_cgroup_quota(tmp_path: Path, cpu_max: str, expected: int | None) -> None:
+    quota = tmp_path / "cpu.max"
+    quota.write_text(cpu_max + "\n")
+    cpus = len(os.sched_getaffinity(0))
+    assert engine.cpu_budget(quota) == min(cpus, expected or cpus)
+    assert engine.cpu_budget(tmp_path / "missing") == cpus
+    assert Settings.from_env({"API_KEY": "k", "THREADS": "3"}).model.threads == 3
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is installed by make test")
+def test_compose_refuses_to_start_without_an_api_key() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "API_KEY"}
+    done = subprocess.run(["docker-compose", "-f", "docker-compose.yml", "config", "--quiet"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode != 0
+    assert "set API_KEY" in done.stderr
+    published = subprocess.run(["docker-compose", "-f", "docker-compose.yml", "config"], cwd=ROOT,
+                               env={**env, "API_KEY": "x"}, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "127.0.0.1" in published.stdout  # the port is not published on every interface
