@@ -750,27 +750,29 @@ class Generation:
 
     async def run(self, limiter: anyio.CapacityLimiter) -> None:
         try:
-            self.result = await anyio.to_thread.run_sync(self._blocking, limiter=limiter)
+            await anyio.to_thread.run_sync(self._blocking, limiter=limiter)
         except Exception as exc:
             self.error = from_engine_error(exc)
         finally:
             if self.events is not None:
                 self.events.close()  # the stream ends: what follows is result or error
 
-    def _blocking(self) -> engine.Result:
+    def _blocking(self) -> None:
+        """In the worker thread. The result is kept here, not returned: a run cancelled because
+        the client left still waits for its thread, and its tokens still count in /metrics."""
         self.started.set()  # we hold a place now: the queue timeout no longer applies
         deadline = self.arrived + self.settings.request_timeout
         prompt, params, running = self.request.prompt, self.request.params, engine.ENGINE.get()
         if self.events is None:
-            return running.generate(prompt, params, self.cancel, deadline)
+            self.result = running.generate(prompt, params, self.cancel, deadline)
+            return
         for item in running.stream(prompt, params, self.cancel, deadline):
+            if isinstance(item, engine.Result):
+                self.result = item
             try:
                 anyio.from_thread.run_sync(self.events.send_nowait, item)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self.cancel.set()  # nobody reads any more
-            if isinstance(item, engine.Result):
-                return item
-        raise AssertionError("a stream always ends with its result")
 
     async def watch_queue(self) -> None:
         await anyio.sleep(self.settings.queue_timeout)
@@ -860,8 +862,12 @@ class EventStream:
         finally:
             self.runtime.in_flight -= 1
             self.job.cancel.set()
+        if self.job.error is None and self.job.result is not None:  # counted even if the client left
+            timing = Timing(self.job.result, self.job.arrived)
+            self.metrics.observe_generation(timing)
+            scope["state"].update(timing.log_fields())
         if not self.gone:
-            await self.finish(scope, send)
+            await self.finish(send)
 
     async def forward(self, events: MemoryObjectReceiveStream[engine.Delta | engine.Result], send: Send) -> None:
         while True:
@@ -883,14 +889,10 @@ class EventStream:
             self.begun = True
             await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
 
-    async def finish(self, scope: Scope, send: Send) -> None:
+    async def finish(self, send: Send) -> None:
         """The last event: `done` with the whole answer, or `error`; or, before anything was sent,
         the JSON answer's status."""
-        error, result = self.job.error, self.job.result
-        if error is None and result is not None:
-            timing = Timing(result, self.job.arrived)
-            self.metrics.observe_generation(timing)
-            scope["state"].update(timing.log_fields())
+        error = self.job.error
         if not self.begun:
             if error is not None:
                 raise error
