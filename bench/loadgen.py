@@ -2,9 +2,10 @@
 
 Targets any server by URL: this service or the baseline (`--api generate`), or llama.cpp's
 `llama-server` (`--api llamacpp`). Loopback only. Reports tokens/s (all clients together),
-request latency p50/p99, and the server's peak memory when given its pid.
+request latency p50/p99, and the server's peak memory when given its pid. With `--stream` (this
+service only) each request streams, and the time to its first token event is reported too.
 
-Run: python bench/loadgen.py --url http://127.0.0.1:8000 --clients 1 8 32 [--pid PID] [--json out.json]
+Run: python bench/loadgen.py --url http://127.0.0.1:8000 --clients 1 8 32 [--stream] [--pid PID] [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Level:
     p50_s: float
     p99_s: float
     peak_rss_mb: float | None
+    ttft_p50_s: float | None = None  # --stream: from sending the request to its first token event
+    ttft_p99_s: float | None = None
 
 
 def request_for(api: str, max_new_tokens: int) -> tuple[str, dict[str, Any]]:
@@ -46,6 +49,41 @@ def request_for(api: str, max_new_tokens: int) -> tuple[str, dict[str, Any]]:
 
 def tokens_of(api: str, body: dict[str, Any]) -> int:
     return int(body["tokens_predicted"] if api == "llamacpp" else body["generated_tokens"])
+
+
+def p50_p99(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values) or [float("nan")]
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return round(statistics.median(ordered), 2), round(p99, 2)
+
+
+async def post_streaming(http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> tuple[int, int, float | None]:
+    """One streaming request: (status, tokens, seconds to its first token event or None). A stream
+    that ends with an `error` event counts as a failure (500)."""
+    start, first, event = time.perf_counter(), None, ""
+    async with http.stream("POST", path, json={**body, "stream": True}) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return response.status_code, 0, None
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                event = line.removeprefix("event:").strip()
+                if event == "token" and first is None:
+                    first = time.perf_counter() - start
+            elif line.startswith("data:") and event in ("done", "error"):
+                data = json.loads(line.removeprefix("data:"))
+                return (200, int(data["generated_tokens"]), first) if event == "done" else (500, 0, first)
+    return 500, 0, first  # the stream stopped without its last event
+
+
+async def one_request(args: argparse.Namespace, http: httpx.AsyncClient) -> tuple[int, int, float | None]:
+    """(status, tokens, seconds to the first token when streaming)."""
+    path, body = request_for(args.api, args.max_new_tokens)
+    if args.stream:
+        return await post_streaming(http, path, body)
+    response = await http.post(path, json=body)
+    ok = response.status_code == 200
+    return response.status_code, tokens_of(args.api, response.json()) if ok else 0, None
 
 
 class MemoryWatch:
@@ -71,8 +109,8 @@ class MemoryWatch:
 
 
 async def one_level(args: argparse.Namespace, clients: int) -> Level:
-    path, body = request_for(args.api, args.max_new_tokens)
     latencies: list[float] = []
+    first_tokens: list[float] = []
     tokens, failed = 0, 0
     deadline = time.perf_counter() + args.duration
 
@@ -80,12 +118,14 @@ async def one_level(args: argparse.Namespace, clients: int) -> Level:
         nonlocal tokens, failed
         for _ in range(args.max_requests_per_client):
             start = time.perf_counter()
-            response = await http.post(path, json=body)
-            if response.status_code != 200:
+            status, count, first = await one_request(args, http)
+            if status != 200:
                 failed += 1
             else:
                 latencies.append(time.perf_counter() - start)
-                tokens += tokens_of(args.api, response.json())
+                tokens += count
+                if first is not None:
+                    first_tokens.append(first)
             if time.perf_counter() > deadline:
                 return
 
@@ -96,11 +136,10 @@ async def one_level(args: argparse.Namespace, clients: int) -> Level:
             start = time.perf_counter()
             await asyncio.gather(*(client(http) for _ in range(clients)))
             seconds = time.perf_counter() - start
-    ordered = sorted(latencies) or [float("nan")]
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
     peak = round(memory.peak / 2**20, 1) if args.pid else None
+    ttft = p50_p99(first_tokens) if args.stream else (None, None)
     return Level(clients, len(latencies), failed, tokens, round(seconds, 2), round(tokens / seconds, 1),
-                 round(statistics.median(ordered), 2), round(p99, 2), peak)  # fmt: skip
+                 *p50_p99(latencies), peak, *ttft)  # fmt: skip
 
 
 async def run(args: argparse.Namespace) -> list[Level]:
@@ -125,14 +164,18 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30, help="clients start no new request after this")
     parser.add_argument("--max-requests-per-client", type=int, default=1000)
     parser.add_argument("--pid", type=int, help="server process to watch for peak memory")
+    parser.add_argument("--stream", action="store_true", help="stream each answer; report time to first token")
     parser.add_argument("--json", help="write the levels here")
     args = parser.parse_args()
     if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         parser.error("load is only ever sent to loopback")
+    if args.stream and args.api != "generate":
+        parser.error("--stream speaks this service's server-sent events only")
     levels = asyncio.run(run(args))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"url": args.url, "api": args.api, "levels": [asdict(lv) for lv in levels]}, out, indent=1)
+            summary = {"url": args.url, "api": args.api, "stream": args.stream, "levels": [asdict(lv) for lv in levels]}
+            json.dump(summary, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 Run: python bench/run_bench.py --servers ours baseline --models models/smollm2-135m-instruct \
          models/random-distilgpt2 --json bench/results/cpu.json
+     python bench/run_bench.py --stream --duration 20 --json bench/results/ttft.json   (time to first token)
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def measure(server: str, model: str, args: argparse.Namespace, workdir: Path) ->
     try:
         cmd = [sys.executable, "bench/loadgen.py", "--url", f"http://127.0.0.1:{port}", "--key", KEY,
                "--pid", str(proc.pid), "--json", str(out), "--duration", str(args.duration),
-               "--max-new-tokens", str(args.max_new_tokens), "--clients", *map(str, args.clients)]  # fmt: skip
+               "--max-new-tokens", str(args.max_new_tokens), "--clients", *map(str, args.clients),
+               *(["--stream"] if args.stream else [])]  # fmt: skip
         subprocess.run(cmd, cwd=ROOT, check=True)
     finally:
         proc.terminate()
@@ -75,15 +77,18 @@ def cpu_name() -> str:
     return f"{name or platform.machine()} ({', '.join(wanted) or 'no AVX2'})"
 
 
-def table(runs: list[dict[str, object]]) -> str:
+def table(runs: list[dict[str, object]], stream: bool) -> str:
+    ttft = " TTFT p50 s | TTFT p99 s |" if stream else ""
     lines = [
-        "| server | model | clients | tok/s | p50 s | p99 s | requests | peak MB |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| server | model | clients | tok/s | p50 s | p99 s |{ttft} requests | peak MB |",
+        "|---|---|---|---|---|---|" + "---|" * (4 if stream else 2),
     ]
     for run in runs:
         for lv in run["levels"]:  # type: ignore[attr-defined]
+            first = f" {lv['ttft_p50_s']} | {lv['ttft_p99_s']} |" if stream else ""
             lines.append(f"| {run['server']} | {run['model']} | {lv['clients']} | {lv['tokens_per_s']} | "
-                         f"{lv['p50_s']} | {lv['p99_s']} | {lv['requests']} | {lv['peak_rss_mb']} |")  # fmt: skip
+                         f"{lv['p50_s']} | {lv['p99_s']} |{first} {lv['requests']} | "
+                         f"{lv['peak_rss_mb']} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -94,6 +99,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--duration", type=float, default=30)
+    parser.add_argument("--stream", action="store_true", help="streaming requests; adds time to first token")
     parser.add_argument("--json")
     args = parser.parse_args()
     runs = []
@@ -101,7 +107,7 @@ def main() -> None:
         for model in args.models:
             for server in args.servers:
                 runs.append(measure(server, model, args, Path(tmp)))
-    print(table(runs))
+    print(table(runs, args.stream))
     machine = {"cpu": cpu_name(), "cores": psutil.cpu_count(), "python": platform.python_version(),
                "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}  # fmt: skip
     if args.json:
