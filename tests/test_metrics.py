@@ -222,7 +222,6 @@ def test_metrics_answers_at_once_while_the_engine_is_busy(server: Server) -> Non
     wait_for(lambda: scrape(server.url).value("llm_running_sequences") == 0, 5, "the batch emptied")
 
 
-@pytest.mark.xfail(strict=True, reason="server: tokens of a stream whose client left are not counted")
 def test_tokens_of_a_stream_whose_client_left_are_counted(server: Server) -> None:
     before = scrape(server.url)
     long = {"prompt": PROMPT, "max_new_tokens": 1000, "ignore_eos": True, "stream": True}
