@@ -1166,9 +1166,10 @@ class DrainingServer(uvicorn.Server):
             timer.daemon = True  # a drain that finishes early must not wait for it
             timer.start()
         super().handle_exit(sig, frame)
-        if sig == signal.SIGTERM:
+        if sig in (signal.SIGTERM, signal.SIGINT) and sig in self._captured_signals:
             # uvicorn re-raises caught signals once it has shut down, so the process would die of
-            # SIGTERM (status 143); a drain that completed is a clean exit, status 0.
+            # SIGTERM (status 143), or print a KeyboardInterrupt traceback on Ctrl+C; a drain that
+            # completed is a clean exit, status 0.
             self._captured_signals.remove(sig)
 
 
