@@ -99,7 +99,7 @@ def send_traffic(server: Server) -> dict[str, Any]:
     answers = [generate(server, max_new_tokens=n, ignore_eos=True) for n in (3, 9, 17)]
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert all(a.headers["x-generated-tokens"] == str(a.json()["generated_tokens"]) for a in answers)
-    body = {"prompt": PROMPT, "max_new_tokens": 11, "stream": True}
+    body = {"prompt": PROMPT, "max_new_tokens": 11, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/generate", json=body, headers=AUTH, timeout=60) as response:
         done = read_all(events(response), timeout=60)[-1]
     assert done.kind == "done"
