@@ -54,6 +54,10 @@ FAMILIES = {  # every family the issue asks for, with its type
     "process_resident_memory_bytes": "gauge",
 }
 LABELS = {"route", "status", "kind", "le"}  # the only label names; each with bounded values
+# A scrape normally takes a few ms; on this shared 2-core machine, beside a loading model or a full
+# batch, up to ~1.2 s was seen. Waiting for the engine would mean waiting seconds: the load, or a
+# generation of 1000 tokens; the tests below also require answers given while those run.
+SLOWEST_SCRAPE = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +103,7 @@ def send_traffic(server: Server) -> dict[str, Any]:
     answers = [generate(server, max_new_tokens=n, ignore_eos=True) for n in (3, 9, 17)]
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert all(a.headers["x-generated-tokens"] == str(a.json()["generated_tokens"]) for a in answers)
-    body = {"prompt": PROMPT, "max_new_tokens": 11, "stream": True}
+    body = {"prompt": PROMPT, "max_new_tokens": 11, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/generate", json=body, headers=AUTH, timeout=60) as response:
         done = read_all(events(response), timeout=60)[-1]
     assert done.kind == "done"
@@ -218,7 +222,7 @@ def test_metrics_answers_at_once_while_the_engine_is_busy(server: Server) -> Non
         stack.close()  # the long streams leave; the queued request runs
         queued.join(timeout=30)
     print(f"\n/metrics under a full batch: slowest of 20 scrapes {max(times) * 1000:.0f} ms")
-    assert max(times) < 1.0  # the engine step is ~0.1 s here; a scrape that waited for it would show
+    assert max(times) < SLOWEST_SCRAPE
     wait_for(lambda: scrape(server.url).value("llm_running_sequences") == 0, 5, "the batch emptied")
 
 
@@ -251,7 +255,8 @@ def test_metrics_answers_while_the_model_loads(gpt2_dir: Path, tmp_path: Path) -
             time.sleep(0.05)
         first.join(timeout=60)
         print(f"\n/metrics while the model loads: {loading} scrapes saw it loading, slowest {max(times) * 1000:.0f} ms")
-        assert loading >= 3 and max(times) < 1.0
+        assert loading >= 3  # answered during the load, which takes seconds: it did not wait for it
+        assert max(times) < SLOWEST_SCRAPE
         assert scrape(fresh.url).value("llm_model_loaded") == 1
 
 
@@ -292,7 +297,7 @@ def prometheus(server: Server, tmp_path: Path) -> Iterator[str]:
         process = subprocess.Popen(command, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: process.poll() is None and _answers(url + "/-/ready"), 30, "prometheus ready")
+        wait_for(lambda: process.poll() is None and _answers(url + "/-/ready"), 60, "prometheus ready")
         yield url
     finally:
         process.terminate()
@@ -316,11 +321,11 @@ def query(prometheus: str, promql: str) -> float | None:
 
 
 def test_prometheus_scrapes_what_the_service_reports(server: Server, prometheus: str) -> None:
-    wait_for(lambda: query(prometheus, 'up{job="llm"}') == 1, 20, "prometheus scraped the service")
+    wait_for(lambda: query(prometheus, 'up{job="llm"}') == 1, 30, "prometheus scraped the service")
     send_traffic(server)
     reported = scrape(server.url).value("llm_generated_tokens_total")
     assert reported > 0
-    wait_for(lambda: query(prometheus, "llm_generated_tokens_total") == reported, 20, "prometheus saw the traffic")
+    wait_for(lambda: query(prometheus, "llm_generated_tokens_total") == reported, 30, "prometheus saw the traffic")
     assert query(prometheus, 'llm_requests_total{route="/generate",status="422"}') == scrape(server.url).value(
         "llm_requests_total", route="/generate", status="422"
     )

@@ -2,8 +2,9 @@
 
 Tokens arrive through the proxy as they are made, not in one piece at the end; a request waiting
 for a place gets keep-alive comments through it; and a client that leaves, mid-stream or still
-queued, frees its place at once, directly and through the proxy. MAX_BATCH_SIZE=1 makes "waiting
-for a place" easy to arrange: one long generation holds the only place.
+queued, frees its place: at once when it talks to the server directly, and through haproxy at once
+mid-stream but only within two keep-alive intervals while queued (see `route`). MAX_BATCH_SIZE=1
+makes "waiting for a place" easy to arrange: one long generation holds the only place.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from tests.test_replicas import Haproxy, Replica, start_haproxy, wait_for
 pytestmark = pytest.mark.e2e
 AUTH = {"x-api-key": KEY}
 LONG = {"prompt": "Hold the place", "max_new_tokens": 1000, "ignore_eos": True}  # ~30 s here: always cut short
-FREED_WITHIN = 2.0  # seconds from a client leaving until its place is free (a step is ~50 ms)
+FREED_WITHIN = 3.0  # seconds from a client leaving until its place is free: a step is ~50 ms, the rest is
+# margin for a busy 2-core machine; a place that is not given back would be held for ~30 s
 
 
 @pytest.fixture(scope="module")
