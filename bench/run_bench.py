@@ -74,6 +74,7 @@ def measure(server: str, model: str, args: argparse.Namespace, workdir: Path) ->
     port = free_port()
     proc = start(server, model, port, workdir / f"{server}-{Path(model).name}.log")
     out = workdir / "levels.json"
+    load_before = os.getloadavg()[0]  # others share this machine: how busy it was, beside each figure
     try:
         api = "llamacpp" if server == "llamacpp" else "generate"
         cmd = [sys.executable, "bench/loadgen.py", "--url", f"http://127.0.0.1:{port}", "--key", KEY, "--api", api,
@@ -84,7 +85,8 @@ def measure(server: str, model: str, args: argparse.Namespace, workdir: Path) ->
         proc.terminate()
         proc.wait(timeout=120)
     levels = json.loads(out.read_text())["levels"]
-    return {"server": server, "model": Path(model).name, "levels": levels}
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    return {"server": server, "model": Path(model).name, "levels": levels, "load_1min_start_end": load}
 
 
 def cpu_info() -> dict[str, object]:
@@ -103,24 +105,36 @@ def cpu_name(cpu: dict[str, object]) -> str:
 
 def table(runs: list[dict[str, object]]) -> str:
     lines = [
-        "| server | model | clients | tok/s | p50 s | p99 s | requests | peak MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| round | server | model | clients | tok/s | p50 s | p99 s | requests | peak MB | load 1 min start/end |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
+        load = "/".join(map(str, run["load_1min_start_end"]))  # type: ignore[call-overload]
         for lv in run["levels"]:  # type: ignore[attr-defined]
-            lines.append(f"| {run['server']} | {run['model']} | {lv['clients']} | {lv['tokens_per_s']} | "
-                         f"{lv['p50_s']} | {lv['p99_s']} | {lv['requests']} | {lv['peak_rss_mb']} |")  # fmt: skip
+            lines.append(f"| {run['round']} | {run['server']} | {run['model']} | {lv['clients']} | "
+                         f"{lv['tokens_per_s']} | {lv['p50_s']} | {lv['p99_s']} | {lv['requests']} | "
+                         f"{lv['peak_rss_mb']} | {load} |")  # fmt: skip
     return "\n".join(lines)
 
 
+def best(runs: list[dict[str, object]]) -> dict[tuple[str, str, int], float]:
+    """Highest tok/s per (server, model, clients) over all rounds: the least disturbed figure."""
+    out: dict[tuple[str, str, int], float] = {}
+    for run in runs:
+        for lv in run["levels"]:  # type: ignore[attr-defined]
+            key = (str(run["server"]), str(run["model"]), int(lv["clients"]))
+            out[key] = max(out.get(key, 0.0), float(lv["tokens_per_s"]))
+    return out
+
+
 def ratios(runs: list[dict[str, object]], over: str = "llamacpp") -> str:
-    """Each server's tok/s divided by `over`'s, per model and client count (the issue's targets)."""
-    by_key = {(r["server"], r["model"], lv["clients"]): lv["tokens_per_s"] for r in runs for lv in r["levels"]}  # type: ignore[attr-defined]
+    """Each server's best tok/s divided by `over`'s, per model and client count (the issue's targets)."""
+    by_key = best(runs)
     lines = []
     for (server, model, clients), tps in by_key.items():
         ref = by_key.get((over, model, clients))
         if server != over and ref:
-            lines.append(f"{server} / {over}, {model}, {clients} clients: {tps / ref:.2f}x")
+            lines.append(f"{server} / {over}, {model}, {clients} clients: {tps} / {ref} = {tps / ref:.2f}x")
     return "\n".join(lines)
 
 
@@ -131,6 +145,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--duration", type=float, default=30)
+    parser.add_argument("--rounds", type=int, default=1, help="run every server this many times, alternating")
     parser.add_argument("--json")
     args = parser.parse_args()
     if "llamacpp" in args.servers:
@@ -138,11 +153,12 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
-            for server in args.servers:
-                if server == "llamacpp" and Path(model).name != LLAMACPP_MODEL:
-                    print(f"llamacpp: skipped for {model} (it serves {LLAMACPP_MODEL} only)", file=sys.stderr)
-                    continue
-                runs.append(measure(server, model, args, Path(tmp)))
+            for round_ in range(1, args.rounds + 1):
+                for server in args.servers:
+                    if server == "llamacpp" and Path(model).name != LLAMACPP_MODEL:
+                        print(f"llamacpp: skipped for {model} (it serves {LLAMACPP_MODEL} only)", file=sys.stderr)
+                        continue
+                    runs.append({"round": round_, **measure(server, model, args, Path(tmp))})
     cpu = cpu_info()
     print(f"CPU: {cpu_name(cpu)}, {psutil.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
     print(table(runs))
