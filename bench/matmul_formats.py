@@ -9,7 +9,7 @@ Formats:
   float32     F.linear, float32 weights and activations
   bfloat16    F.linear, bfloat16 weights and activations
   int8-bf16   int8 weight-only, per-output-channel scales, `aten._weight_int8pack_mm`, bfloat16 activations
-  int8-f32    the same kernel with float32 activations
+  int8-f32    the same kernel with float32 activations (not by default: a slow path here)
 
 Run: python bench/matmul_formats.py [--model models/smollm2-135m-instruct] [--json out.json]
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from run_bench import cpu_info, cpu_name
 
 FORMATS = ("float32", "bfloat16", "int8-bf16", "int8-f32")
+DEFAULT_FORMATS = ["float32", "bfloat16", "int8-bf16"]  # int8-f32 measured 5-20x slower than int8-bf16 here
 Product = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -56,42 +58,49 @@ def product(out_f: int, in_f: int, fmt: str) -> tuple[Product, torch.dtype]:
     return (lambda x: torch.ops.aten._weight_int8pack_mm(x, q, s)), dtype
 
 
-def time_pass(products: list[tuple[Product, int]], batch: int, dtype: torch.dtype, reps: int) -> float:
-    """Median seconds of one pass over all products (each with its own input of the right width)."""
-    inputs = {width: torch.randn(batch, width).to(dtype) for width in {w for _, w in products}}
-    times = []
-    for _ in range(reps + 1):  # the first pass warms caches and kernels
-        start = time.perf_counter()
-        for fn, width in products:
-            fn(inputs[width])
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+def one_pass(products: list[tuple[Product, int]], inputs: dict[int, torch.Tensor]) -> float:
+    """Seconds of one pass over all products (each fed an input of its own width)."""
+    start = time.perf_counter()
+    for fn, width in products:
+        fn(inputs[width])
+    return time.perf_counter() - start
 
 
 @torch.inference_mode()
-def measure(model_dir: str, fmt: str, batches: list[int], reps: int) -> dict[int, float]:
-    built = [(product(o, i, fmt), i) for o, i in shapes(model_dir)]
-    dtype = built[0][0][1]
-    products = [(fn, width) for (fn, _), width in built]
-    return {b: round(1000 * time_pass(products, b, dtype, reps), 2) for b in batches}
+def measure(model_dir: str, formats: list[str], batches: list[int], reps: int) -> dict[str, dict[int, float]]:
+    """Median ms per pass for each format and batch. The formats take turns within each repetition,
+    so a burst of load from others on this shared machine falls on all of them alike."""
+    built = {fmt: [(product(o, i, fmt), i) for o, i in shapes(model_dir)] for fmt in formats}
+    times: dict[str, dict[int, list[float]]] = {fmt: {b: [] for b in batches} for fmt in formats}
+    for batch in batches:
+        for rep in range(reps + 1):  # repetition 0 warms caches and kernels and is not counted
+            for fmt in formats:
+                dtype = built[fmt][0][0][1]
+                inputs = {width: torch.randn(batch, width).to(dtype) for _, width in built[fmt]}
+                seconds = one_pass([(fn, width) for (fn, _), width in built[fmt]], inputs)
+                if rep:
+                    times[fmt][batch].append(seconds)
+    return {fmt: {b: round(1000 * statistics.median(t), 2) for b, t in per.items()} for fmt, per in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/smollm2-135m-instruct")
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=DEFAULT_FORMATS)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    ms = {fmt: measure(args.model, fmt, args.batches, args.reps) for fmt in args.formats}
+    load_before = os.getloadavg()[0]  # others share this machine: how busy it was
+    ms = measure(args.model, args.formats, args.batches, args.reps)
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     cpu = cpu_info()
     n = len(shapes(args.model))
     isa = torch.backends.cpu.get_cpu_capability()
     print(f"{cpu_name(cpu)}, torch {torch.__version__} ({isa}), {args.threads} threads; "
-          f"{args.model}: {n} distinct weights; ms per pass (median of {args.reps})")  # fmt: skip
+          f"{args.model}: {n} distinct weights; ms per pass (median of {args.reps}); load 1 min {load}")  # fmt: skip
     print("| batch | " + " | ".join(args.formats) + " | fastest |")
     print("|---|" + "---|" * (len(args.formats) + 1))
     for b in args.batches:
@@ -99,7 +108,7 @@ def main() -> None:
         print(f"| {b} | " + " | ".join(str(ms[f][b]) for f in args.formats) + f" | {best} |")
     if args.json:
         record = {"cpu": cpu, "torch": torch.__version__, "threads": args.threads, "model": args.model,
-                  "date": time.strftime("%Y-%m-%d"), "ms_per_pass": ms}  # fmt: skip
+                  "date": time.strftime("%Y-%m-%d"), "load_1min_start_end": load, "ms_per_pass": ms}  # fmt: skip
         Path(args.json).write_text(json.dumps(record, indent=1))
 
 
