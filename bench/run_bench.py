@@ -72,8 +72,8 @@ def start(
 
 def measure(server: str, model: str, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     port = free_port()
-    proc = start(server, model, port, workdir / f"{server}-{Path(model).name}.log")
-    out = workdir / "levels.json"
+    proc = start(server, model, port, workdir / f"{server}-{Path(model).name}-{int(time.time())}.log")
+    out = workdir / f"levels-{port}.json"
     load_before = os.getloadavg()[0]  # others share this machine: how busy it was, beside each figure
     try:
         api = "llamacpp" if server == "llamacpp" else "generate"
@@ -147,18 +147,21 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30)
     parser.add_argument("--rounds", type=int, default=1, help="run every server this many times, alternating")
     parser.add_argument("--json")
+    parser.add_argument("--logs", type=Path, help="keep each server's log here (e.g. to see the dtype ours chose)")
     args = parser.parse_args()
     if "llamacpp" in args.servers:
         llama_server.build(), llama_server.gguf_path()  # a first build takes minutes: before any timing
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
+        logs = args.logs or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
         for model in args.models:
             for round_ in range(1, args.rounds + 1):
                 for server in args.servers:
                     if server == "llamacpp" and Path(model).name != LLAMACPP_MODEL:
                         print(f"llamacpp: skipped for {model} (it serves {LLAMACPP_MODEL} only)", file=sys.stderr)
                         continue
-                    runs.append({"round": round_, **measure(server, model, args, Path(tmp))})
+                    runs.append({"round": round_, **measure(server, model, args, logs)})
     cpu = cpu_info()
     print(f"CPU: {cpu_name(cpu)}, {psutil.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
     print(table(runs))
@@ -169,7 +172,8 @@ def main() -> None:
     if "llamacpp" in args.servers:
         machine["llama_server_build"] = llama_server.build_options(llama_server.build())
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "args": vars(args), "runs": runs}, indent=1))
+        record = {"machine": machine, "args": vars(args), "runs": runs}
+        Path(args.json).write_text(json.dumps(record, indent=1, default=str))  # default: --logs is a Path
 
 
 if __name__ == "__main__":
