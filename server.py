@@ -478,6 +478,15 @@ TIMING_HEADERS = {
     "x-generated-tokens": "Tokens generated.",
     "x-prompt-tokens": "Tokens in the prompt.",
 }
+SSE_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["token", "done", "error"]},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "description": "token: {token_ids, text, generated_tokens}; done: GenerateResponse; error: Error"},
+    },
+}  # fmt: skip
 STREAM_DESCRIPTION = (
     'With "stream": true, text/event-stream: an `event: token` with data {"token_ids", "text" (the new '
     'piece), "generated_tokens"} per piece of text, then `event: done` with the GenerateResponse, or '
@@ -504,7 +513,7 @@ def _generate_operation(settings: Settings) -> dict[str, Any]:
     }  # fmt: skip
     ok = operation["responses"]["200"]
     ok["description"] = "OK. " + STREAM_DESCRIPTION
-    ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+    ok["content"]["text/event-stream"] = {"schema": SSE_EVENT}  # before OpenAPI 3.2, `schema` is one event
     ok["headers"] = {name: {"description": text, "schema": {"type": "string"}} for name, text in TIMING_HEADERS.items()}
     operation["security"] = [{"apiKey": []}]
     operation["requestBody"] = {
