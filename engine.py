@@ -44,6 +44,7 @@ CACHE_CHUNK = 256  # KV cache length grows (and shrinks back) in steps of this m
 ROW_CHUNK = 8  # and its rows in steps of this many sequences
 PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
 PREFILL_CHUNK = 64  # prompt tokens prefilled per engine step: a long prompt joins over several steps
+INT8_ALWAYS = 1 << 62  # `resolve_int8`'s answer when int8 weights win at every batch size: float ones are dropped
 DETOKENIZE_CONTEXT = 4  # prompt tokens detokenized ahead of the continuation (see `detokenize`)
 HUB, HUB_PROBE_SECONDS = "https://huggingface.co", 5  # where hub ids come from; how long to try reaching it
 
@@ -118,12 +119,13 @@ class ModelConfig:
 
     name: str = field(default="distilgpt2", metadata={"env": "MODEL_NAME"})  # a hub id or a local directory
     device: str = field(default="auto", metadata={"env": "DEVICE"})  # auto | cpu | cuda | cuda:N
-    dtype: str = field(default="auto", metadata={"env": "DTYPE"})  # auto | float32 | bfloat16 | float16
+    dtype: str = field(default="auto", metadata={"env": "DTYPE", "choices": ("auto", "float32", "bfloat16", "float16")})
     max_batch: int = field(default=32, metadata={"env": "MAX_BATCH_SIZE"})  # the capacity limiter's size
     retry_seconds: int = field(default=30, metadata={"env": "MODEL_RETRY_SECONDS"})  # after a failed load
     max_context: int = field(default=1024, metadata={"env": "MAX_CONTEXT_TOKENS"})  # bounds each KV row
     cache_dir: str | None = field(default=None, metadata={"env": "TRANSFORMERS_CACHE"})  # None: HF_HOME
     threads: int = field(default=0, metadata={"env": "THREADS", "minimum": 0})  # 0: the CPUs we may use
+    quantize: str = field(default="auto", metadata={"env": "QUANTIZE", "choices": ("auto", "none", "int8")})
 
 
 def use_threads(setting: int) -> int:
@@ -185,6 +187,66 @@ def resolve_dtype(setting: str, device: torch.device, rows: int, width: int) -> 
     return torch.bfloat16 if faster else torch.float32
 
 
+def int8_kernel() -> bool:
+    """Whether this torch has its CPU kernel for int8 weights with bfloat16 activations."""
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weight-only: [out, in] int8 with one symmetric scale per output channel (max |w| / 127),
+    the scales in bfloat16 as the kernel takes them. bench/quality.py measures the cost in
+    perplexity (+0.6% on SmolLM2; the issue's rule is at most 1%)."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.to(torch.bfloat16)
+
+
+def pack_float(weight: torch.Tensor, max_batch: int) -> torch.Tensor:
+    """On a CPU, oneDNN's own blocked layout of a float weight, made once: its products skip the
+    per-call reordering F.linear pays (1.5-2x faster at batch 4-64 in bench/README.md)."""
+    native = weight.dtype is torch.float32 or (weight.dtype is torch.bfloat16 and native_bfloat16())
+    if weight.device.type != "cpu" or not native or not torch.backends.mkldnn.is_available():
+        return weight  # oneDNN refuses to pack bfloat16 for a CPU that only emulates it
+    return torch.ops.mkldnn._reorder_linear_weight(weight, max_batch)  # type: ignore[no-any-return]
+
+
+def _product_seconds(run: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
+    run(x)  # warm-up: first calls pick kernels
+    start = time.perf_counter()
+    for _ in range(3):
+        run(x)
+    return time.perf_counter() - start
+
+
+def resolve_int8(setting: str, device: torch.device, dtype: torch.dtype, width: int, batches: Iterable[int]) -> int:
+    """Up to how many rows (tokens in one forward pass) a product runs on int8 weights; 0: never.
+    `int8`: always; `none`: never; `auto` (a CPU with the kernel): time products over several
+    MLP-sized weights (so they stream from memory as a step's do) with float weights and with
+    int8 at each batch size, best of three, and use int8 up to the largest size where it wins at
+    every size below. Small batches read weights, and int8 reads a quarter of float32's bytes;
+    large ones compute, where float weights win."""
+    if setting == "none" or (setting == "auto" and (device.type != "cpu" or not int8_kernel())):
+        return 0
+    if setting == "int8":
+        if device.type != "cpu" or not int8_kernel():
+            raise EngineUnavailable("QUANTIZE=int8 needs a CPU and torch's int8 kernel; use none", retry_after=0)
+        return INT8_ALWAYS
+    sizes = sorted(set(batches))
+    weights = [torch.randn(4 * width, width) * width**-0.5 for _ in range(8)]
+    floats = [Linear(width, pack_float(w.to(dtype), sizes[-1]), None) for w in weights]
+    int8s = [Linear(width, None, None, pack_int8(w), INT8_ALWAYS) for w in weights]
+    rows = 0
+    for batch in sizes:
+        x = torch.randn(batch, width, dtype=dtype)
+        timings = [(_product_seconds(lambda x: [f(x) for f in int8s], x),
+                    _product_seconds(lambda x: [f(x) for f in floats], x)) for _ in range(3)]  # fmt: skip
+        if min(i for i, _ in timings) >= min(f for _, f in timings):
+            break
+        rows = batch
+    return INT8_ALWAYS if rows == sizes[-1] else rows
+
+
 def _route_library_logs(hf_logging: Any) -> None:
     """transformers and huggingface_hub print to stderr with handlers of their own, and draw
     progress bars; send their records through our (JSON) handlers instead, one line each."""
@@ -202,6 +264,15 @@ class LoadedModel:
     eos_ids: frozenset[int]
     max_context: int
     dtype: torch.dtype
+    int8_rows: int = 0  # `resolve_int8`'s choice
+
+    @property
+    def weights(self) -> str:
+        """The weight format in words, for logs and /health."""
+        if self.int8_rows == INT8_ALWAYS:
+            return "int8"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"int8 up to {self.int8_rows} rows, else {dtype}" if self.int8_rows else dtype
 
 
 def _offline(config: ModelConfig) -> bool:
@@ -240,15 +311,17 @@ def load_model(config: ModelConfig) -> LoadedModel:
     where = {"cache_dir": config.cache_dir, "local_files_only": _offline(config)}
     tokenizer = AutoTokenizer.from_pretrained(config.name, **where)
     hf_model = AutoModelForCausalLM.from_pretrained(config.name, dtype=torch.float32, **where)
-    dtype = resolve_dtype(config.dtype, device, config.max_batch, hf_model.config.hidden_size)
-    model = build_model(hf_model, dtype, device, config.max_batch)
+    width = hf_model.config.hidden_size
+    dtype = resolve_dtype(config.dtype, device, config.max_batch, width)
+    int8_rows = resolve_int8(config.quantize, device, dtype, width, (1, 8, config.max_batch, PREFILL_CHUNK))
+    model = build_model(hf_model, Convert(dtype, device, int8_rows, config.max_batch), config.max_batch)
     eos = hf_model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
     del hf_model  # our Model holds copies of the weights; free transformers' module tree now
     gc.collect()
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-    return LoadedModel(tokenizer, model, eos_ids, min(model.max_context, config.max_context), dtype)
+    return LoadedModel(tokenizer, model, eos_ids, min(model.max_context, config.max_context), dtype, int8_rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,19 +329,40 @@ def load_model(config: ModelConfig) -> LoadedModel:
 
 
 @dataclass
+class Linear:
+    """One projection, x W^T + b, in the weight formats `resolve_int8` chose at load: float
+    (`pack_float`'s layout, in the model's dtype), int8 weight-only (`pack_int8`), or both, with
+    int8 for inputs of at most `int8_rows` rows."""
+
+    in_features: int
+    weight: torch.Tensor | None  # float; None when int8 wins at every batch size
+    bias: torch.Tensor | None
+    int8: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 weight [out, in], bfloat16 scales [out]
+    int8_rows: int = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor
+        if self.int8 is not None and (self.weight is None or x.numel() <= self.int8_rows * self.in_features):
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # the kernel's activation dtype
+            out = torch.ops.aten._weight_int8pack_mm(flat, *self.int8).to(x.dtype).view(*x.shape[:-1], -1)
+            return out if self.bias is None else out + self.bias
+        assert self.weight is not None
+        if self.weight.is_mkldnn:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return out
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass
 class LayerWeights:
     norm1: torch.Tensor
     norm1_b: torch.Tensor | None
-    qkv: torch.Tensor  # [(Hq + 2 Hkv) D, C]: query, key and value projections fused
-    qkv_b: torch.Tensor | None
-    out: torch.Tensor
-    out_b: torch.Tensor | None
+    qkv: Linear  # query, key and value projections fused: [(Hq + 2 Hkv) D, C]
+    out: Linear
     norm2: torch.Tensor
     norm2_b: torch.Tensor | None
-    up: torch.Tensor  # GPT-2: the MLP's first layer; Llama: gate and up projections fused
-    up_b: torch.Tensor | None
-    down: torch.Tensor
-    down_b: torch.Tensor | None
+    up: Linear  # GPT-2: the MLP's first layer; Llama: gate and up projections fused
+    down: Linear
 
 
 @dataclass
@@ -342,9 +436,9 @@ class Batch:
     positions: torch.Tensor  # [B, T]
     prefill_row: int | None = None
     prefill_start: int = 0  # a later chunk of a prompt: the positions already in the row's cache
-    mask: torch.Tensor | None = None  # [B, 1, T, L], True where a position may attend (step; later chunks)
+    mask: torch.Tensor | None = None  # where positions may attend: later chunks [1, 1, T, L] bool; step see `step`
     slots: torch.Tensor | None = None  # step only: [B Hkv], where each row's new key goes in a flat cache layer
-    cos: torch.Tensor | None = None  # rotary tables for these positions: [B, 1, T, D]
+    cos: torch.Tensor | None = None  # rotary tables for these positions: [B, T, 1, D]
     sin: torch.Tensor | None = None
 
 
@@ -358,7 +452,7 @@ class Model:
         embed: torch.Tensor,
         pos_embed: torch.Tensor | None,
         final_norm: tuple[torch.Tensor, torch.Tensor | None],
-        lm_head: torch.Tensor,
+        lm_head: Linear,
         max_batch: int,
     ):
         self.arch, self.layers, self.embed, self.pos_embed = arch, layers, embed, pos_embed
@@ -396,16 +490,18 @@ class Model:
         pos = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
         length, rows = max(positions) + 1, max(rows, len(tokens))
         self.cache.reserve(rows, length, keep=rows)
-        mask = torch.arange(length, device=self.device)[None, :] <= pos  # [B, L]
+        visible = torch.arange(length, device=self.device)[None, :] <= pos  # [B, L]
+        # Additive, in the model's dtype, laid out as `_attend` groups the heads, made once a step.
+        mask = torch.zeros(visible.shape, dtype=self.embed.dtype, device=self.device).masked_fill_(~visible, -math.inf)
+        size, heads, per_group = len(tokens), self.arch.kv_heads, self.arch.heads // self.arch.kv_heads
+        grouped = mask[:, None, None, :].expand(size, heads, per_group, length).reshape(size * heads, per_group, length)
         # Row r's key for head h goes to cache[r, h, p]: in a layer seen as [R Hkv L, D], index
         # (r Hkv + h) L + p. One index_copy_ per layer; indexing rows and positions together is slower.
-        heads, capacity = self.arch.kv_heads, self.cache.capacity
         rows_heads = (
-            torch.arange(len(tokens), device=self.device)[:, None] * heads
-            + torch.arange(heads, device=self.device)[None, :]
+            torch.arange(size, device=self.device)[:, None] * heads + torch.arange(heads, device=self.device)[None, :]
         )
-        slots = (rows_heads * capacity + pos).flatten()  # [B Hkv]
-        return self._forward(ids, self._batch(pos, mask=mask[:, None, None, :], slots=slots))
+        slots = (rows_heads * self.cache.capacity + pos).flatten()  # [B Hkv]
+        return self._forward(ids, self._batch(pos, mask=grouped, slots=slots))
 
     def move(self, src: int, dst: int) -> None:
         self.cache.move(src, dst)
@@ -426,32 +522,30 @@ class Model:
         for index, layer in enumerate(self.layers):
             x = self._layer(index, layer, x, batch)
         x = self._norm(x[:, last], *self.final_norm)  # only the last real position needs logits
-        return F.linear(x, self.lm_head)  # [B, V]
+        return self.lm_head(x)  # [B, V]
 
     def _layer(self, index: int, w: LayerWeights, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         size, length, _ = x.shape
         a = self.arch
-        qkv = F.linear(self._norm(x, w.norm1, w.norm1_b), w.qkv, w.qkv_b)
-        q, k, v = qkv.split([a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * a.head_dim], -1)
-        q = q.view(size, length, a.heads, a.head_dim).transpose(1, 2)  # [B, Hq, T, D]
-        k = k.view(size, length, a.kv_heads, a.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(size, length, a.kv_heads, a.head_dim).transpose(1, 2)
+        qkv = w.qkv(self._norm(x, w.norm1, w.norm1_b)).view(size, length, a.heads + 2 * a.kv_heads, a.head_dim)
+        qk, v = qkv.split([a.heads + a.kv_heads, a.kv_heads], 2)
         if batch.cos is not None and batch.sin is not None:
-            q, k = _rotate(q, batch.cos, batch.sin), _rotate(k, batch.cos, batch.sin)
-        attn = self._attend(index, q, k, v, batch).transpose(1, 2).reshape(size, length, -1)
-        x = x + F.linear(attn, w.out, w.out_b)
-        h = F.linear(self._norm(x, w.norm2, w.norm2_b), w.up, w.up_b)
+            qk = _rotate(qk, batch.cos, batch.sin)  # queries and keys in one pass
+        q, k = qk.transpose(1, 2).split([a.heads, a.kv_heads], 1)  # [B, Hq, T, D], [B, Hkv, T, D]
+        attn = self._attend(index, q, k, v.transpose(1, 2), batch).transpose(1, 2).reshape(size, length, -1)
+        x = x + w.out(attn)
+        h = w.up(self._norm(x, w.norm2, w.norm2_b))
         if a.gated_mlp:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")
-        return x + F.linear(h, w.down, w.down_b)
+        return x + w.down(h)
 
     def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
         keys, values = self.cache.k[index], self.cache.v[index]
-        gqa = self.arch.heads != self.arch.kv_heads
         if batch.prefill_row is not None:
+            gqa = self.arch.heads != self.arch.kv_heads
             row, start, end = batch.prefill_row, batch.prefill_start, batch.prefill_start + k.shape[2]
             keys[row, :, start:end], values[row, :, start:end] = k[0], v[0]
             if not start:
@@ -459,12 +553,19 @@ class Model:
             past_k, past_v = keys[row : row + 1, :, :end], values[row : row + 1, :, :end]
             return F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=batch.mask, enable_gqa=gqa)
         assert batch.mask is not None and batch.slots is not None
-        size, length, dim = q.shape[0], batch.mask.shape[-1], q.shape[-1]
+        size, heads, _, dim = q.shape
+        groups, per_group, length = batch.mask.shape
         keys.view(-1, dim).index_copy_(0, batch.slots, k[:, :, 0].reshape(-1, dim))
         values.view(-1, dim).index_copy_(0, batch.slots, v[:, :, 0].reshape(-1, dim))
-        return F.scaled_dot_product_attention(
-            q, keys[:size, :, :length], values[:size, :, :length], attn_mask=batch.mask, enable_gqa=gqa
-        )
+        # One new token per row: the query heads that share a key head stand where a prompt's
+        # positions would ([B Hkv, Hq/Hkv, D]), so each key head is read once and GQA copies
+        # nothing. Two batched products (the mask added by the first) beat SDPA's flash kernel,
+        # made for long queries, by ~2x at batch 32 (bench/README.md).
+        grouped = q.reshape(groups, per_group, dim)
+        past_k = keys[:size, :, :length].reshape(groups, length, dim)  # views: rows and heads merge
+        past_v = values[:size, :, :length].reshape(groups, length, dim)
+        scores = torch.baddbmm(batch.mask, grouped, past_k.transpose(1, 2), alpha=dim**-0.5)
+        return torch.bmm(torch.softmax(scores, dim=-1), past_v).view(size, heads, 1, dim)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.arch.rms_norm:
@@ -474,7 +575,7 @@ class Model:
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.arch.inv_freq is not None
         freqs = positions[..., None].float() * self.arch.inv_freq  # [B, T, D/2]
-        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, D]
+        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # [B, T, 1, D]: one table for every head
         scale, dtype = self.arch.rope_scale, self.embed.dtype
         return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
@@ -485,33 +586,49 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def build_model(hf_model: Any, dtype: torch.dtype, device: torch.device, max_batch: int) -> Model:
+@dataclass(frozen=True)
+class Convert:
+    """Copies checkpoint tensors into the model's dtype and device, and projections into `Linear`s
+    of the chosen weight formats. Always copies: a tensor left as a view of the checkpoint keeps
+    its whole memory map resident."""
+
+    dtype: torch.dtype
+    device: torch.device
+    int8_rows: int
+    max_batch: int
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to(device=self.device, dtype=self.dtype, copy=True).contiguous()
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+        int8 = pack_int8(weight) if self.int8_rows else None
+        bias = None if bias is None else self(bias)
+        if self.int8_rows == INT8_ALWAYS:
+            return Linear(weight.shape[1], None, bias, int8, self.int8_rows)
+        return Linear(weight.shape[1], pack_float(self(weight), self.max_batch), bias, int8, self.int8_rows)
+
+
+def build_model(hf_model: Any, convert: Convert, max_batch: int) -> Model:
     builders = {"gpt2": _gpt2_model, "llama": _llama_model}
     kind = hf_model.config.model_type
     if kind not in builders:
         raise EngineUnavailable(
             f"model type {kind!r} is not supported; supported types: {', '.join(sorted(builders))}", retry_after=0
         )
-    # Always copy: a tensor left as a view of the checkpoint keeps its whole memory map resident.
-    return builders[kind](
-        hf_model, lambda t: t.detach().to(device=device, dtype=dtype, copy=True).contiguous(), max_batch
-    )
+    return builders[kind](hf_model, convert, max_batch)
 
 
-Cast = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _gpt2_model(model: Any, cast: Cast, max_batch: int) -> Model:
+def _gpt2_model(model: Any, cast: Convert, max_batch: int) -> Model:
     cfg, body = model.config, model.transformer
     # GPT-2's Conv1D stores weights as [in, out]; F.linear wants [out, in].
     layers = [
         LayerWeights(
             cast(b.ln_1.weight), cast(b.ln_1.bias),
-            cast(b.attn.c_attn.weight.t()), cast(b.attn.c_attn.bias),
-            cast(b.attn.c_proj.weight.t()), cast(b.attn.c_proj.bias),
+            cast.linear(b.attn.c_attn.weight.t(), b.attn.c_attn.bias),
+            cast.linear(b.attn.c_proj.weight.t(), b.attn.c_proj.bias),
             cast(b.ln_2.weight), cast(b.ln_2.bias),
-            cast(b.mlp.c_fc.weight.t()), cast(b.mlp.c_fc.bias),
-            cast(b.mlp.c_proj.weight.t()), cast(b.mlp.c_proj.bias),
+            cast.linear(b.mlp.c_fc.weight.t(), b.mlp.c_fc.bias),
+            cast.linear(b.mlp.c_proj.weight.t(), b.mlp.c_proj.bias),
         )
         for b in body.h
     ]  # fmt: skip
@@ -524,28 +641,27 @@ def _gpt2_model(model: Any, cast: Cast, max_batch: int) -> Model:
                         rms_norm=False, gated_mlp=False, inv_freq=None)  # fmt: skip
     embed = cast(body.wte.weight)
     final = (cast(body.ln_f.weight), cast(body.ln_f.bias))
-    lm_head = _head(model, body.wte.weight, embed, cast)
+    lm_head = _head(model, cast)
     return Model(arch, layers, embed, cast(body.wpe.weight), final, lm_head, max_batch)
 
 
-def _llama_model(model: Any, cast: Cast, max_batch: int) -> Model:
+def _llama_model(model: Any, cast: Convert, max_batch: int) -> Model:
     cfg, body = model.config, model.model
 
-    def fused(*linears: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = cast(torch.cat([m.weight for m in linears]))
+    def fused(*linears: Any) -> Linear:
         has_bias = linears[0].bias is not None
-        return weight, cast(torch.cat([m.bias for m in linears])) if has_bias else None
+        return cast.linear(
+            torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears]) if has_bias else None
+        )
 
     layers = []
     for b in body.layers:
         attn, mlp = b.self_attn, b.mlp
-        qkv, qkv_b = fused(attn.q_proj, attn.k_proj, attn.v_proj)
-        up, up_b = fused(mlp.gate_proj, mlp.up_proj)
         layers.append(LayerWeights(
-            cast(b.input_layernorm.weight), None, qkv, qkv_b,
-            cast(attn.o_proj.weight), _maybe(cast, attn.o_proj.bias),
-            cast(b.post_attention_layernorm.weight), None, up, up_b,
-            cast(mlp.down_proj.weight), _maybe(cast, mlp.down_proj.bias),
+            cast(b.input_layernorm.weight), None, fused(attn.q_proj, attn.k_proj, attn.v_proj),
+            cast.linear(attn.o_proj.weight, attn.o_proj.bias),
+            cast(b.post_attention_layernorm.weight), None, fused(mlp.gate_proj, mlp.up_proj),
+            cast.linear(mlp.down_proj.weight, mlp.down_proj.bias),
         ))  # fmt: skip
     rotary = body.rotary_emb  # transformers' own frequencies, so static rope scalings are honoured
     if cfg.hidden_act != "silu" or getattr(rotary, "rope_type", "default") in ("dynamic", "longrope"):
@@ -560,18 +676,15 @@ def _llama_model(model: Any, cast: Cast, max_batch: int) -> Model:
         inv_freq=rotary.inv_freq.detach().float().to(embed.device),
         rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
     )  # fmt: skip
-    lm_head = _head(model, body.embed_tokens.weight, embed, cast)
+    lm_head = _head(model, cast)
     return Model(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, max_batch)
 
 
-def _head(model: Any, embedding: torch.Tensor, embed: torch.Tensor, cast: Cast) -> torch.Tensor:
-    """The output projection; tied to the input embedding in small models, so share our copy."""
-    tied = model.lm_head.weight.data_ptr() == embedding.data_ptr()
-    return embed if tied else cast(model.lm_head.weight)
-
-
-def _maybe(cast: Cast, tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else cast(tensor)
+def _head(model: Any, cast: Convert) -> Linear:
+    """The output projection. Small models tie it to the input embedding, but it gets its own
+    copy in the packed layout anyway: at batch 32 the head alone took a quarter of a step through
+    F.linear, twice what it takes packed (113 MB more for SmolLM2, bench/README.md)."""
+    return cast.linear(model.lm_head.weight, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1038,7 +1151,10 @@ def create_engine(config: ModelConfig, observe: StepObserver | None = None) -> E
             "or make the model hub reachable.",
             config.retry_seconds,
         ) from exc
-    log.info("model %s loaded in %.1f s (%s)", config.name, time.perf_counter() - start, loaded.dtype)
+    log.info(
+        "model %s loaded in %.1f s (activations %s, weights %s)",
+        config.name, time.perf_counter() - start, loaded.dtype, loaded.weights,
+    )  # fmt: skip
     return Engine(loaded, config.max_batch, observe)
 
 

@@ -149,11 +149,14 @@ def from_env(cls: type[Any], env: Mapping[str, str], **given: Any) -> Any:
     for f in dataclasses.fields(cls):
         raw = env.get(f.metadata.get("env", ""), "")
         if raw != "":
-            values[f.name] = _parse(f.metadata["env"], raw, types[f.name], f.metadata.get("minimum", 1))
+            meta = f.metadata
+            values[f.name] = _parse(meta["env"], raw, types[f.name], meta.get("minimum", 1), meta.get("choices"))
     return cls(**values)
 
 
-def _parse(name: str, raw: str, kind: Any, minimum: int) -> Any:
+def _parse(name: str, raw: str, kind: Any, minimum: int, choices: tuple[str, ...] | None = None) -> Any:
+    if choices and raw not in choices:
+        raise SystemExit(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
     if kind is int:
         if not raw.isdigit() or int(raw) < minimum:
             raise SystemExit(f"{name} must be an integer of at least {minimum}, got {raw!r}")

@@ -13,6 +13,9 @@ Formats:
              the error of the weight format alone
   int8-bf16  the same int8 weights through torch's CPU kernel `aten._weight_int8pack_mm`, which
              takes bfloat16 activations (the rest of the model stays float32): what a fast int8 path runs
+  int8-dynamic  the same int8 weights through fbgemm's dynamic-quantization kernel
+             (`quantized.linear_dynamic`): activations quantized to 7-bit per call, integer dot
+             products, float32 out: 3-4x faster than float32 here, but see its perplexity
 
 The issue's rule: int8 weight-only must stay within 1% of float32 perplexity to be a default.
 
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
-FORMATS = ("float32", "bfloat16", "int8", "int8-bf16")
+FORMATS = ("float32", "bfloat16", "int8", "int8-bf16", "int8-dynamic")
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,12 +73,28 @@ class Int8Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def to_int8(model: nn.Module, kernel: bool) -> nn.Module:
-    """Swap every nn.Linear (the lm_head too; a tied head gets its own int8 copy) for Int8Linear."""
+class DynamicInt8Linear(nn.Module):
+    """A Linear run by fbgemm's dynamic int8 kernel: the same int8 weights, and the activations
+    quantized to 7 bits with one scale per call. Measured and rejected: see bench/README.md."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        q, scale = quantize(linear.weight.detach().float())
+        zero = torch.zeros(len(scale), dtype=torch.long)
+        qweight = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(), zero, 0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(qweight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.packed, True)  # type: ignore[no-any-return]
+
+
+def to_int8(model: nn.Module, kind: str) -> nn.Module:
+    """Swap every nn.Linear (the lm_head too; a tied head gets its own int8 copy) for an int8 one."""
     for parent in list(model.modules()):
         for attr, sub in list(parent.named_children()):
             if isinstance(sub, nn.Linear):
-                setattr(parent, attr, Int8Linear(sub, kernel))
+                int8 = DynamicInt8Linear(sub) if kind == "int8-dynamic" else Int8Linear(sub, kind == "int8-bf16")
+                setattr(parent, attr, int8)
     return model
 
 
@@ -85,8 +104,8 @@ def load(model_dir: str, fmt: str) -> nn.Module:
     model: nn.Module = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if fmt == "bfloat16":
         model = model.to(torch.bfloat16)
-    elif fmt in ("int8", "int8-bf16"):
-        model = to_int8(model, kernel=fmt == "int8-bf16")
+    elif fmt in ("int8", "int8-bf16", "int8-dynamic"):
+        model = to_int8(model, fmt)
     return model
 
 
@@ -156,7 +175,7 @@ def main() -> None:
     for fmt, r in results.items():
         print(f"| {fmt} | {r['top1_agreement']:.2%} | {r['perplexity']:.3f} | {r['perplexity'] / base - 1:+.2%} | "
               f"{r['next_token_accuracy']:.2%} | {r['seconds']} |")  # fmt: skip
-    for fmt in ("int8", "int8-bf16"):
+    for fmt in ("int8", "int8-bf16", "int8-dynamic"):
         if fmt in results:
             rise = results[fmt]["perplexity"] / base - 1
             verdict = "may be the default" if rise <= 0.01 else "may NOT be the default"

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine
@@ -44,18 +43,15 @@ def median_ms(run: Callable[[], object], repeats: int) -> float:
 
 
 def bare_products(model: engine.Model, batch: int) -> Callable[[], object]:
-    """Every weight matrix of a step applied once to a batch of activations of the right width."""
-    width, dtype = model.embed.shape[1], model.embed.dtype
-    inputs: dict[int, torch.Tensor] = {}
-    for w in model.layers:
-        for weight in (w.qkv, w.out, w.up, w.down):
-            inputs.setdefault(weight.shape[1], torch.randn(batch, weight.shape[1], dtype=dtype))
+    """Every projection of a step applied once to a batch of activations of the right width,
+    through the engine's own `Linear`s: the same weight formats and kernels the step runs."""
+    dtype = model.embed.dtype
+    linears = [*(lin for w in model.layers for lin in (w.qkv, w.out, w.up, w.down)), model.lm_head]
+    inputs = {lin.in_features: torch.randn(batch, lin.in_features, dtype=dtype) for lin in linears}
 
     def run() -> None:
-        for w in model.layers:
-            for weight in (w.qkv, w.out, w.up, w.down):
-                F.linear(inputs[weight.shape[1]], weight)
-        F.linear(inputs[width], model.lm_head)
+        for lin in linears:
+            lin(inputs[lin.in_features])
 
     return run
 
@@ -72,13 +68,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/smollm2-135m-instruct")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantize", default="auto", help="auto | none | int8, as the server's QUANTIZE")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--cached", type=int, default=160, help="tokens already in each row's cache")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(engine.cpu_budget())
-    config = engine.ModelConfig(name=args.model, dtype=args.dtype, max_batch=max(args.batches))
+    config = engine.ModelConfig(name=args.model, dtype=args.dtype, max_batch=max(args.batches), quantize=args.quantize)
     loaded = engine.load_model(config)
     rows = []
     with torch.inference_mode():
@@ -88,12 +85,13 @@ def main() -> None:
             rows.append({"batch": batch, "step_ms": round(step, 2), "products_ms": round(bare, 2),
                          "ratio": round(step / bare, 2)})  # fmt: skip
     cpu = cpu_description()
-    print(f"{args.model}, {loaded.dtype}, {args.cached} cached tokens; {cpu}\n")
+    print(f"{args.model}, activations {loaded.dtype}, weights {loaded.weights}, {args.cached} cached tokens; {cpu}\n")
     print("| batch | decode step (ms) | bare matrix products (ms) | ratio |\n|---|---|---|---|")
     for row in rows:
         print(f"| {row['batch']} | {row['step_ms']} | {row['products_ms']} | {row['ratio']} |")
     if args.json:
-        out = {"model": args.model, "dtype": str(loaded.dtype), "cpu": cpu, "cached": args.cached, "rows": rows}
+        out = {"model": args.model, "dtype": str(loaded.dtype), "weights": loaded.weights, "cpu": cpu,
+               "cached": args.cached, "rows": rows}  # fmt: skip
         Path(args.json).write_text(json.dumps(out, indent=1))
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,8 +32,10 @@ PROMPTS = [
 ]
 
 
-def open_engine(path: Path, dtype: str = "float32", max_batch: int = 8) -> Engine:
-    return engine.create_engine(engine.ModelConfig(name=str(path), dtype=dtype, max_batch=max_batch))
+def open_engine(path: Path, dtype: str = "float32", max_batch: int = 8, quantize: str = "none") -> Engine:
+    """Float weights unless asked: parity with transformers holds for them alone."""
+    config = engine.ModelConfig(name=str(path), dtype=dtype, max_batch=max_batch, quantize=quantize)
+    return engine.create_engine(config)
 
 
 @pytest.fixture(scope="module", params=["gpt2", "smollm2"])
@@ -145,7 +148,9 @@ def test_unknown_model_is_unavailable_with_advice(tmp_path: Path) -> None:
 
 
 def test_max_context_setting_caps_the_models_context(gpt2_dir: Path) -> None:
-    capped = engine.create_engine(engine.ModelConfig(name=str(gpt2_dir), dtype="float32", max_context=64))
+    capped = engine.create_engine(
+        engine.ModelConfig(name=str(gpt2_dir), dtype="float32", max_context=64, quantize="none")
+    )
     try:
         with pytest.raises(engine.PromptTooLong, match="fit in the model's context of 64"):
             capped.generate("word " * 60, SamplingParams(max_new_tokens=10))
@@ -181,5 +186,55 @@ def test_more_rows_than_the_first_cache_chunk_and_a_long_prompt_in_chunks(gpt2_d
         alone = [eng.generate(*job).text for job in jobs]
         batched = run_staggered(eng, jobs, gap=0.02)
         assert [r.text for r in batched] == alone
+    finally:
+        eng.close()
+
+
+def next_token_logits(eng: Engine, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits after the prompt (a prefill) and after one more token (a decode step)."""
+    ids = eng.loaded.tokenizer.encode(prompt)
+    with torch.inference_mode():
+        first = eng.model.prefill(0, ids).float()
+        second = eng.model.step([int(first.argmax())], [len(ids)])[0].float()
+    eng.model.reset()
+    return first, second
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_weights_follow_float32_logits(model_dir: Path, dtype: str) -> None:
+    """QUANTIZE=int8 (every product on int8 weights), with either activation dtype: prefill and
+    decode logits stay close to float32's. SmolLM2's real weights: cosine > 0.95 (0.99 with
+    float32 activations, measured) and the top token agrees at 14 of 16 places or more. The
+    random-weight GPT-2 amplifies any error through its layers (0.87 measured), so its bar only
+    catches wiring mistakes (a transposed or misplaced weight gives ~0)."""
+    real = "smollm2" in str(model_dir)
+    reference, int8 = open_engine(model_dir), open_engine(model_dir, dtype=dtype, quantize="int8")
+    try:
+        assert int8.loaded.weights == "int8" and int8.model.layers[0].qkv.weight is None
+        agree = 0
+        for prompt in PROMPTS:
+            for ref, got in zip(next_token_logits(reference, prompt), next_token_logits(int8, prompt), strict=True):
+                assert F.cosine_similarity(ref, got, dim=0) > (0.95 if real else 0.7)
+                agree += int(ref.argmax() == got.argmax())
+        assert agree >= (14 if real else 8)
+    finally:
+        reference.close()
+        int8.close()
+
+
+def test_int8_weights_serve_a_staggered_batch(model_dir: Path) -> None:
+    """int8 weights in a batch: every request gets its tokens, and most texts equal their run
+    alone. Not all: the int8 kernel's rounding depends on the batch's size (as bfloat16's does),
+    so a near tie can flip; a row mix-up would change them all. QUANTIZE=none keeps float32's
+    exact independence from companions (test_greedy_is_the_same_alone_and_in_a_batch)."""
+    eng = open_engine(model_dir, quantize="int8")
+    try:
+        params = [SamplingParams(max_new_tokens=10 + 2 * i, ignore_eos=True) for i in range(len(PROMPTS))]
+        alone = [eng.generate(p, sp) for p, sp in zip(PROMPTS, params, strict=True)]
+        batched = run_staggered(eng, list(zip(PROMPTS, params, strict=True)), gap=0.03)
+        assert [r.tokens for r in batched] == [sp.max_new_tokens for sp in params]
+        same = sum(b.text == a.text for a, b in zip(alone, batched, strict=True))
+        print(f"{same} of {len(PROMPTS)} texts equal alone and batched")
+        assert same >= len(PROMPTS) // 2
     finally:
         eng.close()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -460,3 +461,74 @@ def test_release_keeps_the_prefilling_sequence_last() -> None:
     assert scheduler.decoding() == [seqs[2], seqs[1]]
     assert scheduler.release([pending]) == []
     assert scheduler.running == [seqs[2], seqs[1]]
+
+
+# --- weight formats -----------------------------------------------------------------------------
+
+
+def _linear_with_both_formats(int8_rows: int) -> tuple[engine.Linear, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 32), torch.randn(48)
+    packed = engine.pack_float(weight.clone(), max_batch=8)
+    return engine.Linear(32, packed, bias, engine.pack_int8(weight), int8_rows), weight, bias
+
+
+def test_pack_int8_is_per_channel_symmetric_and_round_trips_within_half_a_step() -> None:
+    weight = torch.randn(16, 64) * torch.logspace(-3, 1, 16)[:, None]  # channels of very different sizes
+    q, scale = engine.pack_int8(weight)
+    assert q.dtype is torch.int8 and q.is_contiguous() and scale.dtype is torch.bfloat16
+    assert int(q.abs().max()) == 127
+    step = weight.abs().amax(dim=1, keepdim=True) / 127
+    assert ((q.float() * step - weight).abs() <= step / 2 + 1e-7).all()
+
+
+def test_pack_int8_accepts_a_transposed_weight() -> None:
+    weight = torch.randn(32, 48).t()  # GPT-2 stores [in, out]; the builder hands over a transposed view
+    q, _ = engine.pack_int8(weight)
+    assert q.is_contiguous() and q.shape == (48, 32)
+
+
+def test_linear_uses_int8_up_to_its_rows_and_float_beyond() -> None:
+    linear, weight, bias = _linear_with_both_formats(int8_rows=4)
+    q, scale = linear.int8  # type: ignore[misc]
+    for rows in (1, 4, 5, 16):
+        x = torch.randn(rows, 1, 32)
+        got = linear(x)
+        int8 = torch.ops.aten._weight_int8pack_mm(x.view(rows, 32).bfloat16(), q, scale).float().view(rows, 1, 48)
+        if rows <= 4:
+            assert torch.equal(got, int8 + bias)
+        else:
+            assert torch.allclose(got, F.linear(x, weight, bias), atol=1e-4)
+            assert not torch.allclose(got, int8 + bias, atol=1e-4)
+
+
+def test_linear_without_float_weights_always_uses_int8() -> None:
+    linear, weight, bias = _linear_with_both_formats(int8_rows=engine.INT8_ALWAYS)
+    linear.weight = None
+    x = torch.randn(64, 32)
+    exact = F.linear(x, weight, bias)
+    assert (linear(x) - exact).norm() / exact.norm() < 0.02  # int8 weights and bfloat16 activations: ~1%
+
+
+def test_packed_float_weights_compute_what_f_linear_does() -> None:
+    weight, bias = torch.randn(48, 32), torch.randn(48)
+    linear = engine.Linear(32, engine.pack_float(weight, max_batch=8), bias)
+    for shape in ((1, 32), (3, 1, 32), (2, 16, 32)):
+        x = torch.randn(*shape)
+        assert torch.allclose(linear(x), F.linear(x, weight, bias), atol=1e-5)
+
+
+def test_resolve_int8_settings() -> None:
+    cpu = torch.device("cpu")
+    assert engine.resolve_int8("none", cpu, torch.float32, 64, (1, 8)) == 0
+    assert engine.resolve_int8("int8", cpu, torch.float32, 64, (1, 8)) == engine.INT8_ALWAYS
+    assert engine.resolve_int8("auto", torch.device("cuda"), torch.float32, 64, (1, 8)) == 0
+    with pytest.raises(engine.EngineUnavailable, match="QUANTIZE=int8 needs a CPU"):
+        engine.resolve_int8("int8", torch.device("cuda"), torch.float32, 64, (1, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resolve_int8_auto_answers_a_measured_batch_size(dtype: torch.dtype) -> None:
+    """Which sizes win is the machine's business; the answer is one of the sizes tried, 0 or always."""
+    rows = engine.resolve_int8("auto", torch.device("cpu"), dtype, 64, (1, 8, 32))
+    assert rows in (0, 1, 8, engine.INT8_ALWAYS)

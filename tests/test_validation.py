@@ -197,6 +197,14 @@ def test_settings_from_env() -> None:
         Settings.from_env({"API_KEY": "a", "MAX_BATCH_SIZE": "0"})
 
 
+def test_settings_with_a_fixed_set_of_values_refuse_others() -> None:
+    assert Settings.from_env({"API_KEY": "a", "QUANTIZE": "int8", "DTYPE": "bfloat16"}).model.quantize == "int8"
+    with pytest.raises(SystemExit, match="QUANTIZE must be one of auto, none, int8, got 'int4'"):
+        Settings.from_env({"API_KEY": "a", "QUANTIZE": "int4"})
+    with pytest.raises(SystemExit, match="DTYPE must be one of auto, float32, bfloat16, float16"):
+        Settings.from_env({"API_KEY": "a", "DTYPE": "fp8"})
+
+
 @pytest.mark.parametrize("value", [1e-40, 5e-324, 0.005])
 def test_tiny_temperature_is_422_not_a_sampling_overflow(client: TestClient, value: float) -> None:
     response = client.post("/generate", json={"prompt": "hi", "temperature": value})
