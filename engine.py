@@ -19,6 +19,8 @@ Three words kept apart: the *model* is the network (`Model`), a *step* is one ba
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import gc
 import logging
 import math
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 log = logging.getLogger("llm.engine")
 
 FINISH_REASONS = ("length", "stop", "eos", "timeout", "cancelled")
-CACHE_CHUNK = 256  # KV cache length grows (and shrinks back) in steps of this many tokens
+CACHE_CHUNK = 64  # KV cache length grows (and shrinks back) in steps of this many tokens
 ROW_CHUNK = 8  # and its rows in steps of this many sequences
 PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
 PREFILL_CHUNK = 64  # prompt tokens prefilled per engine step: a long prompt joins over several steps
@@ -301,6 +303,13 @@ def _offline(config: ModelConfig) -> bool:
     return False
 
 
+def _return_freed_memory() -> None:
+    """glibc keeps freed heap pages for reuse; hand back what loading left (transformers' copy of
+    the weights, the load-time timings): 50-90 MB of resident memory with SmolLM2."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
     """Load tokenizer and weights (from the hub or a directory) and build our `Model`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -320,6 +329,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         eos = tokenizer.eos_token_id
     del hf_model  # our Model holds copies of the weights; free transformers' module tree now
     gc.collect()
+    _return_freed_memory()
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
     return LoadedModel(tokenizer, model, eos_ids, min(model.max_context, config.max_context), dtype, int8_rows)
 
@@ -503,6 +513,10 @@ class Model:
         slots = (rows_heads * self.cache.capacity + pos).flatten()  # [B Hkv]
         return self._forward(ids, self._batch(pos, mask=grouped, slots=slots))
 
+    def reserve(self, rows: int, length: int) -> None:
+        """Room in the cache for `rows` rows of `length` positions, keeping those rows."""
+        self.cache.reserve(rows, length, keep=rows)
+
     def move(self, src: int, dst: int) -> None:
         self.cache.move(src, dst)
 
@@ -600,12 +614,14 @@ class Convert:
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to(device=self.device, dtype=self.dtype, copy=True).contiguous()
 
-    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None, shared: torch.Tensor | None = None) -> Linear:
+        """A projection; `shared`: our float copy of this same weight, already made, used as it is."""
         int8 = pack_int8(weight) if self.int8_rows else None
         bias = None if bias is None else self(bias)
         if self.int8_rows == INT8_ALWAYS:
             return Linear(weight.shape[1], None, bias, int8, self.int8_rows)
-        return Linear(weight.shape[1], pack_float(self(weight), self.max_batch), bias, int8, self.int8_rows)
+        float_weight = shared if shared is not None else pack_float(self(weight), self.max_batch)
+        return Linear(weight.shape[1], float_weight, bias, int8, self.int8_rows)
 
 
 def build_model(hf_model: Any, convert: Convert, max_batch: int) -> Model:
@@ -641,7 +657,7 @@ def _gpt2_model(model: Any, cast: Convert, max_batch: int) -> Model:
                         rms_norm=False, gated_mlp=False, inv_freq=None)  # fmt: skip
     embed = cast(body.wte.weight)
     final = (cast(body.ln_f.weight), cast(body.ln_f.bias))
-    lm_head = _head(model, cast)
+    lm_head = _head(model, body.wte.weight, embed, cast)
     return Model(arch, layers, embed, cast(body.wpe.weight), final, lm_head, max_batch)
 
 
@@ -676,15 +692,16 @@ def _llama_model(model: Any, cast: Convert, max_batch: int) -> Model:
         inv_freq=rotary.inv_freq.detach().float().to(embed.device),
         rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
     )  # fmt: skip
-    lm_head = _head(model, cast)
+    lm_head = _head(model, body.embed_tokens.weight, embed, cast)
     return Model(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, max_batch)
 
 
-def _head(model: Any, cast: Convert) -> Linear:
-    """The output projection. Small models tie it to the input embedding, but it gets its own
-    copy in the packed layout anyway: at batch 32 the head alone took a quarter of a step through
-    F.linear, twice what it takes packed (113 MB more for SmolLM2, bench/README.md)."""
-    return cast.linear(model.lm_head.weight, None)
+def _head(model: Any, embedding: torch.Tensor, embed: torch.Tensor, cast: Convert) -> Linear:
+    """The output projection. Small models tie it to the input embedding: then its float form is
+    our embedding itself, unpacked (a packed copy ran 2x faster at batch 32, but cost 113 MB that
+    the 1.5 GB goal at 32 clients does not have), and small batches use its int8 copy."""
+    tied = model.lm_head.weight.data_ptr() == embedding.data_ptr()
+    return cast.linear(model.lm_head.weight, None, shared=embed if tied else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1071,9 +1088,11 @@ class Engine:
             seq.finish("cancelled" if seq.cancel.is_set() else "timeout")
             return 0
         start, seq.admitted_at = time.monotonic(), seq.admitted_at or time.monotonic()
-        chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + budget]
+        chunk, rows = seq.prompt_ids[seq.prefilled : seq.prefilled + budget], len(self.scheduler.running)
         try:
-            logits = self.model.prefill(len(self.scheduler.running) - 1, chunk, seq.prefilled)
+            if not seq.prefilled:  # room for the whole prompt at once: the cache grows (a copy) once, not every chunk
+                self.model.reserve(rows, len(seq.prompt_ids))
+            logits = self.model.prefill(rows - 1, chunk, seq.prefilled)
         except Exception as exc:  # one bad sequence must not take the batch down
             log.exception("prefill failed")
             self._release([seq])

@@ -73,6 +73,9 @@ class FakeModel:
             self.rows[row].append(token)
         return torch.stack([self._logits(self.rows[row]) for row in range(len(tokens))])
 
+    def reserve(self, rows: int, length: int) -> None:
+        self.reserved = (rows, length)
+
     def move(self, src: int, dst: int) -> None:
         if self.fail_move:
             raise RuntimeError("a bug in the bookkeeping")
