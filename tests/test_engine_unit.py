@@ -48,6 +48,7 @@ class FakeModel:
         self.step_delay = step_delay
         self.batch_sizes: list[int] = []
         self.prefills: list[int] = []  # tokens in each prefill call
+        self.reserved: list[int] = []  # lengths asked of the cache ahead of a prompt
         self.fail_next_step = False
         self.fail_move = False
 
@@ -74,7 +75,7 @@ class FakeModel:
         return torch.stack([self._logits(self.rows[row]) for row in range(len(tokens))])
 
     def reserve(self, rows: int, length: int) -> None:
-        self.reserved = (rows, length)
+        self.reserved.append(length)
 
     def move(self, src: int, dst: int) -> None:
         if self.fail_move:
@@ -445,6 +446,7 @@ def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(monkeypatc
     assert long_result == engine.Result(expected, 5, "length")
     assert max(fake.prefills) <= 8
     assert fake.prefills.count(8) >= 5  # 45 tokens: five full chunks and a rest
+    assert fake.reserved.count(45) == 1  # room for the whole prompt, once, before its first chunk
     eng.close()
 
 
