@@ -364,6 +364,24 @@ class Linear:
 
 
 @dataclass
+class Embedding:
+    """Token ids to vectors: a float table; or, when the output head is the same (tied) matrix
+    and keeps an int8 copy anyway, that copy's rows times their scales. The float table (113 MB
+    for SmolLM2) then is not kept beside the head's packed float copy, which runs 2x faster than
+    F.linear over the table at batch 32 (bench/README.md)."""
+
+    table: torch.Tensor  # [V, C], float in the model's dtype, or int8
+    dtype: torch.dtype  # the model's
+    scale: torch.Tensor | None = None  # [V] float32, with an int8 table
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.table)
+        if self.scale is None:
+            return rows
+        return (rows.float() * self.scale[ids][..., None]).to(self.dtype)
+
+
+@dataclass
 class LayerWeights:
     norm1: torch.Tensor
     norm1_b: torch.Tensor | None
@@ -459,7 +477,7 @@ class Model:
         self,
         arch: Architecture,
         layers: list[LayerWeights],
-        embed: torch.Tensor,
+        embed: Embedding,
         pos_embed: torch.Tensor | None,
         final_norm: tuple[torch.Tensor, torch.Tensor | None],
         lm_head: Linear,
@@ -468,11 +486,8 @@ class Model:
         self.arch, self.layers, self.embed, self.pos_embed = arch, layers, embed, pos_embed
         self.final_norm, self.lm_head = final_norm, lm_head
         self.max_context = arch.max_context
-        self.cache = KVCache(len(layers), max_batch, arch, embed.dtype, embed.device)
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.device
+        self.dtype, self.device = embed.dtype, embed.table.device
+        self.cache = KVCache(len(layers), max_batch, arch, self.dtype, self.device)
 
     def prefill(self, row: int, tokens: list[int], start: int = 0) -> torch.Tensor:
         """Run prompt tokens into cache row `row` at positions start.. (a whole prompt, or one
@@ -502,7 +517,7 @@ class Model:
         self.cache.reserve(rows, length, keep=rows)
         visible = torch.arange(length, device=self.device)[None, :] <= pos  # [B, L]
         # Additive, in the model's dtype, laid out as `_attend` groups the heads, made once a step.
-        mask = torch.zeros(visible.shape, dtype=self.embed.dtype, device=self.device).masked_fill_(~visible, -math.inf)
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -math.inf)
         size, heads, per_group = len(tokens), self.arch.kv_heads, self.arch.heads // self.arch.kv_heads
         grouped = mask[:, None, None, :].expand(size, heads, per_group, length).reshape(size * heads, per_group, length)
         # Row r's key for head h goes to cache[r, h, p]: in a layer seen as [R Hkv L, D], index
@@ -530,7 +545,7 @@ class Model:
         return Batch(positions, cos=cos, sin=sin, **kinds)
 
     def _forward(self, ids: torch.Tensor, batch: Batch, last: int = -1) -> torch.Tensor:
-        x = F.embedding(ids, self.embed)  # [B, T, C]
+        x = self.embed(ids)  # [B, T, C]
         if self.pos_embed is not None:
             x = x + F.embedding(batch.positions, self.pos_embed)
         for index, layer in enumerate(self.layers):
@@ -590,7 +605,7 @@ class Model:
         assert self.arch.inv_freq is not None
         freqs = positions[..., None].float() * self.arch.inv_freq  # [B, T, D/2]
         angles = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # [B, T, 1, D]: one table for every head
-        scale, dtype = self.arch.rope_scale, self.embed.dtype
+        scale, dtype = self.arch.rope_scale, self.dtype
         return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
@@ -614,14 +629,12 @@ class Convert:
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to(device=self.device, dtype=self.dtype, copy=True).contiguous()
 
-    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None, shared: torch.Tensor | None = None) -> Linear:
-        """A projection; `shared`: our float copy of this same weight, already made, used as it is."""
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
         int8 = pack_int8(weight) if self.int8_rows else None
         bias = None if bias is None else self(bias)
         if self.int8_rows == INT8_ALWAYS:
             return Linear(weight.shape[1], None, bias, int8, self.int8_rows)
-        float_weight = shared if shared is not None else pack_float(self(weight), self.max_batch)
-        return Linear(weight.shape[1], float_weight, bias, int8, self.int8_rows)
+        return Linear(weight.shape[1], pack_float(self(weight), self.max_batch), bias, int8, self.int8_rows)
 
 
 def build_model(hf_model: Any, convert: Convert, max_batch: int) -> Model:
@@ -655,9 +668,8 @@ def _gpt2_model(model: Any, cast: Convert, max_batch: int) -> Model:
     head_dim = cfg.n_embd // cfg.n_head
     arch = Architecture(cfg.n_head, cfg.n_head, head_dim, cfg.layer_norm_epsilon, cfg.n_positions,
                         rms_norm=False, gated_mlp=False, inv_freq=None)  # fmt: skip
-    embed = cast(body.wte.weight)
     final = (cast(body.ln_f.weight), cast(body.ln_f.bias))
-    lm_head = _head(model, body.wte.weight, embed, cast)
+    embed, lm_head = _embedding_and_head(model, body.wte.weight, cast)
     return Model(arch, layers, embed, cast(body.wpe.weight), final, lm_head, max_batch)
 
 
@@ -684,24 +696,25 @@ def _llama_model(model: Any, cast: Convert, max_batch: int) -> Model:
         raise EngineUnavailable(
             "Llama variants with a non-silu MLP or position-dependent rope are not supported", retry_after=0
         )
-    embed = cast(body.embed_tokens.weight)
+    embed, lm_head = _embedding_and_head(model, body.embed_tokens.weight, cast)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     arch = Architecture(
         cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps,
         cfg.max_position_embeddings, rms_norm=True, gated_mlp=True,
-        inv_freq=rotary.inv_freq.detach().float().to(embed.device),
+        inv_freq=rotary.inv_freq.detach().float().to(cast.device),
         rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
     )  # fmt: skip
-    lm_head = _head(model, body.embed_tokens.weight, embed, cast)
     return Model(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, max_batch)
 
 
-def _head(model: Any, embedding: torch.Tensor, embed: torch.Tensor, cast: Convert) -> Linear:
-    """The output projection. Small models tie it to the input embedding: then its float form is
-    our embedding itself, unpacked (a packed copy ran 2x faster at batch 32, but cost 113 MB that
-    the 1.5 GB goal at 32 clients does not have), and small batches use its int8 copy."""
+def _embedding_and_head(model: Any, embedding: torch.Tensor, cast: Convert) -> tuple[Embedding, Linear]:
+    """The input embedding and the output projection, which small models tie (see `Embedding`)."""
+    head = cast.linear(model.lm_head.weight, None)
     tied = model.lm_head.weight.data_ptr() == embedding.data_ptr()
-    return cast.linear(model.lm_head.weight, None, shared=embed if tied else None)
+    if tied and head.int8 is not None:
+        table, scale = head.int8
+        return Embedding(table, cast.dtype, scale.float()), head
+    return Embedding(cast(embedding), cast.dtype), head
 
 
 # ---------------------------------------------------------------------------------------------

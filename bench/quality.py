@@ -10,7 +10,8 @@ Formats:
   bfloat16   the whole model cast to bfloat16 (what DTYPE=bfloat16 runs)
   int8       int8 weight-only: every nn.Linear weight and the lm_head quantized per output
              channel with symmetric scales (max |w| / 127), computed as int8 * scale in float32:
-             the error of the weight format alone
+             the error of the weight format alone; a tied input embedding takes the same int8
+             rows (as the engine's does)
   int8-bf16  the same int8 weights through torch's CPU kernel `aten._weight_int8pack_mm`, which
              takes bfloat16 activations (the rest of the model stays float32): what a fast int8 path runs
   int8-dynamic  the same int8 weights through fbgemm's dynamic-quantization kernel
@@ -98,6 +99,16 @@ def to_int8(model: nn.Module, kind: str) -> nn.Module:
     return model
 
 
+def quantize_tied_embedding(model: nn.Module, bf16_scales: bool) -> None:
+    """As the engine does when the output head is tied to the input embedding: the embedding's
+    rows come from the head's int8 copy times its scales (bfloat16 scales with the kernel)."""
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    q, scale = quantize(embedding.weight.detach().float())
+    if bf16_scales:
+        scale = scale.to(torch.bfloat16).float()
+    embedding.weight = nn.Parameter(q.float() * scale[:, None], requires_grad=False)
+
+
 def load(model_dir: str, fmt: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -105,7 +116,10 @@ def load(model_dir: str, fmt: str) -> nn.Module:
     if fmt == "bfloat16":
         model = model.to(torch.bfloat16)
     elif fmt in ("int8", "int8-bf16", "int8-dynamic"):
+        tied = model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()  # type: ignore[operator]
         model = to_int8(model, fmt)
+        if tied and fmt != "int8-dynamic":
+            quantize_tied_embedding(model, bf16_scales=fmt == "int8-bf16")
     return model
 
 

@@ -45,7 +45,7 @@ def median_ms(run: Callable[[], object], repeats: int) -> float:
 def bare_products(model: engine.Model, batch: int) -> Callable[[], object]:
     """Every projection of a step applied once to a batch of activations of the right width,
     through the engine's own `Linear`s: the same weight formats and kernels the step runs."""
-    dtype = model.embed.dtype
+    dtype = model.dtype
     linears = [*(lin for w in model.layers for lin in (w.qkv, w.out, w.up, w.down)), model.lm_head]
     inputs = {lin.in_features: torch.randn(batch, lin.in_features, dtype=dtype) for lin in linears}
 
