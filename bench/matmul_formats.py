@@ -7,6 +7,9 @@ of them at each batch size. Random weights: only shapes and formats matter for s
 
 Formats:
   float32     F.linear, float32 weights and activations
+  float32-packed  float32 weights in oneDNN's packed layout (what the engine's float path runs)
+  int8-dynamic  fbgemm's dynamic int8 (`quantized.linear_dynamic`: activations quantized to 7 bits
+              per call); fast, but bench/quality.py measures +231% perplexity: not used
   bfloat16    F.linear, bfloat16 weights and activations
   int8-bf16   int8 weight-only, per-output-channel scales, `aten._weight_int8pack_mm`, bfloat16 activations
   int8-f32    the same kernel with float32 activations (not by default: a slow path here)
@@ -28,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from run_bench import cpu_info, cpu_name
 
-FORMATS = ("float32", "bfloat16", "int8-bf16", "int8-f32")
-DEFAULT_FORMATS = ["float32", "bfloat16", "int8-bf16"]  # int8-f32 measured 5-20x slower than int8-bf16 here
+FORMATS = ("float32", "float32-packed", "bfloat16", "int8-bf16", "int8-f32", "int8-dynamic")
+# int8-f32 measured 5-20x slower than int8-bf16 here, so it is not run unless asked
+DEFAULT_FORMATS = ["float32", "float32-packed", "bfloat16", "int8-bf16", "int8-dynamic"]
 Product = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -51,8 +55,16 @@ def product(out_f: int, in_f: int, fmt: str) -> tuple[Product, torch.dtype]:
         dtype = torch.float32 if fmt == "float32" else torch.bfloat16
         w = weight.to(dtype)
         return (lambda x: F.linear(x, w)), dtype
-    dtype = torch.bfloat16 if fmt == "int8-bf16" else torch.float32
+    if fmt == "float32-packed":
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+        return (lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")), torch.float32
     scale = weight.abs().amax(dim=1) / 127
+    if fmt == "int8-dynamic":
+        zero = torch.zeros(out_f, dtype=torch.long)
+        qweight = torch.quantize_per_channel(weight, scale.double(), zero, 0, torch.qint8)
+        prepacked = torch.ops.quantized.linear_prepack(qweight, None)
+        return (lambda x: torch.ops.quantized.linear_dynamic(x, prepacked, True)), torch.float32
+    dtype = torch.bfloat16 if fmt == "int8-bf16" else torch.float32
     q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
     s = scale.to(dtype)
     return (lambda x: torch.ops.aten._weight_int8pack_mm(x, q, s)), dtype
