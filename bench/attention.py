@@ -9,24 +9,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from roofline import median_ms
 
 HEADS, KV_HEADS, DIM, CACHED = 9, 3, 64, 160
-
-
-def median_us(run: Callable[[], object], repeats: int = 50) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
 
 
 def compare(batch: int) -> tuple[float, float]:
@@ -48,7 +36,7 @@ def compare(batch: int) -> tuple[float, float]:
         return torch.bmm(torch.softmax(scores, dim=-1), flat_v).view(batch, KV_HEADS, group, DIM)
 
     assert torch.allclose(sdpa(), products(), atol=1e-5)
-    return median_us(sdpa), median_us(products)
+    return 1000 * median_ms(sdpa, 50), 1000 * median_ms(products, 50)
 
 
 def main() -> None:
