@@ -270,7 +270,7 @@ class LoadedModel:
 
     @property
     def weights(self) -> str:
-        """The weight format in words, for logs and /health."""
+        """The weight format in words, for the load log line."""
         if self.int8_rows == INT8_ALWAYS:
             return "int8"
         dtype = str(self.dtype).removeprefix("torch.")
