@@ -323,7 +323,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     width = hf_model.config.hidden_size
     dtype = resolve_dtype(config.dtype, device, config.max_batch, width)
     int8_rows = resolve_int8(config.quantize, device, dtype, width, (1, 8, config.max_batch, PREFILL_CHUNK))
-    model = build_model(hf_model, Convert(dtype, device, int8_rows, config.max_batch), config.max_batch)
+    model = build_model(hf_model, Convert(dtype, device, int8_rows, config.max_batch))
     eos = hf_model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -624,7 +624,7 @@ class Convert:
     dtype: torch.dtype
     device: torch.device
     int8_rows: int
-    max_batch: int
+    max_batch: int  # the model's rows; oneDNN packs float weights for products of this size
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to(device=self.device, dtype=self.dtype, copy=True).contiguous()
@@ -637,17 +637,17 @@ class Convert:
         return Linear(weight.shape[1], pack_float(self(weight), self.max_batch), bias, int8, self.int8_rows)
 
 
-def build_model(hf_model: Any, convert: Convert, max_batch: int) -> Model:
+def build_model(hf_model: Any, convert: Convert) -> Model:
     builders = {"gpt2": _gpt2_model, "llama": _llama_model}
     kind = hf_model.config.model_type
     if kind not in builders:
         raise EngineUnavailable(
             f"model type {kind!r} is not supported; supported types: {', '.join(sorted(builders))}", retry_after=0
         )
-    return builders[kind](hf_model, convert, max_batch)
+    return builders[kind](hf_model, convert)
 
 
-def _gpt2_model(model: Any, cast: Convert, max_batch: int) -> Model:
+def _gpt2_model(model: Any, cast: Convert) -> Model:
     cfg, body = model.config, model.transformer
     # GPT-2's Conv1D stores weights as [in, out]; F.linear wants [out, in].
     layers = [
@@ -670,10 +670,10 @@ def _gpt2_model(model: Any, cast: Convert, max_batch: int) -> Model:
                         rms_norm=False, gated_mlp=False, inv_freq=None)  # fmt: skip
     final = (cast(body.ln_f.weight), cast(body.ln_f.bias))
     embed, lm_head = _embedding_and_head(model, body.wte.weight, cast)
-    return Model(arch, layers, embed, cast(body.wpe.weight), final, lm_head, max_batch)
+    return Model(arch, layers, embed, cast(body.wpe.weight), final, lm_head, cast.max_batch)
 
 
-def _llama_model(model: Any, cast: Convert, max_batch: int) -> Model:
+def _llama_model(model: Any, cast: Convert) -> Model:
     cfg, body = model.config, model.model
 
     def fused(*linears: Any) -> Linear:
@@ -704,7 +704,7 @@ def _llama_model(model: Any, cast: Convert, max_batch: int) -> Model:
         inv_freq=rotary.inv_freq.detach().float().to(cast.device),
         rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
     )  # fmt: skip
-    return Model(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, max_batch)
+    return Model(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, cast.max_batch)
 
 
 def _embedding_and_head(model: Any, embedding: torch.Tensor, cast: Convert) -> tuple[Embedding, Linear]:
