@@ -72,9 +72,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--cached", type=int, default=160, help="tokens already in each row's cache")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: the CPUs we may use, as the server")
     parser.add_argument("--json")
     args = parser.parse_args()
-    torch.set_num_threads(engine.cpu_budget())
+    engine.use_threads(args.threads)
     config = engine.ModelConfig(name=args.model, dtype=args.dtype, max_batch=max(args.batches), quantize=args.quantize)
     loaded = engine.load_model(config)
     rows = []
