@@ -163,14 +163,20 @@ def native_bfloat16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def _matmul_seconds(dtype: torch.dtype, rows: int, width: int) -> float:
-    a = torch.randn(rows, width, dtype=dtype)
-    b = torch.randn(width, 4 * width, dtype=dtype)
-    a @ b  # warm-up: first calls pick kernels
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    return time.perf_counter() - start
+def _first_is_faster(first: Callable[[], object], second: Callable[[], object], rounds: int, repeats: int) -> bool:
+    """Whether `first` runs faster than `second`: the best of `rounds` timings each, taken in
+    turns so a busy machine cannot tip it, each of `repeats` runs after a warm-up call (first
+    calls pick kernels)."""
+
+    def seconds(run: Callable[[], object]) -> float:
+        run()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        return time.perf_counter() - start
+
+    timings = [(seconds(first), seconds(second)) for _ in range(rounds)]
+    return min(a for a, _ in timings) < min(b for _, b in timings)
 
 
 def resolve_dtype(setting: str, device: torch.device, rows: int, width: int) -> torch.dtype:
@@ -183,9 +189,9 @@ def resolve_dtype(setting: str, device: torch.device, rows: int, width: int) -> 
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if not native_bfloat16():
         return torch.float32
-    timings = [(_matmul_seconds(torch.bfloat16, rows, width), _matmul_seconds(torch.float32, rows, width))
-               for _ in range(5)]  # fmt: skip
-    faster = min(bf16 for bf16, _ in timings) < min(fp32 for _, fp32 in timings)
+    a, b = torch.randn(rows, width), torch.randn(width, 4 * width)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    faster = _first_is_faster(lambda: a16 @ b16, lambda: a @ b, rounds=5, repeats=10)
     return torch.bfloat16 if faster else torch.float32
 
 
@@ -213,14 +219,6 @@ def pack_float(weight: torch.Tensor, max_batch: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, max_batch)  # type: ignore[no-any-return]
 
 
-def _product_seconds(run: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
-    run(x)  # warm-up: first calls pick kernels
-    start = time.perf_counter()
-    for _ in range(3):
-        run(x)
-    return time.perf_counter() - start
-
-
 def resolve_int8(setting: str, device: torch.device, dtype: torch.dtype, width: int, batches: Iterable[int]) -> int:
     """Up to how many rows (tokens in one forward pass) a product runs on int8 weights; 0: never.
     `int8`: always; `none`: never; `auto` (a CPU with the kernel): time products over several
@@ -241,9 +239,8 @@ def resolve_int8(setting: str, device: torch.device, dtype: torch.dtype, width: 
     rows = 0
     for batch in sizes:
         x = torch.randn(batch, width, dtype=dtype)
-        timings = [(_product_seconds(lambda x: [f(x) for f in int8s], x),
-                    _product_seconds(lambda x: [f(x) for f in floats], x)) for _ in range(3)]  # fmt: skip
-        if min(i for i, _ in timings) >= min(f for _, f in timings):
+        int8_pass, float_pass = (lambda x=x: [f(x) for f in int8s]), (lambda x=x: [f(x) for f in floats])
+        if not _first_is_faster(int8_pass, float_pass, rounds=3, repeats=3):
             break
         rows = batch
     return INT8_ALWAYS if rows == sizes[-1] else rows
