@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--running", type=int, default=31)
     parser.add_argument("--long", type=int, default=900, help="tokens in the late prompt")
     parser.add_argument("--chunk", type=int, default=engine.PREFILL_CHUNK)
+    parser.add_argument("--show-steps", action="store_true", help="print each step (kind, ms after the join, rows)")
     parser.add_argument("--json")
     args = parser.parse_args()
     engine.PREFILL_CHUNK = args.chunk
@@ -64,6 +65,8 @@ def report(args: argparse.Namespace, steps: list[tuple[str, float, int]], joined
               "median_gap_ms": round(median * 1000, 1), "max_gap_ms": round(worst * 1000, 1),
               "ratio": round(worst / median, 2)}  # fmt: skip
     print(json.dumps(result))
+    if args.show_steps:  # where the longest gaps come from: which step ended when
+        print([(kind, round((t - joined) * 1000), size) for kind, t, size in steps if t >= joined - 0.5][:60])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
