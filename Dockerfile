@@ -24,7 +24,7 @@ RUN groupadd --gid 10001 appuser \
     && chown appuser:appuser /tmp/transformers_cache /tmp/hf_home
 
 # The code stays owned by root: the service user can read it but not change it.
-COPY server.py engine.py auth.py docs.html ./
+COPY server.py engine.py model.py auth.py docs.html ./
 
 # hadolint ignore=DL3066
 USER appuser

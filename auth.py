@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 HEADER = b"x-api-key"
+Refusal = Callable[[int, str, Mapping[str, str]], Response]  # (status, detail, headers) -> the answer
+
+
+def _plain_refusal(status: int, detail: str, headers: Mapping[str, str]) -> Response:
+    # The server passes its own error renderer (server.error_response), so its errors keep one
+    # shape; this default is for the middleware used on its own.
+    return JSONResponse({"detail": detail}, status_code=status, headers=dict(headers))
 
 
 def _digest(key: bytes) -> bytes:
@@ -30,8 +37,14 @@ def _route_path(scope: Scope) -> str:
 
 
 class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: Iterable[str], protected: Collection[str] = ("/generate",)):
-        self.app = app
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: Iterable[str],
+        protected: Collection[str] = ("/generate",),
+        refuse: Refusal = _plain_refusal,
+    ):
+        self.app, self.refuse = app, refuse
         self.digests = [_digest(k.encode()) for k in keys]
         self.protected = protected
         if not self.digests:
@@ -46,7 +59,7 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         # The body was never read, so the connection cannot carry another request: close it.
-        await JSONResponse({"detail": problem}, status_code=401, headers={"Connection": "close"})(scope, receive, send)
+        await self.refuse(401, problem, {"Connection": "close"})(scope, receive, send)
 
     def check(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
         """Return None for exactly one valid key, else the reason for a 401."""

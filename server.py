@@ -5,10 +5,13 @@ A request's path, outermost first:
   APIKeyMiddleware (auth.py) /generate only: one valid x-api-key header, else 401
   route                     /health, /ready, /docs, /generate
   read_json                 content type, body size and time, JSON syntax
-  parse_generate            every field, by hand
-  capacity check            MAX_BATCH_SIZE running + MAX_QUEUE waiting, else 503 at once
-  run_generation            a worker thread under the capacity limiter (anyio.to_thread.run_sync)
-  engine.ENGINE             loads the model once, then batches every request (engine.py)
+  parse_generate            every field, by hand, from one table of fields (`generate_fields`)
+  Generation.serve          the one lifecycle: admit (MAX_BATCH_SIZE running + MAX_QUEUE waiting,
+                            else 503 at once), a worker thread under the capacity limiter
+                            (anyio.to_thread.run_sync) raced against the queue timeout and the
+                            client leaving, account, give the place back
+  a rendering               the JSON answer (the events read to the end) or server-sent events
+  app.state.engine          engine.ENGINE: loads the model once, then batches every request
 
 Every limit, where it is enforced, and what the client gets:
   setting                        enforced in                       status
@@ -18,17 +21,17 @@ Every limit, where it is enforced, and what the client gets:
   BODY_TIMEOUT                   read_json                         408
   field rules, MAX_NEW_TOKENS_LIMIT  parse_generate                422
   MAX_CONTEXT_TOKENS             engine.Engine._check_fits         422
-  MAX_BATCH_SIZE + MAX_QUEUE     generate (capacity check)         503, Retry-After RETRY_BUSY
-  QUEUE_TIMEOUT                  run_generation                    503, Retry-After RETRY_BUSY
-  MODEL_RETRY_SECONDS            engine.LazyEngine.get             503, Retry-After: seconds left
-  REQUEST_TIMEOUT                engine.Sequence                   200, finish_reason "timeout"
-  DRAIN_TIMEOUT                  DrainingServer                    200, finish_reason "timeout"
+  MAX_BATCH_SIZE + MAX_QUEUE     Generation._admit                 503, Retry-After RETRY_BUSY
+  QUEUE_TIMEOUT                  Generation._watch_queue           503, Retry-After RETRY_BUSY
+  MODEL_RETRY_SECONDS            engine.LazyEngine.get             503, Retry-After: LazyEngine.retry_in
+  REQUEST_TIMEOUT                engine.Scheduler.postprocess      200, finish_reason "timeout"
+  DRAIN_TIMEOUT                  DrainingServer -> engine.drain    200, finish_reason "timeout"
   (shutting down)                generate, ready                   503, Retry-After RETRY_SHUTDOWN
 Every error is JSON of one shape, {"detail": "..."}; the errors section lists them on one screen.
 
 Reading order: settings, errors, validation, the OpenAPI document, the docs page (docs.html, what
-a browser gets at /docs), running a generation, routes, request logs, connections, the app and its
-shutdown. Run: API_KEY=... python server.py (README.md lists settings).
+a browser gets at /docs), metrics, running a generation (its lifecycle and the JSON rendering),
+streaming (the SSE rendering), routes, request logs, connections, the app and its shutdown. Run: API_KEY=... python server.py (README.md lists settings).
 """
 
 from __future__ import annotations
@@ -56,14 +59,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import anyio.from_thread
 import anyio.to_thread
 import h11
 import uvicorn
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -215,11 +218,14 @@ def from_engine_error(exc: Exception) -> Exception:
     return exc
 
 
+def error_body(detail: str) -> dict[str, str]:
+    """The one error shape. A detail may quote the client's input; a lone surrogate there cannot
+    be encoded as UTF-8, so it is shown escaped (\\ud800) instead of failing the answer."""
+    return {"detail": detail.encode("utf-8", "backslashreplace").decode("utf-8")}
+
+
 def error_response(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    # A detail may quote the client's input; a lone surrogate there cannot be encoded as UTF-8,
-    # so it is shown escaped (\ud800) instead of failing the answer.
-    safe = detail.encode("utf-8", "backslashreplace").decode("utf-8")
-    return JSONResponse({"detail": safe}, status_code=status, headers=headers)
+    return JSONResponse(error_body(detail), status_code=status, headers=headers)
 
 
 async def on_api_error(request: Request, exc: Exception) -> Response:
@@ -264,7 +270,125 @@ async def read_json(request: Request, limit: int, timeout: float) -> object:
         raise ApiError(400, f"body is not valid JSON: {exc}") from None
 
 
-FIELDS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "stream")
+@dataclass(frozen=True)
+class Field:
+    """One request field, declared once: its JSON type, default, bounds and meaning. The validator's
+    checks and error messages (`check`) and the OpenAPI schema (`schema`) both come from here, and
+    the OpenAI routes map their own names onto the same fields. Every optional field takes null,
+    meaning its default; an integral number (7.0) is an integer, as in JSON Schema."""
+
+    name: str
+    kind: str  # "text" | "integer" | "number" | "boolean" | "stop"
+    meaning: str
+    default: Any = None
+    low: float = 0  # integer and number bounds, inclusive
+    high: float = 0
+    above_low: bool = False  # a number that must be greater than `low` (top_p)
+    zero_or_from: float = 0  # a number that is 0 or at least this (temperature: 0 means greedy)
+    most: int = 0  # stop: at most this many strings, of 1 to `high` characters each
+
+    def check(self, value: Any) -> Any:
+        """The clean value, or a 422 that names the field, the rule and what was sent."""
+        if value is None and self.kind != "text":
+            return self.default
+        return getattr(self, f"_{self.kind}")(value)
+
+    def rule(self) -> str:
+        if self.kind == "integer":
+            return f"{self.name} must be an integer from {self.low:.0f} to {self.high:.0f}"
+        if self.kind == "number":
+            return f"{self.name} must be a number from {float(self.low)} to {float(self.high)}"
+        if self.kind == "stop":
+            each = f"each 1 to {self.high:.0f} characters"
+            return f"{self.name} must be a string or a list of at most {self.most} strings, {each}"
+        if self.kind == "boolean":
+            return f"{self.name} must be true or false"
+        return f"{self.name} is required and must be a non-empty string"
+
+    def _refuse(self, got: str, rule: str = "") -> NoReturn:
+        raise ApiError(422, f"{rule or self.rule()}, got {got}")
+
+    def _text(self, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            self._refuse(_json_type(value))
+        return _unicode(value, self.name)
+
+    def _integer(self, value: Any) -> int:
+        number = int(value) if isinstance(value, float) and value.is_integer() else value
+        if isinstance(number, bool) or not isinstance(number, int) or not self.low <= number <= self.high:
+            self._refuse(_shown(value))
+        return number
+
+    def _number(self, value: Any) -> float:
+        # Compared before any conversion: an integer too large for a float is simply out of range.
+        # NaN compares false, so it fails the range check too.
+        if isinstance(value, bool) or not isinstance(value, int | float) or not self.low <= value <= self.high:
+            self._refuse(_shown(value))
+        if self.above_low and value == self.low:
+            self._refuse(_shown(value), f"{self.name} must be a number above {self.low:g} and at most {self.high:g}")
+        if 0 < value < self.zero_or_from:
+            self._refuse(_shown(value), f"{self.name} must be 0 (greedy) or from {self.zero_or_from} to {self.high}")
+        return float(value)
+
+    def _boolean(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            self._refuse(_shown(value))
+        return value
+
+    def _stop(self, value: Any) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            self._refuse(_json_type(value))
+        if len(items) > self.most:
+            self._refuse(f"{len(items)} strings")
+        for item in items:
+            if not isinstance(item, str) or not 1 <= len(item) <= self.high:
+                self._refuse(_shown(item))
+        return tuple(_unicode(item, self.name) for item in items)
+
+    def schema(self) -> dict[str, Any]:
+        """This field's JSON Schema (OpenAPI 3.1)."""
+        bounds: dict[str, Any] = {"minimum": self.low, "maximum": self.high}
+        if self.above_low:
+            bounds = {"exclusiveMinimum": self.low, "maximum": self.high}
+        string = {"type": "string", "minLength": 1, "maxLength": self.high}
+        kinds: dict[str, dict[str, Any]] = {
+            "text": {"type": "string", "minLength": 1},
+            "integer": {"type": ["integer", "null"], **bounds},
+            "number": {"type": ["number", "null"], **bounds},
+            "boolean": {"type": ["boolean", "null"]},
+            "stop": {"anyOf": [string, {"type": "array", "maxItems": self.most, "items": string}, {"type": "null"}]},
+        }
+        schema = kinds[self.kind]
+        if self.zero_or_from:
+            schema = {"anyOf": [{"const": 0}, {"type": "number", "minimum": self.zero_or_from, "maximum": self.high},
+                                {"type": "null"}]}  # fmt: skip
+        if self.default is not None and self.default != ():
+            schema["default"] = self.default
+        return {**schema, "description": self.meaning}
+
+
+def generate_fields(limits: Limits) -> tuple[Field, ...]:
+    """The /generate fields: the one table the validator, the OpenAPI document and the docs page read."""
+    d = DEFAULTS
+    return (
+        Field("prompt", "text", "Text to continue."),
+        Field("max_new_tokens", "integer", "Tokens to generate at most.", limits.default_new_tokens, 1,
+              limits.max_new_tokens),
+        Field("temperature", "number", "0 means greedy decoding.", d.temperature, 0, limits.max_temperature,
+              zero_or_from=limits.min_temperature),
+        Field("top_p", "number", "Sample from the smallest set of tokens whose probability reaches top_p.", d.top_p,
+              0, 1, above_low=True),
+        Field("top_k", "integer", "0 means no top-k filter.", d.top_k, 0, limits.max_top_k),
+        Field("seed", "integer", "Same seed and request, same text. Random when absent.", d.seed, 0, limits.max_seed),
+        Field("stop", "stop", "Generation ends at the first stop string, which is cut from the output.", d.stop,
+              high=limits.max_stop_length, most=limits.max_stop_count),
+        Field("ignore_eos", "boolean", "Generate exactly max_new_tokens, ignoring end of sequence.", d.ignore_eos),
+        Field("stream", "boolean", "Answer as text/event-stream: `token` events, then `done` (or `error`).", False),
+    )  # fmt: skip
+
+
+FIELDS = tuple(f.name for f in generate_fields(Limits()))
 
 
 @dataclass(frozen=True)
@@ -282,16 +406,12 @@ def parse_generate(body: object, limits: Limits) -> GenerateRequest:
     if unknown:
         named = ", ".join(name[:40] for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise ApiError(422, f"unknown field(s): {named}; allowed: {', '.join(FIELDS)}")
-    params = engine.SamplingParams(
-        max_new_tokens=_integer(body, "max_new_tokens", 1, limits.max_new_tokens, limits.default_new_tokens),
-        temperature=_temperature(body, limits),
-        top_p=_top_p(body),
-        top_k=_integer(body, "top_k", 0, limits.max_top_k),
-        seed=_integer(body, "seed", 0, limits.max_seed),
-        stop=_stop(body, limits),
-        ignore_eos=_boolean(body, "ignore_eos", DEFAULTS.ignore_eos),
-    )
-    return GenerateRequest(_prompt(body), params, _boolean(body, "stream", False))
+    fields = generate_fields(limits)
+    if "prompt" not in body:
+        raise ApiError(422, f"{fields[0].rule()}, got missing")
+    values = {f.name: f.check(body.get(f.name)) for f in fields}
+    prompt, stream = values.pop("prompt"), values.pop("stream")
+    return GenerateRequest(prompt, engine.SamplingParams(**values), stream)
 
 
 def _json_type(value: object) -> str:
@@ -299,7 +419,7 @@ def _json_type(value: object) -> str:
     return names.get(type(value), "a number")
 
 
-def _text(value: str, name: str) -> str:
+def _unicode(value: str, name: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -307,83 +427,27 @@ def _text(value: str, name: str) -> str:
     return value
 
 
-def _prompt(body: dict[str, Any]) -> str:
-    value = body.get("prompt")
-    if not isinstance(value, str) or not value:
-        got = "missing" if "prompt" not in body else _json_type(value)
-        raise ApiError(422, f"prompt is required and must be a non-empty string, got {got}")
-    return _text(value, "prompt")
-
-
 def _shown(value: object) -> str:
-    """A client's value as quoted in an error: JSON, and short."""
-    text = json.dumps(value)
+    """A client's value as quoted in an error: JSON, short, and cut to a few levels and items
+    first, so that any value that parsed can be shown (a list nested 1,000 deep would take
+    json.dumps past Python's recursion limit)."""
+    text = json.dumps(_clipped(value, SHOWN_DEPTH))
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _integer(body: dict[str, Any], name: str, low: int, high: int, default: int | None = None) -> Any:
-    """null means the default; 7.0 is the integer 7, as in JSON Schema (the document's dialect)."""
-    value = body.get(name)
-    if value is None:
-        return getattr(DEFAULTS, name) if default is None else default
-    number = int(value) if isinstance(value, float) and value.is_integer() else value
-    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
-        raise ApiError(422, f"{name} must be an integer from {low} to {high}, got {_shown(value)}")
-    return number
+SHOWN_DEPTH = 3  # levels of nesting quoted in an error; deeper ones show as "..."
 
 
-def _number(body: dict[str, Any], name: str, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return float(getattr(DEFAULTS, name))
-    # Compared before any conversion: an integer too large for a float is simply out of range.
-    # NaN compares false, so it fails the range check too.
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ApiError(422, f"{name} must be a number from {low} to {high}, got {_shown(value)}")
-    return float(value)
-
-
-def _temperature(body: dict[str, Any], limits: Limits) -> float:
-    value = _number(body, "temperature", 0.0, limits.max_temperature)
-    if 0 < value < limits.min_temperature:
-        raise ApiError(422, f"temperature must be 0 (greedy) or from {limits.min_temperature} to "
-                            f"{limits.max_temperature}, got {value}")  # fmt: skip
+def _clipped(value: object, depth: int) -> object:
+    if isinstance(value, str):
+        return value[:80]
+    if isinstance(value, list | dict) and depth == 0:
+        return "..."
+    if isinstance(value, list):
+        return [_clipped(item, depth - 1) for item in value[:5]]
+    if isinstance(value, dict):
+        return {key[:40]: _clipped(item, depth - 1) for key, item in list(value.items())[:5]}
     return value
-
-
-def _top_p(body: dict[str, Any]) -> float:
-    value = _number(body, "top_p", 0.0, 1.0)
-    if value == 0.0:
-        raise ApiError(422, "top_p must be a number above 0 and at most 1, got 0")
-    return value
-
-
-def _boolean(body: dict[str, Any], name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ApiError(422, f"{name} must be true or false, got {_shown(value)}")
-    return value
-
-
-def _stop(body: dict[str, Any], limits: Limits) -> tuple[str, ...]:
-    value = body.get("stop")
-    if value is None:
-        return DEFAULTS.stop
-    items = [value] if isinstance(value, str) else value
-    rule = (
-        f"stop must be a string or a list of at most {limits.max_stop_count} strings, "
-        f"each 1 to {limits.max_stop_length} characters"
-    )
-    if not isinstance(items, list):
-        raise ApiError(422, f"{rule}; got {_json_type(value)}")
-    if len(items) > limits.max_stop_count:
-        raise ApiError(422, f"{rule}; got {len(items)} strings")
-    for item in items:
-        if not isinstance(item, str) or not 1 <= len(item) <= limits.max_stop_length:
-            raise ApiError(422, f"{rule}; got {_shown(item)}")
-    return tuple(_text(item, "stop") for item in items)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,35 +474,13 @@ def openapi(settings: Settings) -> dict[str, Any]:
 
 
 def _request_schema(limits: Limits) -> dict[str, Any]:
-    """Every optional field also takes null, meaning its default."""
-    d, string = DEFAULTS, {"type": "string", "minLength": 1, "maxLength": limits.max_stop_length}
     return {
         "type": "object",
         "required": ["prompt"],
         "additionalProperties": False,
-        "properties": {
-            "prompt": {"type": "string", "minLength": 1, "description": "Text to continue."},
-            "max_new_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": limits.max_new_tokens,
-                               "default": limits.default_new_tokens},
-            "temperature": {"anyOf": [
-                {"const": 0}, {"type": "number", "minimum": limits.min_temperature, "maximum": limits.max_temperature},
-                {"type": "null"},
-            ], "default": d.temperature, "description": "0 means greedy decoding."},
-            "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1, "default": d.top_p},
-            "top_k": {"type": ["integer", "null"], "minimum": 0, "maximum": limits.max_top_k, "default": d.top_k,
-                      "description": "0 means no top-k filter."},
-            "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": limits.max_seed,
-                     "description": "Same seed and request, same text. Random when absent."},
-            "stop": {"anyOf": [string, {"type": "array", "maxItems": limits.max_stop_count, "items": string},
-                               {"type": "null"}],
-                     "description": "Generation ends at the first stop string, which is cut from the output."},
-            "ignore_eos": {"type": ["boolean", "null"], "default": d.ignore_eos,
-                           "description": "Generate exactly max_new_tokens, ignoring end of sequence."},
-            "stream": {"type": ["boolean", "null"], "default": False,
-                       "description": "Answer as text/event-stream: `token` events, then `done` (or `error`)."},
-        },
+        "properties": {f.name: f.schema() for f in generate_fields(limits)},
         "x-max-body-bytes": limits.max_body_bytes,
-    }  # fmt: skip
+    }
 
 
 _SCHEMAS: dict[str, Any] = {
@@ -459,7 +501,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "generated_text": {"type": "string", "description": "The prompt followed by its continuation."},
             "generated_tokens": {"type": "integer", "description": "Tokens the model generated."},
-            "finish_reason": {"enum": list(engine.FINISH_REASONS)},
+            "finish_reason": {"enum": [reason.value for reason in engine.FinishReason]},
         },
     },
     "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}},
@@ -648,8 +690,8 @@ class Metrics:
             self.per_token.observe(timing.per_token)
 
 
-def render_metrics(metrics: Metrics, settings: Settings, runtime: Runtime) -> str:
-    running = engine.ENGINE.loaded
+def render_metrics(metrics: Metrics, settings: Settings, runtime: Runtime, lazy: engine.LazyEngine) -> str:
+    running = lazy.loaded
     active = running.active if running else 0
     families: list[tuple[str, str, str, list[str]]] = [
         ("llm_requests_total", "counter", "HTTP requests by route and status.",
@@ -681,7 +723,7 @@ def render_metrics(metrics: Metrics, settings: Settings, runtime: Runtime) -> st
          metrics.batch_sizes.lines("llm_batch_size")),
         ("llm_model_loaded", "gauge", "1 once the model is loaded.", [f"llm_model_loaded {int(running is not None)}"]),
         ("llm_model_load_duration_seconds", "gauge", "How long the last model load took.",
-         [f"llm_model_load_duration_seconds {engine.ENGINE.load_seconds}"]),
+         [f"llm_model_load_duration_seconds {lazy.load_seconds}"]),
         ("process_resident_memory_bytes", "gauge", "Resident memory of this process.",
          [f"process_resident_memory_bytes {_resident_bytes()}"]),
     ]  # fmt: skip
@@ -698,7 +740,8 @@ def _resident_bytes() -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running a generation: a worker thread under the capacity limiter, raced against watchers
+# Running a generation: one lifecycle (admit, race, account, give the place back); an answer is a
+# rendering of its events
 
 
 @dataclass
@@ -706,7 +749,7 @@ class Runtime:
     """What the routes share while the process runs (all touched on the event loop only)."""
 
     limiter: anyio.CapacityLimiter
-    in_flight: int = 0  # /generate requests running or waiting for a place in the batch
+    in_flight: int = 0  # generations running or waiting for a place in the batch
     draining: bool = False  # SIGTERM received: finish what runs, take nothing new
 
 
@@ -745,87 +788,124 @@ class Timing:
                 "x-prompt-tokens": str(self.result.prompt_tokens)}  # fmt: skip
 
 
-@dataclass
+Event = engine.Delta | engine.Result | Exception  # a piece, the final result, or why there is none
+Events = MemoryObjectReceiveStream[Event]
+T = typing.TypeVar("T")
+
+
 class Generation:
-    """One /generate request's run. `run` holds a place under the limiter while the engine works;
-    `watch_queue` gives up if no place comes within QUEUE_TIMEOUT; `cancel` tells the engine to
-    drop the sequence at its next step. A streaming run also hands each piece to `events`."""
+    """One request's generation, from admission to the place given back, written once for every
+    answer. `serve(render)` admits it (503 at capacity), runs it in a worker thread under the
+    capacity limiter, races that against the queue timeout and the client leaving, hands its
+    events to `render` (pieces, then the result or an error: always exactly one of those two
+    last), counts it in /metrics and the request log, and gives the place back. A rendering only
+    reads events and writes an answer: no race, no accounting, no cancel of its own."""
 
-    request: GenerateRequest
-    settings: Settings
-    events: MemoryObjectSendStream[engine.Delta | engine.Result] | None = None
-    arrived: float = field(default_factory=time.monotonic)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    started: threading.Event = field(default_factory=threading.Event)  # a place is held
-    result: engine.Result | None = None
-    error: Exception | None = None
+    def __init__(self, request: Request, prompt: str, params: engine.SamplingParams):
+        self.request, self.prompt, self.params = request, prompt, params
+        self.settings: Settings = request.app.state.settings
+        self.runtime: Runtime = request.app.state.runtime
+        self.arrived = time.monotonic()
+        self.cancel = threading.Event()  # set: the engine drops the sequence at its next step
+        self.result: engine.Result | None = None  # kept even when nobody reads it (a client that left)
+        self.gone = False  # the client left
+        self._sender, self._events = anyio.create_memory_object_stream[Event](math.inf)
+        self._queued = anyio.CancelScope()  # the wait for a place in the batch
+        self._lock, self._started, self._gave_up = threading.Lock(), False, False
 
-    async def run(self, limiter: anyio.CapacityLimiter) -> None:
+    async def serve(self, render: Callable[[Events], Awaitable[T]]) -> T:
+        self._admit()
         try:
-            await anyio.to_thread.run_sync(self._blocking, limiter=limiter)
-        except Exception as exc:
-            self.error = from_engine_error(exc)
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._run)
+                group.start_soon(self._watch_queue)
+                group.start_soon(self._watch_client)
+                try:
+                    outcome: T | BaseException = await render(self._events)
+                except Exception as exc:  # raised after the group, not wrapped in an ExceptionGroup
+                    outcome = exc
+                finally:
+                    self.cancel.set()  # the one cancel: a no-op once the sequence is done
+                    group.cancel_scope.cancel()  # the watchers; the worker thread finishes its step
         finally:
-            if self.events is not None:
-                self.events.close()  # the stream ends: what follows is result or error
+            self.runtime.in_flight -= 1
+            self._account()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _admit(self) -> None:
+        capacity = self.settings.model.max_batch + self.settings.max_queue
+        if self.runtime.in_flight >= capacity:
+            raise unavailable(f"at capacity: {capacity} requests running or waiting; retry shortly", RETRY_BUSY)
+        self.runtime.in_flight += 1
+
+    def _account(self) -> None:
+        if self.result is not None:  # counted even if the client left
+            timing = Timing(self.result, self.arrived)
+            self.request.app.state.metrics.observe_generation(timing)
+            self.request.scope["state"].update(timing.log_fields())
+
+    async def _run(self) -> None:
+        with self._queued:
+            try:
+                await anyio.to_thread.run_sync(self._blocking, limiter=self.runtime.limiter)
+            except Exception as exc:
+                self._sender.send_nowait(from_engine_error(exc))
+        self._sender.close()
 
     def _blocking(self) -> None:
-        """In the worker thread. The result is kept here, not returned: a run cancelled because
-        the client left still waits for its thread, and its tokens still count in /metrics."""
-        self.started.set()  # we hold a place now: the queue timeout no longer applies
+        """In the worker thread, holding a place: feed the engine's events to the renderer."""
+        with self._lock:
+            if self._gave_up:
+                return  # the wait ended (queue timeout, or the client left) as the place came
+            self._started = True
         deadline = self.arrived + self.settings.request_timeout
-        prompt, params, running = self.request.prompt, self.request.params, engine.ENGINE.get()
-        if self.events is None:
-            self.result = running.generate(prompt, params, self.cancel, deadline)
-            return
-        for item in running.stream(prompt, params, self.cancel, deadline):
-            if isinstance(item, engine.Result):
-                self.result = item
+        running = self.request.app.state.engine.get()
+        for event in running.stream(self.prompt, self.params, self.cancel, deadline):
+            if isinstance(event, engine.Result):
+                self.result = event
             try:
-                anyio.from_thread.run_sync(self.events.send_nowait, item)
+                anyio.from_thread.run_sync(self._sender.send_nowait, event)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self.cancel.set()  # nobody reads any more
+                self.cancel.set()  # nobody reads any more; the result is still kept and counted
 
-    async def watch_queue(self) -> None:
+    def _give_up_waiting(self, last: Event) -> None:
+        """End a generation that has no place yet with `last`; once it holds one, do nothing."""
+        with self._lock:
+            if self._started:
+                return
+            self._gave_up = True
+        self._queued.cancel()
+        self._sender.send_nowait(last)
+
+    async def _watch_queue(self) -> None:
         await anyio.sleep(self.settings.queue_timeout)
-        if not self.started.is_set():
-            detail = f"no place in the batch within QUEUE_TIMEOUT={self.settings.queue_timeout} s; retry shortly"
-            self.error = unavailable(detail, RETRY_BUSY)
-            if self.events is not None:
-                self.events.close()
-            return
-        await anyio.sleep_forever()  # a place is held: `run` decides when this ends
+        detail = f"no place in the batch within QUEUE_TIMEOUT={self.settings.queue_timeout} s; retry shortly"
+        self._give_up_waiting(unavailable(detail, RETRY_BUSY))
 
-    def outcome(self) -> engine.Result:
-        if self.error is not None:
-            raise self.error
-        return self.result or engine.Result("", 0, "cancelled")  # the client left
+    async def _watch_client(self) -> None:
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass  # the body has been read already
+        self.gone = True
+        self.cancel.set()
+        self._give_up_waiting(engine.Result("", 0, engine.FinishReason.CANCELLED))
 
 
-async def run_generation(request: Request, job: Generation) -> engine.Result:
-    async with anyio.create_task_group() as group:
-
-        async def first_to_finish(watch: Callable[[], Awaitable[None]]) -> None:
-            await watch()
-            job.cancel.set()  # the engine drops the sequence at its next step (no-op once it is done)
-            group.cancel_scope.cancel()
-
-        group.start_soon(first_to_finish, lambda: job.run(request.app.state.runtime.limiter))
-        group.start_soon(first_to_finish, job.watch_queue)
-        group.start_soon(first_to_finish, lambda: _disconnected(request))
-    return job.outcome()
-
-
-async def _disconnected(request: Request) -> None:
-    """Return once the client has gone away (the body has been read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def answer(job: Generation, result: engine.Result) -> dict[str, Any]:
+def answer(prompt: str, result: engine.Result) -> dict[str, Any]:
     """The JSON answer, and the last event of a stream."""
-    generated = job.request.prompt + result.text
-    return {"generated_text": generated, "generated_tokens": result.tokens, "finish_reason": result.finish_reason}
+    return {"generated_text": prompt + result.text, "generated_tokens": result.tokens,
+            "finish_reason": result.finish_reason}  # fmt: skip
+
+
+async def final_result(events: Events) -> engine.Result:
+    """The JSON rendering: the stream read to its end."""
+    async for event in events:
+        if isinstance(event, Exception):
+            raise event
+        if isinstance(event, engine.Result):
+            return event
+    raise RuntimeError("a generation ended without a result")  # a bug: RequestLog answers 500
 
 
 # ---------------------------------------------------------------------------------------------
@@ -842,95 +922,61 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 @dataclass
 class EventStream:
-    """The ASGI answer of a streaming /generate. Until the first piece (or the first keep-alive)
-    nothing is sent, so an early failure is still a plain JSON status; after that, a failure or
-    the drain ends the stream with an `error` event, never by just stopping."""
+    """The ASGI answer of a streaming /generate: a rendering of the generation's events. Until
+    the first piece (or the first keep-alive) nothing is sent, so an early failure is still a
+    plain JSON status; after that, a failure or the drain ends the stream with an `error` event,
+    never by just stopping."""
 
     job: Generation
-    runtime: Runtime
-    metrics: Metrics
     begun: bool = False  # the 200 and its headers went out
-    gone: bool = False  # the client left
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        sender, events = anyio.create_memory_object_stream[engine.Delta | engine.Result](math.inf)
-        self.job.events = sender
-        try:
-            async with anyio.create_task_group() as group:
+        async def render(events: Events) -> None:
+            while True:
+                with anyio.move_on_after(KEEPALIVE_SECONDS) as idle:
+                    event = await events.receive()
+                if idle.cancelled_caught:
+                    await self.write(send, b": waiting\n\n")
+                elif isinstance(event, engine.Delta):
+                    piece = {"token_ids": event.token_ids, "text": event.text, "generated_tokens": event.tokens}
+                    await self.write(send, sse("token", piece))
+                else:
+                    return await self.finish(send, event)
 
-                async def until_disconnected() -> None:
-                    await _disconnected(request)
-                    self.gone = True
-                    self.job.cancel.set()  # before cancelling: the worker thread waits for the engine
-                    group.cancel_scope.cancel()
+        await self.job.serve(render)
 
-                group.start_soon(self.job.run, self.runtime.limiter)
-                group.start_soon(self.job.watch_queue)
-                group.start_soon(until_disconnected)
-                await self.forward(events, send)
-                self.job.cancel.set()
-                group.cancel_scope.cancel()
-        finally:
-            self.runtime.in_flight -= 1
-            self.job.cancel.set()
-        if self.job.error is None and self.job.result is not None:  # counted even if the client left
-            timing = Timing(self.job.result, self.job.arrived)
-            self.metrics.observe_generation(timing)
-            scope["state"].update(timing.log_fields())
-        if not self.gone:
-            await self.finish(send)
-
-    async def forward(self, events: MemoryObjectReceiveStream[engine.Delta | engine.Result], send: Send) -> None:
-        while True:
-            with anyio.move_on_after(KEEPALIVE_SECONDS) as idle:
-                try:
-                    item = await events.receive()
-                except anyio.EndOfStream:
-                    return
-            if idle.cancelled_caught:
-                await self.begin(send)
-                await send({"type": "http.response.body", "body": b": waiting\n\n", "more_body": True})
-            elif isinstance(item, engine.Delta):
-                await self.begin(send)
-                piece = {"token_ids": item.token_ids, "text": item.text, "generated_tokens": item.tokens}
-                await send({"type": "http.response.body", "body": sse("token", piece), "more_body": True})
-
-    async def begin(self, send: Send) -> None:
+    async def write(self, send: Send, body: bytes, more: bool = True) -> None:
         if not self.begun:
             self.begun = True
             await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
+        await send({"type": "http.response.body", "body": body, "more_body": more})
 
-    async def finish(self, send: Send) -> None:
+    async def finish(self, send: Send, last: engine.Result | Exception) -> None:
         """The last event: `done` with the whole answer, or `error`; or, before anything was sent,
         the JSON answer's status."""
-        error = self.job.error
-        if not self.begun:
-            if error is not None:
-                raise error
-            await self.begin(send)
-        if error is not None:
-            detail = error.detail if isinstance(error, ApiError) else "internal server error"
-            if not isinstance(error, ApiError):
-                log.error("generation failed mid-stream", exc_info=error)
-            last = sse("error", {"detail": detail})
-        elif self.runtime.draining and self.job.outcome().finish_reason == "timeout":
-            last = sse("error", {"detail": "the server is shutting down: generation stopped early; retry elsewhere"})
-        else:
-            last = sse("done", answer(self.job, self.job.outcome()))
-        await send({"type": "http.response.body", "body": last, "more_body": False})
+        if isinstance(last, Exception):
+            if not self.begun:
+                raise last
+            if not isinstance(last, ApiError):
+                log.error("generation failed mid-stream", exc_info=last)
+            detail = last.detail if isinstance(last, ApiError) else "internal server error"
+            return await self.write(send, sse("error", error_body(detail)), more=False)
+        if self.job.runtime.draining and last.finish_reason == engine.FinishReason.TIMEOUT:
+            detail = "the server is shutting down: generation stopped early; retry elsewhere"
+            return await self.write(send, sse("error", error_body(detail)), more=False)
+        await self.write(send, sse("done", answer(self.job.prompt, last)), more=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # Routes
 
 
-def model_state() -> tuple[str, str]:
+def model_state(lazy: engine.LazyEngine) -> tuple[str, str]:
     """The model's state for /health and /ready: loaded, loading, failed (and why), or not loaded."""
-    running, failure = engine.ENGINE.loaded, engine.ENGINE.failure()
+    running, failure = lazy.loaded, lazy.failure()
     if running is not None and running.running:
         return "loaded", "the model is loaded"
-    if engine.ENGINE.loading:
+    if lazy.loading:
         return "loading", "the model is loading"
     if failure is not None:
         reason, retry_in = failure
@@ -942,8 +988,8 @@ async def health(request: Request) -> JSONResponse:
     """Liveness: 200 whenever the process answers. A model that cannot load shows in the body
     (point readiness probes at /ready), not as a failing liveness check that restarts the pod."""
     settings: Settings = request.app.state.settings
-    running = engine.ENGINE.loaded
-    state, detail = model_state()
+    running = request.app.state.engine.loaded
+    state, detail = model_state(request.app.state.engine)
     body = {"status": "ok", "service": SERVICE, "model": settings.model.name, "model_loaded": state == "loaded",
             "model_state": state, "active_sequences": running.active if running else 0}  # fmt: skip
     if state == "failed":
@@ -955,7 +1001,7 @@ async def ready(request: Request) -> JSONResponse:
     runtime: Runtime = request.app.state.runtime
     if runtime.draining:
         raise ApiError(503, "shutting down")
-    state, detail = model_state()
+    state, detail = model_state(request.app.state.engine)
     if state != "loaded":
         raise ApiError(503, detail)
     return JSONResponse({"status": "ready"})
@@ -976,31 +1022,22 @@ async def openapi_json(request: Request) -> JSONResponse:
 
 async def generate(request: Request) -> Response | EventStream:
     settings: Settings = request.app.state.settings
-    runtime: Runtime = request.app.state.runtime
-    if runtime.draining:
+    if request.app.state.runtime.draining:
         raise unavailable("shutting down; retry on another instance", RETRY_SHUTDOWN, close=True)
     body = await read_json(request, settings.limits.max_body_bytes, settings.body_timeout)
-    job = Generation(parse_generate(body, settings.limits), settings)
-    capacity = settings.model.max_batch + settings.max_queue
-    if runtime.in_flight >= capacity:
-        raise unavailable(f"at capacity: {capacity} requests running or waiting; retry shortly", RETRY_BUSY)
+    parsed = parse_generate(body, settings.limits)
     if settings.log_prompts:
-        request.state.prompt = job.request.prompt
-    runtime.in_flight += 1
-    if job.request.stream:
-        return EventStream(job, runtime, request.app.state.metrics)  # it gives the place back when done
-    try:
-        result = await run_generation(request, job)
-    finally:
-        runtime.in_flight -= 1
-    timing = Timing(result, job.arrived)
-    request.app.state.metrics.observe_generation(timing)
-    request.scope["state"].update(timing.log_fields())
-    return JSONResponse(answer(job, result), headers=timing.headers())
+        request.state.prompt = parsed.prompt
+    job = Generation(request, parsed.prompt, parsed.params)
+    if parsed.stream:
+        return EventStream(job)
+    result = await job.serve(final_result)
+    return JSONResponse(answer(parsed.prompt, result), headers=Timing(result, job.arrived).headers())
 
 
 async def metrics(request: Request) -> Response:
-    text = render_metrics(request.app.state.metrics, request.app.state.settings, request.app.state.runtime)
+    state = request.app.state
+    text = render_metrics(state.metrics, state.settings, state.runtime, state.engine)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -1078,7 +1115,9 @@ def guarded_protocol(head_timeout: float, max_connections: int) -> type[H11Proto
     `head_timeout` seconds of it opening or of the previous answer, and answers a connection past
     `max_connections` with a JSON 503 at once, then closes it. Slow senders and idle sockets
     therefore cost a bounded number of descriptors, and /health keeps answering."""
-    busy = json.dumps({"detail": f"too many open connections (MAX_CONNECTIONS={max_connections})"}).encode()
+    # Written as bytes on the transport: this answer goes out before any request (and so any ASGI
+    # response object) exists.
+    busy = json.dumps(error_body(f"too many open connections (MAX_CONNECTIONS={max_connections})")).encode()
     refusal = (
         b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
         b"retry-after: %d\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
@@ -1121,17 +1160,19 @@ def guarded_protocol(head_timeout: float, max_connections: int) -> type[H11Proto
 # The application
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, lazy: engine.LazyEngine = engine.ENGINE) -> Starlette:
+    """The app. Routes reach the engine (the card's one module-level lazy engine, or a test's
+    own) through `app.state.engine` only."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.runtime = Runtime(anyio.CapacityLimiter(settings.model.max_batch))
-        engine.ENGINE.configure(settings.model, observe=app.state.metrics.observe_step)
+        lazy.configure(settings.model, observe=app.state.metrics.observe_step)
         if settings.load_on_start:  # a plain thread: start-up is not held up, /health answers at once
-            threading.Thread(target=_preload, name="preload", daemon=True).start()
+            threading.Thread(target=_preload, args=(lazy,), name="preload", daemon=True).start()
         yield
-        await anyio.to_thread.run_sync(engine.ENGINE.close)
+        await anyio.to_thread.run_sync(lazy.close)
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -1143,10 +1184,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     handlers = {ApiError: on_api_error, HTTPException: on_http_error}  # other errors: RequestLog
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
-    app.state.settings = settings
+    app.state.settings, app.state.engine = settings, lazy
     app.state.docs_page = DocsPage.load()
     app.state.metrics = Metrics()
-    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys, refuse=error_response)
     if settings.allowed_hosts:  # a browser tricked by DNS rebinding sends a foreign Host: refuse it
         hosts = [host.strip() for host in settings.allowed_hosts.split(",") if host.strip()]
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
@@ -1154,10 +1195,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return app
 
 
-def _preload() -> None:
+def _preload(lazy: engine.LazyEngine) -> None:
     # A failure is logged by the engine; /ready stays 503 and a later request tries again.
     with contextlib.suppress(engine.EngineUnavailable):
-        engine.ENGINE.get()
+        lazy.get()
 
 
 class DrainingServer(uvicorn.Server):
@@ -1174,22 +1215,13 @@ class DrainingServer(uvicorn.Server):
         runtime: Runtime | None = getattr(self.app.state, "runtime", None)
         if runtime is not None and not runtime.draining:
             runtime.draining = True
-            timer = threading.Timer(self.drain_timeout, _expire_generations)
-            timer.daemon = True  # a drain that finishes early must not wait for it
-            timer.start()
+            self.app.state.engine.drain(time.monotonic() + self.drain_timeout)
         super().handle_exit(sig, frame)
         if sig in (signal.SIGTERM, signal.SIGINT) and sig in self._captured_signals:
             # uvicorn re-raises caught signals once it has shut down, so the process would die of
             # SIGTERM (status 143), or print a KeyboardInterrupt traceback on Ctrl+C; a drain that
             # completed is a clean exit, status 0.
             self._captured_signals.remove(sig)
-
-
-def _expire_generations() -> None:
-    running = engine.ENGINE.loaded
-    if running is not None:
-        log.warning("drain timeout reached: ending generations in flight with what they have")
-        running.expire()
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine
+import model
+from model import Work
 
 
 def cpu_description() -> str:
@@ -42,11 +44,11 @@ def median_ms(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def bare_products(model: engine.Model, batch: int) -> Callable[[], object]:
+def bare_products(network: model.Model, batch: int) -> Callable[[], object]:
     """Every projection of a step applied once to a batch of activations of the right width,
     through the engine's own `Linear`s: the same weight formats and kernels the step runs."""
-    dtype = model.dtype
-    linears = [*(lin for w in model.layers for lin in (w.qkv, w.out, w.up, w.down)), model.lm_head]
+    dtype = network.dtype
+    linears = [*(lin for w in network.layers for lin in (w.qkv, w.out, w.up, w.down)), network.lm_head]
     inputs = {lin.in_features: torch.randn(batch, lin.in_features, dtype=dtype) for lin in linears}
 
     def run() -> None:
@@ -56,12 +58,11 @@ def bare_products(model: engine.Model, batch: int) -> Callable[[], object]:
     return run
 
 
-def full_step(model: engine.Model, batch: int, cached: int) -> Callable[[], object]:
+def full_step(network: model.Model, batch: int, cached: int) -> Callable[[], object]:
     """One decode step of `batch` rows that each hold `cached` tokens (cache contents do not
     change the cost)."""
-    model.cache.reserve(batch, cached + 1, keep=0)
-    tokens, positions = [1] * batch, [cached] * batch
-    return lambda: model.step(tokens, positions)
+    work = Work(list(range(batch)), [[1]] * batch, [cached] * batch)
+    return lambda: network.run(work)
 
 
 def main() -> None:
@@ -77,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     engine.use_threads(args.threads)
     config = engine.ModelConfig(name=args.model, dtype=args.dtype, max_batch=max(args.batches), quantize=args.quantize)
-    loaded = engine.load_model(config)
+    loaded = model.load_model(config, engine.PREFILL_CHUNK)
     rows = []
     with torch.inference_mode():
         for batch in args.batches:

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import engine
+import model
 from engine import Engine, SamplingParams
 
 pytestmark = pytest.mark.integration
@@ -80,7 +81,7 @@ def test_greedy_matches_transformers(eng: Engine, model_dir: Path) -> None:
 
 
 def test_long_prompt_grows_the_cache_correctly(eng: Engine, model_dir: Path) -> None:
-    prompt = "word " * (engine.CACHE_CHUNK + 40)  # past the first cache chunk
+    prompt = "word " * (model.CACHE_CHUNK + 40)  # past the first cache chunk
     expected = reference_tokens(model_dir, prompt, 8)
     result = eng.generate(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert result.text == eng.loaded.tokenizer.decode(expected, skip_special_tokens=True)
@@ -133,18 +134,21 @@ def test_stop_string_is_cut_from_real_text(eng: Engine) -> None:
 def test_engine_empties_and_releases_cache(eng: Engine) -> None:
     eng.generate("word " * 300, SamplingParams(max_new_tokens=4))
     assert eng.active == 0
-    assert eng.model.cache.capacity == engine.CACHE_CHUNK
+    assert eng.model.cache.capacity == model.CACHE_CHUNK
 
 
 def test_resolve_dtype_auto_is_measured() -> None:
-    dtype = engine.resolve_dtype("auto", torch.device("cpu"), rows=32, width=768)
+    dtype = model.resolve_dtype("auto", torch.device("cpu"), rows=32, width=768)
     assert dtype in (torch.float32, torch.bfloat16)
-    assert engine.resolve_dtype("float32", torch.device("cpu"), 1, 8) is torch.float32
+    assert model.resolve_dtype("float32", torch.device("cpu"), 1, 8) is torch.float32
 
 
 def test_unknown_model_is_unavailable_with_advice(tmp_path: Path) -> None:
-    with pytest.raises(engine.EngineUnavailable, match="MODEL_NAME"):
-        engine.create_engine(engine.ModelConfig(name=str(tmp_path / "missing")))
+    lazy = engine.LazyEngine()
+    lazy.configure(engine.ModelConfig(name=str(tmp_path / "missing"), retry_seconds=7))
+    with pytest.raises(engine.EngineUnavailable, match="MODEL_NAME") as caught:
+        lazy.get()
+    assert caught.value.retry_after == 7
 
 
 def test_max_context_setting_caps_the_models_context(gpt2_dir: Path) -> None:
@@ -201,9 +205,9 @@ def next_token_logits(eng: Engine, prompt: str) -> tuple[torch.Tensor, torch.Ten
     """The logits after the prompt (a prefill) and after one more token (a decode step)."""
     ids = eng.loaded.tokenizer.encode(prompt)
     with torch.inference_mode():
-        first = eng.model.prefill(0, ids).float()
-        second = eng.model.step([int(first.argmax())], [len(ids)])[0].float()
-    eng.model.reset()
+        first = eng.model.run(model.Work([0], [ids], [0]))[0].float()
+        second = eng.model.run(model.Work([0], [[int(first.argmax())]], [len(ids)]))[0].float()
+    eng.model.clear()
     return first, second
 
 

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import engine
+import model
 from engine import Engine, GenerationFailed, LoadedModel, PromptTooLong, SamplingParams
 
 VOCAB = 128
@@ -44,45 +45,39 @@ class FakeModel:
     max_context = 64
 
     def __init__(self, step_delay: float = 0.0):
-        self.rows: dict[int, list[int]] = {}
+        self.rows: dict[int, list[int]] = {}  # its KV cache: each row's tokens
         self.step_delay = step_delay
         self.batch_sizes: list[int] = []
         self.prefills: list[int] = []  # tokens in each prefill call
         self.reserved: list[int] = []  # lengths asked of the cache ahead of a prompt
         self.fail_next_step = False
-        self.fail_move = False
 
     def _logits(self, history: list[int]) -> torch.Tensor:
         logits = torch.zeros(VOCAB)
         logits[(history[-1] + 1) % VOCAB] = 1.0
         return logits
 
-    def prefill(self, row: int, tokens: list[int], start: int = 0) -> torch.Tensor:
-        assert start == len(self.rows.get(row, [])) if start else True, "a chunk must continue its row"
-        self.rows[row] = self.rows[row][:start] + list(tokens) if start else list(tokens)
-        self.prefills.append(len(tokens))
-        return self._logits(self.rows[row])
+    def run(self, work: model.Work) -> torch.Tensor:
+        """Append each row's tokens to its history, where the row's cached length says they go."""
+        if work.room:
+            self.reserved.append(work.room)
+        prefill = len(work.tokens[0]) > 1 or work.starts[0] == 0
+        if prefill:
+            self.prefills.append(len(work.tokens[0]))
+        else:
+            if self.fail_next_step:
+                self.fail_next_step = False
+                raise RuntimeError("device fell over")
+            time.sleep(self.step_delay)
+            self.batch_sizes.append(len(work.rows))
+        assert len(set(work.rows)) == len(work.rows), "two sequences in one row"
+        for row, tokens, start in zip(work.rows, work.tokens, work.starts, strict=True):
+            history = self.rows.get(row, []) if start else []  # start 0: a new sequence in this row
+            assert start == len(history), "a row's new tokens must go where its cached ones end"
+            self.rows[row] = history + list(tokens)
+        return torch.stack([self._logits(self.rows[row]) for row in work.rows])
 
-    def step(self, tokens: list[int], positions: list[int], rows: int = 0) -> torch.Tensor:
-        if self.fail_next_step:
-            self.fail_next_step = False
-            raise RuntimeError("device fell over")
-        time.sleep(self.step_delay)
-        self.batch_sizes.append(len(tokens))
-        for row, (token, position) in enumerate(zip(tokens, positions, strict=True)):
-            assert position == len(self.rows[row]), "position must be the row's cached length"
-            self.rows[row].append(token)
-        return torch.stack([self._logits(self.rows[row]) for row in range(len(tokens))])
-
-    def reserve(self, rows: int, length: int) -> None:
-        self.reserved.append(length)
-
-    def move(self, src: int, dst: int) -> None:
-        if self.fail_move:
-            raise RuntimeError("a bug in the bookkeeping")
-        self.rows[dst] = self.rows.pop(src)
-
-    def reset(self) -> None:
+    def clear(self) -> None:
         self.rows.clear()
 
 
@@ -294,29 +289,21 @@ def test_lazy_engine_shares_a_failure_then_tries_again_later() -> None:
 
 
 def test_kv_cache_grows_in_rows_and_length_keeping_data_and_shrinks_back() -> None:
-    arch = engine.Architecture(4, 2, 8, 1e-5, 4096, rms_norm=True, gated_mlp=True, inv_freq=None)
-    cache = engine.KVCache(layers=2, max_rows=20, arch=arch, dtype=torch.float32, device=torch.device("cpu"))
-    assert (cache.rows, cache.capacity) == (engine.ROW_CHUNK, engine.CACHE_CHUNK)
+    arch = model.Architecture(4, 2, 8, 1e-5, 4096, rms_norm=True, gated_mlp=True, inv_freq=None)
+    cache = model.KVCache(layers=2, max_rows=20, arch=arch, dtype=torch.float32, device=torch.device("cpu"))
+    assert (cache.rows, cache.capacity) == (model.ROW_CHUNK, model.CACHE_CHUNK)
     for layer in cache.k:
         layer[:3, :, :10] = torch.arange(3.0)[:, None, None, None] + 1  # rows 0..2 hold 1, 2, 3
-    cache.reserve(rows=9, length=engine.CACHE_CHUNK + 1, keep=3)
-    assert (cache.rows, cache.capacity) == (16, 2 * engine.CACHE_CHUNK)
+    cache.reserve(rows=9, length=model.CACHE_CHUNK + 1)
+    assert (cache.rows, cache.capacity) == (16, 2 * model.CACHE_CHUNK)
     for layer in cache.k:
         assert layer[:3, :, :10].flatten(1).unique(dim=1).flatten().tolist() == [1.0, 2.0, 3.0]
         assert layer[3:].abs().sum() == 0  # new rows and positions are zeros, never garbage
-    cache.reserve(rows=30, length=10, keep=3)
+    cache.reserve(rows=30, length=10)
     assert cache.rows == 20  # never past max_rows
     cache.reset()
-    cache.k[0][:] = 1.0
-    cache.reserve(rows=engine.ROW_CHUNK + 1, length=10, keep=engine.ROW_CHUNK + 1)  # a new row's own chunk
-    assert cache.k[0][: engine.ROW_CHUNK].min() == 1.0
-    cache.reset()
-    for layer in cache.k:
-        layer[:3, :, :10] = torch.arange(3.0)[:, None, None, None] + 1
-    cache.move(2, 0)
-    assert cache.k[0][0, 0, 0, 0] == 3.0
-    cache.reset()
-    assert (cache.rows, cache.capacity) == (engine.ROW_CHUNK, engine.CACHE_CHUNK)
+    assert (cache.rows, cache.capacity) == (model.ROW_CHUNK, model.CACHE_CHUNK)
+    assert all(layer.abs().sum() == 0 for layer in cache.k)
 
 
 class SentencePieceLike(FakeTokenizer):
@@ -335,9 +322,13 @@ def test_continuation_keeps_its_leading_space() -> None:
 
 def test_a_dead_engine_thread_fails_requests_instead_of_hanging() -> None:
     eng = make_engine(step_delay=0.002)
-    eng.model.fail_move = True  # type: ignore[attr-defined]
+
+    def bookkeeping_bug(seq: object) -> None:
+        raise RuntimeError("a bug in the bookkeeping")
+
+    eng.scheduler._free = bookkeeping_bug  # type: ignore[method-assign]
     calls = [lambda n=n: eng.generate("a", SamplingParams(max_new_tokens=n)) for n in (2, 20, 20)]
-    results = in_threads(calls)  # when the short one finishes first, moving a row into its place fails
+    results = in_threads(calls)  # when the short one finishes first, freeing its row fails
     assert all(isinstance(r, engine.Result | engine.EngineStopped) for r in results)  # nobody hangs
     assert any(isinstance(r, engine.EngineStopped) for r in results)
     assert not eng.running
@@ -379,15 +370,20 @@ class ByteTokenizer:
         return bytes(i - 1 for i in ids if i != EOS).decode("utf-8", errors="replace")
 
 
+def before_stop(text: str, stops: tuple[str, ...]) -> str:
+    """What a generation's text must be: everything before the earliest stop string."""
+    hits = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    return text[: min(hits)] if hits else text
+
+
 def stream_pieces(text: str, stops: tuple[str, ...]) -> tuple[list[str], str]:
     """Feed `text` one byte-token at a time through a TextStream, as the engine would."""
     tokenizer = ByteTokenizer()
-    ids, stream, pieces = tokenizer.encode(text), engine.TextStream(tokenizer, [], stops), []
-    final = engine.cut_at_stop(text, stops)
-    for n in range(1, len(ids) + 1):
-        pieces.append(stream.update(ids[:n]))
-    pieces.append(stream.finish(text if final is None else final))
-    return pieces, text if final is None else final
+    stream = engine.TextStream(tokenizer, [], stops)
+    pieces = [stream.add(token) for token in tokenizer.encode(text)]
+    pieces.append(stream.finish())
+    assert stream.sent == "".join(pieces)
+    return pieces, before_stop(text, stops)
 
 
 @given(st.text(st.characters(codec="utf-8"), max_size=30), st.lists(st.text(min_size=1, max_size=4), max_size=3))
@@ -450,37 +446,45 @@ def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(monkeypatc
     eng.close()
 
 
-def test_release_keeps_the_prefilling_sequence_last() -> None:
+def _sequence(prompt: list[int]) -> engine.Sequence:
+    text = engine.TextStream(FakeTokenizer(), prompt, ())
+    return engine.Sequence(prompt, SamplingParams(max_new_tokens=1), torch.Generator(), text)
+
+
+def test_a_sequence_keeps_its_row_and_the_lowest_free_row_goes_to_the_next() -> None:
     scheduler = engine.Scheduler(max_batch=4)
-    seqs = [engine.Sequence([1, 2], SamplingParams(), torch.Generator()) for _ in range(3)]
+    seqs = [_sequence([1, 2]) for _ in range(3)]
     for seq in seqs:
         scheduler.add(seq)
         assert scheduler.next_to_join() is seq
         seq.prefilled = 2  # fully prefilled: decoding
-    pending = engine.Sequence([1, 2, 3, 4], SamplingParams(), torch.Generator())
+    assert [seq.row for seq in seqs] == [0, 1, 2]
+    pending = _sequence([1, 2, 3, 4])
     scheduler.add(pending)
-    assert scheduler.next_to_join() is pending
+    assert scheduler.next_to_join() is pending and pending.row == 3
+    later = _sequence([5])
+    scheduler.add(later)
     assert scheduler.next_to_join() is None  # one prompt in chunks at a time
-    assert scheduler.release([seqs[0]]) == [(2, 0), (3, 2)]
-    assert scheduler.running == [seqs[2], seqs[1], pending]
-    assert scheduler.decoding() == [seqs[2], seqs[1]]
-    assert scheduler.release([pending]) == []
-    assert scheduler.running == [seqs[2], seqs[1]]
+    scheduler.postprocess([seqs[1]], [7])  # max_new_tokens=1: it ends, and row 1 is free
+    assert [seq.row for seq in scheduler.running] == [0, 2, 3]  # nobody moved
+    assert scheduler.decoding() == [seqs[0], seqs[2]]
+    pending.prefilled = 4
+    assert scheduler.next_to_join() is later and later.row == 1
 
 
 # --- weight formats -----------------------------------------------------------------------------
 
 
-def _linear_with_both_formats(int8_rows: int) -> tuple[engine.Linear, torch.Tensor, torch.Tensor]:
+def _linear_with_both_formats(int8_rows: int) -> tuple[model.Linear, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 32), torch.randn(48)
-    packed = engine.pack_float(weight.clone(), max_batch=8)
-    return engine.Linear(32, packed, bias, engine.pack_int8(weight), int8_rows), weight, bias
+    packed = model.pack_float(weight.clone(), max_batch=8)
+    return model.Linear(32, packed, bias, model.pack_int8(weight), int8_rows), weight, bias
 
 
 def test_pack_int8_is_per_channel_symmetric_and_round_trips_within_half_a_step() -> None:
     weight = torch.randn(16, 64) * torch.logspace(-3, 1, 16)[:, None]  # channels of very different sizes
-    q, scale = engine.pack_int8(weight)
+    q, scale = model.pack_int8(weight)
     assert q.dtype is torch.int8 and q.is_contiguous() and scale.dtype is torch.bfloat16
     assert int(q.abs().max()) == 127
     step = weight.abs().amax(dim=1, keepdim=True) / 127
@@ -489,7 +493,7 @@ def test_pack_int8_is_per_channel_symmetric_and_round_trips_within_half_a_step()
 
 def test_pack_int8_accepts_a_transposed_weight() -> None:
     weight = torch.randn(32, 48).t()  # GPT-2 stores [in, out]; the builder hands over a transposed view
-    q, _ = engine.pack_int8(weight)
+    q, _ = model.pack_int8(weight)
     assert q.is_contiguous() and q.shape == (48, 32)
 
 
@@ -508,7 +512,7 @@ def test_linear_uses_int8_up_to_its_rows_and_float_beyond() -> None:
 
 
 def test_linear_without_float_weights_always_uses_int8() -> None:
-    linear, weight, bias = _linear_with_both_formats(int8_rows=engine.INT8_ALWAYS)
+    linear, weight, bias = _linear_with_both_formats(int8_rows=model.INT8_ALWAYS)
     linear.weight = None
     x = torch.randn(64, 32)
     exact = F.linear(x, weight, bias)
@@ -517,7 +521,7 @@ def test_linear_without_float_weights_always_uses_int8() -> None:
 
 def test_packed_float_weights_compute_what_f_linear_does() -> None:
     weight, bias = torch.randn(48, 32), torch.randn(48)
-    linear = engine.Linear(32, engine.pack_float(weight, max_batch=8), bias)
+    linear = model.Linear(32, model.pack_float(weight, max_batch=8), bias)
     for shape in ((1, 32), (3, 1, 32), (2, 16, 32)):
         x = torch.randn(*shape)
         assert torch.allclose(linear(x), F.linear(x, weight, bias), atol=1e-5)
@@ -525,15 +529,15 @@ def test_packed_float_weights_compute_what_f_linear_does() -> None:
 
 def test_resolve_int8_settings() -> None:
     cpu = torch.device("cpu")
-    assert engine.resolve_int8("none", cpu, torch.float32, 64, (1, 8)) == 0
-    assert engine.resolve_int8("int8", cpu, torch.float32, 64, (1, 8)) == engine.INT8_ALWAYS
-    assert engine.resolve_int8("auto", torch.device("cuda"), torch.float32, 64, (1, 8)) == 0
-    with pytest.raises(engine.EngineUnavailable, match="QUANTIZE=int8 needs a CPU"):
-        engine.resolve_int8("int8", torch.device("cuda"), torch.float32, 64, (1, 8))
+    assert model.resolve_int8("none", cpu, torch.float32, 64, (1, 8)) == 0
+    assert model.resolve_int8("int8", cpu, torch.float32, 64, (1, 8)) == model.INT8_ALWAYS
+    assert model.resolve_int8("auto", torch.device("cuda"), torch.float32, 64, (1, 8)) == 0
+    with pytest.raises(model.LoadError, match="QUANTIZE=int8 needs a CPU"):
+        model.resolve_int8("int8", torch.device("cuda"), torch.float32, 64, (1, 8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_resolve_int8_auto_answers_a_measured_batch_size(dtype: torch.dtype) -> None:
     """Which sizes win is the machine's business; the answer is one of the sizes tried, 0 or always."""
-    rows = engine.resolve_int8("auto", torch.device("cpu"), dtype, 64, (1, 8, 32))
-    assert rows in (0, 1, 8, engine.INT8_ALWAYS)
+    rows = model.resolve_int8("auto", torch.device("cpu"), dtype, 64, (1, 8, 32))
+    assert rows in (0, 1, 8, model.INT8_ALWAYS)

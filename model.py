@@ -1,0 +1,646 @@
+"""The network: loading a checkpoint, its weight formats, the forward pass and the KV cache.
+
+`load_model` reads a tokenizer and a checkpoint (a hub id or a local directory) with
+`transformers`, picks the activation dtype and weight formats that are fastest on this machine,
+and copies the weights into a `Model`: a lean forward pass of its own for the GPT-2 and Llama
+families. The engine (engine.py) decides what runs when; this file only runs what it is given.
+
+Reading order: devices, dtypes and weight formats; loading; the model's parts (`Linear`,
+`Embedding`, the layer weights, the architecture, the KV cache); the forward pass; building a
+`Model` from a checkpoint, one builder per family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import math
+import os
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+CACHE_CHUNK = 64  # KV cache length grows (and shrinks back) in steps of this many tokens
+ROW_CHUNK = 8  # and its rows in steps of this many sequences
+PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
+INT8_ALWAYS = 1 << 62  # `resolve_int8`'s answer when int8 weights win at every batch size: float ones are dropped
+HUB, HUB_PROBE_SECONDS = "https://huggingface.co", 5  # where hub ids come from; how long to try reaching it
+
+
+class LoadError(RuntimeError):
+    """The model cannot be loaded or run here; the message says why and what to set."""
+
+
+class LoadSettings(Protocol):
+    """What loading reads of the engine's settings (engine.ModelConfig has each)."""
+
+    @property
+    def name(self) -> str: ...  # a hub id or a local directory
+    @property
+    def device(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def quantize(self) -> str: ...
+    @property
+    def max_batch(self) -> int: ...
+    @property
+    def max_context(self) -> int: ...
+    @property
+    def cache_dir(self) -> str | None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, dtypes and weight formats, chosen per machine at load
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX). Without it, oneDNN
+    emulates bfloat16 and a batch product runs ~4x slower than float32."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def _first_is_faster(first: Callable[[], object], second: Callable[[], object], rounds: int, repeats: int) -> bool:
+    """Whether `first` runs faster than `second`: the best of `rounds` timings each, taken in
+    turns so a busy machine cannot tip it, each of `repeats` runs after a warm-up call (first
+    calls pick kernels)."""
+
+    def seconds(run: Callable[[], object]) -> float:
+        run()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        return time.perf_counter() - start
+
+    timings = [(seconds(first), seconds(second)) for _ in range(rounds)]
+    return min(a for a, _ in timings) < min(b for _, b in timings)
+
+
+def resolve_dtype(setting: str, device: torch.device, rows: int, width: int) -> torch.dtype:
+    """`auto`: on CUDA bfloat16; on a CPU with native bfloat16, bfloat16 where a batch-sized
+    product measures faster (best of five, interleaved, so a busy machine cannot tip it); else
+    float32."""
+    if setting != "auto":
+        return getattr(torch, setting)  # type: ignore[no-any-return]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if not native_bfloat16():
+        return torch.float32
+    a, b = torch.randn(rows, width), torch.randn(width, 4 * width)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    faster = _first_is_faster(lambda: a16 @ b16, lambda: a @ b, rounds=5, repeats=10)
+    return torch.bfloat16 if faster else torch.float32
+
+
+def int8_kernel() -> bool:
+    """Whether this torch has its CPU kernel for int8 weights with bfloat16 activations."""
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weight-only: [out, in] int8 with one symmetric scale per output channel (max |w| / 127),
+    the scales in bfloat16 as the kernel takes them. bench/quality.py measures the cost in
+    perplexity (+0.6% on SmolLM2; the issue's rule is at most 1%)."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.to(torch.bfloat16)
+
+
+def pack_float(weight: torch.Tensor, max_batch: int) -> torch.Tensor:
+    """On a CPU, oneDNN's own blocked layout of a float weight, made once: its products skip the
+    per-call reordering F.linear pays (1.5-2x faster at batch 4-64 in bench/README.md)."""
+    native = weight.dtype is torch.float32 or (weight.dtype is torch.bfloat16 and native_bfloat16())
+    if weight.device.type != "cpu" or not native or not torch.backends.mkldnn.is_available():
+        return weight  # oneDNN refuses to pack bfloat16 for a CPU that only emulates it
+    return torch.ops.mkldnn._reorder_linear_weight(weight, max_batch)  # type: ignore[no-any-return]
+
+
+def resolve_int8(setting: str, device: torch.device, dtype: torch.dtype, width: int, batches: Iterable[int]) -> int:
+    """Up to how many rows (tokens in one forward pass) a product runs on int8 weights; 0: never.
+    `int8`: always; `none`: never; `auto` (a CPU with the kernel): time products over several
+    MLP-sized weights (so they stream from memory as a step's do) with float weights and with
+    int8 at each batch size, best of three, and use int8 up to the largest size where it wins at
+    every size below. Small batches read weights, and int8 reads a quarter of float32's bytes;
+    large ones compute, where float weights win."""
+    if setting == "none" or (setting == "auto" and (device.type != "cpu" or not int8_kernel())):
+        return 0
+    if setting == "int8":
+        if device.type != "cpu" or not int8_kernel():
+            raise LoadError("QUANTIZE=int8 needs a CPU and torch's int8 kernel; use none")
+        return INT8_ALWAYS
+    sizes = sorted(set(batches))
+    weights = [torch.randn(4 * width, width) * width**-0.5 for _ in range(8)]
+    floats = [Linear(width, pack_float(w.to(dtype), sizes[-1]), None) for w in weights]
+    int8s = [Linear(width, None, None, pack_int8(w), INT8_ALWAYS) for w in weights]
+    rows = 0
+    for batch in sizes:
+        x = torch.randn(batch, width, dtype=dtype)
+        int8_pass, float_pass = (lambda x=x: [f(x) for f in int8s]), (lambda x=x: [f(x) for f in floats])
+        if not _first_is_faster(int8_pass, float_pass, rounds=3, repeats=3):
+            break
+        rows = batch
+    return INT8_ALWAYS if rows == sizes[-1] else rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _route_library_logs(hf_logging: Any) -> None:
+    """transformers and huggingface_hub print to stderr with handlers of their own, and draw
+    progress bars; send their records through our (JSON) handlers instead, one line each."""
+    hf_logging.disable_progress_bar()
+    for name in ("transformers", "huggingface_hub"):
+        library = logging.getLogger(name)
+        library.handlers.clear()
+        library.propagate = True
+
+
+@dataclass
+class LoadedModel:
+    tokenizer: Any  # a transformers tokenizer: encode(text) -> ids, decode(ids) -> text
+    model: Model
+    eos_ids: frozenset[int]
+    max_context: int
+    dtype: torch.dtype
+    int8_rows: int = 0  # `resolve_int8`'s choice
+
+    @property
+    def weights(self) -> str:
+        """The weight format in words, for the load log line."""
+        if self.int8_rows == INT8_ALWAYS:
+            return "int8"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"int8 up to {self.int8_rows} rows, else {dtype}" if self.int8_rows else dtype
+
+
+def _offline(config: LoadSettings) -> bool:
+    """Whether to load without asking the hub: a local directory, or a hub id already in the cache.
+    A hub id that must be downloaded while the hub cannot be reached fails here at once: the hub
+    client's own retries would hold the first request ~50 s before it fails anyway."""
+    from transformers import AutoConfig
+
+    if Path(config.name).is_dir():
+        return True
+    try:
+        AutoConfig.from_pretrained(config.name, cache_dir=config.cache_dir, local_files_only=True)
+        return True  # cached (the weights come with it when the download once finished)
+    except OSError:
+        pass
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", HUB)).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        raise LoadError(
+            f"model {config.name!r} is neither a local directory nor in the cache, and the model hub "
+            f"({host}) cannot be reached: {exc}. Set MODEL_NAME to a local model directory "
+            "(tools/fetch_model.py makes one), or give this host access to the hub."
+        ) from None
+    return False
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed heap pages for reuse; hand back what loading left (transformers' copy of
+    the weights, the load-time timings): 50-90 MB of resident memory with SmolLM2."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
+    """Load tokenizer and weights (from the hub or a directory) and build our `Model`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    _route_library_logs(hf_logging)
+    device = resolve_device(config.device)
+    where = {"cache_dir": config.cache_dir, "local_files_only": _offline(config)}
+    tokenizer = AutoTokenizer.from_pretrained(config.name, **where)
+    hf_model = AutoModelForCausalLM.from_pretrained(config.name, dtype=torch.float32, **where)
+    width = hf_model.config.hidden_size
+    dtype = resolve_dtype(config.dtype, device, config.max_batch, width)
+    int8_rows = resolve_int8(config.quantize, device, dtype, width, (1, 8, config.max_batch, prefill_chunk))
+    model = build_model(hf_model, Convert(dtype, device, int8_rows, config.max_batch))
+    eos = hf_model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    del hf_model  # our Model holds copies of the weights; free transformers' module tree now
+    gc.collect()
+    _return_freed_memory()
+    eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+    return LoadedModel(tokenizer, model, eos_ids, min(model.max_context, config.max_context), dtype, int8_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: a lean forward pass over the checkpoint's weights, with its own KV cache
+
+
+@dataclass
+class Linear:
+    """One projection, x W^T + b, in the weight formats `resolve_int8` chose at load: float
+    (`pack_float`'s layout, in the model's dtype), int8 weight-only (`pack_int8`), or both, with
+    int8 for inputs of at most `int8_rows` rows."""
+
+    in_features: int
+    weight: torch.Tensor | None  # float; None when int8 wins at every batch size
+    bias: torch.Tensor | None
+    int8: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 weight [out, in], bfloat16 scales [out]
+    int8_rows: int = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor
+        if self.int8 is not None and (self.weight is None or x.numel() <= self.int8_rows * self.in_features):
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # the kernel's activation dtype
+            out = torch.ops.aten._weight_int8pack_mm(flat, *self.int8).to(x.dtype).view(*x.shape[:-1], -1)
+            return out if self.bias is None else out + self.bias
+        assert self.weight is not None
+        if self.weight.is_mkldnn:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return out
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass
+class Embedding:
+    """Token ids to vectors: a float table; or, when the output head is the same (tied) matrix
+    and keeps an int8 copy anyway, that copy's rows times their scales. The float table (113 MB
+    for SmolLM2) then is not kept beside the head's packed float copy, which runs 2x faster than
+    F.linear over the table at batch 32 (bench/README.md)."""
+
+    table: torch.Tensor  # [V, C], float in the model's dtype, or int8
+    dtype: torch.dtype  # the model's
+    scale: torch.Tensor | None = None  # [V] float32, with an int8 table
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.table)
+        if self.scale is None:
+            return rows
+        return (rows.float() * self.scale[ids][..., None]).to(self.dtype)
+
+
+@dataclass
+class LayerWeights:
+    norm1: torch.Tensor
+    norm1_b: torch.Tensor | None
+    qkv: Linear  # query, key and value projections fused: [(Hq + 2 Hkv) D, C]
+    out: Linear
+    norm2: torch.Tensor
+    norm2_b: torch.Tensor | None
+    up: Linear  # GPT-2: the MLP's first layer; Llama: gate and up projections fused
+    down: Linear
+
+
+@dataclass
+class Architecture:
+    """What differs between the families we run: norms, positions, MLP."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    max_context: int
+    rms_norm: bool  # Llama: RMSNorm; GPT-2: LayerNorm with bias
+    gated_mlp: bool  # Llama: down(silu(gate) * up); GPT-2: proj(gelu_tanh(fc))
+    inv_freq: torch.Tensor | None  # Llama's rotary frequencies; GPT-2 learns positions
+    rope_scale: float = 1.0
+
+
+class KVCache:
+    """Keys and values per layer, [rows, Hkv, length, D]; a sequence keeps one row (the
+    scheduler's choice) from its prefill to its end. Both rows and length grow in chunks as the
+    batch and its sequences need them, and shrink back when the batch empties: memory follows
+    the load instead of being sized for the worst case up front."""
+
+    def __init__(self, layers: int, max_rows: int, arch: Architecture, dtype: torch.dtype, device: torch.device):
+        self.layers, self.max_rows, self.heads, self.dim = layers, max_rows, arch.kv_heads, arch.head_dim
+        self.dtype, self.device = dtype, device
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.reset()
+
+    @property
+    def rows(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def _zeros(self, rows: int, length: int) -> torch.Tensor:
+        # Zeros, not empty: masked positions get weight 0, and 0 * NaN garbage would still be NaN.
+        return torch.zeros(rows, self.heads, length, self.dim, dtype=self.dtype, device=self.device)
+
+    def reset(self) -> None:
+        """Back to the smallest size, so memory stays flat once the batch empties."""
+        if self.k and (self.rows, self.capacity) == (ROW_CHUNK, CACHE_CHUNK):
+            return  # already: stale keys are finite and masked, so they need no zeroing
+        self.k, self.v = [], []  # drop the old tensors before making the new ones
+        self.k = [self._zeros(ROW_CHUNK, CACHE_CHUNK) for _ in range(self.layers)]
+        self.v = [self._zeros(ROW_CHUNK, CACHE_CHUNK) for _ in range(self.layers)]
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for `rows` rows of `length` positions, keeping what the rows hold."""
+        if rows <= self.rows and length <= self.capacity:
+            return
+        rows = min(self.max_rows, max(self.rows, math.ceil(rows / ROW_CHUNK) * ROW_CHUNK))
+        length = max(self.capacity, math.ceil(length / CACHE_CHUNK) * CACHE_CHUNK)
+        for cache in (self.k, self.v):
+            for i, old in enumerate(cache):  # one layer at a time, so the old and new never all coexist
+                new = self._zeros(rows, length)
+                new[: old.shape[0], :, : old.shape[2]] = old
+                cache[i] = new
+
+
+@dataclass(frozen=True)
+class Work:
+    """One forward pass, as the engine asks for it: these tokens, at these positions, into these
+    cache rows. A decode step gives each row one token; a prefill gives one row a prompt chunk."""
+
+    rows: list[int]  # the cache row of each sequence
+    tokens: list[list[int]]  # each row's new tokens
+    starts: list[int]  # each row's first new position: the tokens its cache row holds already
+    room: int = 0  # positions to make room for at once (a prompt's whole length, before its first chunk)
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """A prefill's inputs, made before the pass: one row's chunk at positions start.."""
+
+    positions: torch.Tensor  # [1, T]
+    row: int
+    start: int  # positions already in the row's cache (a later chunk of a prompt)
+    mask: torch.Tensor | None  # later chunks: [1, 1, T, start + T] bool, causal within the chunk
+    cos: torch.Tensor | None = None  # rotary tables for these positions: [1, T, 1, D]
+    sin: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Decode:
+    """A decode step's inputs, made before the pass: one new token in each of B rows."""
+
+    positions: torch.Tensor  # [B, 1]
+    rows: torch.Tensor | None  # [B] cache rows; None when they are rows 0..B-1 (read as views)
+    mask: torch.Tensor  # [B Hkv, Hq/Hkv, L] additive, laid out as `_attend` groups the heads
+    slots: torch.Tensor  # [B Hkv]: where each row's new key goes in a flat cache layer
+    cos: torch.Tensor | None = None  # [B, 1, 1, D]
+    sin: torch.Tensor | None = None
+
+
+class Model:
+    """The network: weights, KV cache, and one entry point, `run`."""
+
+    def __init__(
+        self,
+        arch: Architecture,
+        layers: list[LayerWeights],
+        embed: Embedding,
+        pos_embed: torch.Tensor | None,
+        final_norm: tuple[torch.Tensor, torch.Tensor | None],
+        lm_head: Linear,
+        max_batch: int,
+    ):
+        self.arch, self.layers, self.embed, self.pos_embed = arch, layers, embed, pos_embed
+        self.final_norm, self.lm_head = final_norm, lm_head
+        self.max_context = arch.max_context
+        self.dtype, self.device = embed.dtype, embed.table.device
+        self.cache = KVCache(len(layers), max_batch, arch, self.dtype, self.device)
+
+    def run(self, work: Work) -> torch.Tensor:
+        """Run the work's tokens into their cache rows; return each row's next-token logits [B, V]."""
+        if all(len(tokens) == 1 for tokens in work.tokens):
+            return self._forward(*self._prepare_decode(work), last=-1)
+        assert len(work.rows) == 1, "a prefill runs one sequence's chunk"
+        return self._forward(*self._prepare_prefill(work), last=len(work.tokens[0]) - 1)
+
+    def clear(self) -> None:
+        """Nothing runs: give the cache's memory back."""
+        self.cache.reset()
+
+    def _prepare_prefill(self, work: Work) -> tuple[torch.Tensor, Prefill]:
+        """The chunk is padded to a multiple of PREFILL_BUCKET: each new input shape costs the
+        matrix libraries a kernel (and its memory) of its own. Causal attention keeps the padding
+        out of the real positions, and later chunks and steps overwrite its cache entries before
+        any position attends to them."""
+        (row,), (tokens,), (start,) = work.rows, work.tokens, work.starts
+        length = len(tokens)
+        padded = min(math.ceil(length / PREFILL_BUCKET) * PREFILL_BUCKET, max(self.max_context - start, length))
+        ids = torch.tensor([tokens + [tokens[-1]] * (padded - length)], device=self.device)  # [1, T]
+        positions = torch.arange(start, start + padded, device=self.device)[None]  # [1, T]
+        self.cache.reserve(row + 1, max(start + padded, work.room))  # the one place the cache grows
+        mask = None
+        if start:  # attend to the cached chunks and causally within this one: [1, 1, T, start + T]
+            mask = (torch.arange(start + padded, device=self.device)[None, :] <= positions[0, :, None])[None, None]
+        cos, sin = self._rotary(positions)
+        return ids, Prefill(positions, row, start, mask, cos, sin)
+
+    def _prepare_decode(self, work: Work) -> tuple[torch.Tensor, Decode]:
+        ids = torch.tensor(work.tokens, device=self.device)  # [B, 1]
+        pos = torch.tensor(work.starts, device=self.device)[:, None]  # [B, 1]
+        size, length = len(work.rows), max(work.starts) + 1
+        self.cache.reserve(max(work.rows) + 1, max(length, work.room))
+        visible = torch.arange(length, device=self.device)[None, :] <= pos  # [B, L]
+        # Additive, in the model's dtype, laid out as `_attend` groups the heads, made once a step.
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -math.inf)
+        heads, per_group = self.arch.kv_heads, self.arch.heads // self.arch.kv_heads
+        grouped = mask[:, None, None, :].expand(size, heads, per_group, length).reshape(size * heads, per_group, length)
+        # Row r's key for head h goes to cache[r, h, p]: in a layer seen as [R Hkv L, D], index
+        # (r Hkv + h) L + p. One index_copy_ per layer; indexing rows and positions together is slower.
+        rows = torch.tensor(work.rows, device=self.device)
+        rows_heads = rows[:, None] * heads + torch.arange(heads, device=self.device)[None, :]
+        slots = (rows_heads * self.cache.capacity + pos).flatten()  # [B Hkv]
+        compact = work.rows == list(range(size))
+        cos, sin = self._rotary(pos)
+        return ids, Decode(pos, None if compact else rows, grouped, slots, cos, sin)
+
+    def _forward(self, ids: torch.Tensor, inputs: Prefill | Decode, last: int) -> torch.Tensor:
+        x = self.embed(ids)  # [B, T, C]
+        if self.pos_embed is not None:
+            x = x + F.embedding(inputs.positions, self.pos_embed)
+        for index, layer in enumerate(self.layers):
+            x = self._layer(index, layer, x, inputs)
+        x = self._norm(x[:, last], *self.final_norm)  # only the last real position needs logits
+        return self.lm_head(x)  # [B, V]
+
+    def _layer(self, index: int, w: LayerWeights, x: torch.Tensor, inputs: Prefill | Decode) -> torch.Tensor:
+        size, length, _ = x.shape
+        a = self.arch
+        qkv = w.qkv(self._norm(x, w.norm1, w.norm1_b)).view(size, length, a.heads + 2 * a.kv_heads, a.head_dim)
+        qk, v = qkv.split([a.heads + a.kv_heads, a.kv_heads], 2)
+        if inputs.cos is not None and inputs.sin is not None:
+            qk = _rotate(qk, inputs.cos, inputs.sin)  # queries and keys in one pass
+        q, k = qk.transpose(1, 2).split([a.heads, a.kv_heads], 1)  # [B, Hq, T, D], [B, Hkv, T, D]
+        v = v.transpose(1, 2)
+        if isinstance(inputs, Prefill):
+            attn = self._attend_prefill(index, q, k, v, inputs)
+        else:
+            attn = self._attend_decode(index, q, k, v, inputs)
+        x = x + w.out(attn.transpose(1, 2).reshape(size, length, -1))
+        h = w.up(self._norm(x, w.norm2, w.norm2_b))
+        if a.gated_mlp:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return x + w.down(h)
+
+    def _attend_prefill(
+        self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Prefill
+    ) -> torch.Tensor:
+        keys, values = self.cache.k[index], self.cache.v[index]
+        gqa, end = self.arch.heads != self.arch.kv_heads, p.start + k.shape[2]
+        keys[p.row, :, p.start : end], values[p.row, :, p.start : end] = k[0], v[0]
+        if not p.start:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        past_k, past_v = keys[p.row : p.row + 1, :, :end], values[p.row : p.row + 1, :, :end]
+        return F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=p.mask, enable_gqa=gqa)
+
+    def _attend_decode(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: Decode) -> torch.Tensor:
+        keys, values = self.cache.k[index], self.cache.v[index]
+        size, heads, _, dim = q.shape
+        groups, per_group, length = d.mask.shape
+        keys.view(-1, dim).index_copy_(0, d.slots, k[:, :, 0].reshape(-1, dim))
+        values.view(-1, dim).index_copy_(0, d.slots, v[:, :, 0].reshape(-1, dim))
+        # One new token per row: the query heads that share a key head stand where a prompt's
+        # positions would ([B Hkv, Hq/Hkv, D]), so each key head is read once and GQA copies
+        # nothing. Two batched products (the mask added by the first) beat SDPA's flash kernel,
+        # made for long queries, by ~2x at batch 32 (bench/README.md). Rows 0..B-1 are read as
+        # views; other rows (a sequence left a hole below others) are gathered, a copy.
+        if d.rows is None:
+            past_k, past_v = keys[:size, :, :length], values[:size, :, :length]
+        else:
+            past_k, past_v = keys.index_select(0, d.rows)[:, :, :length], values.index_select(0, d.rows)[:, :, :length]
+        grouped = q.reshape(groups, per_group, dim)
+        past_k, past_v = past_k.reshape(groups, length, dim), past_v.reshape(groups, length, dim)
+        scores = torch.baddbmm(d.mask, grouped, past_k.transpose(1, 2), alpha=dim**-0.5)
+        return torch.bmm(torch.softmax(scores, dim=-1), past_v).view(size, heads, 1, dim)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.arch.rms_norm:
+            return F.rms_norm(x, (x.shape[-1],), weight, self.arch.eps)
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, self.arch.eps)
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """cos and sin tables for these positions [B, T, 1, D], one for every head; GPT-2 has none."""
+        if self.arch.inv_freq is None:
+            return None, None
+        freqs = positions[..., None].float() * self.arch.inv_freq  # [B, T, D/2]
+        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # [B, T, 1, D]
+        scale, dtype = self.arch.rope_scale, self.dtype
+        return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass(frozen=True)
+class Convert:
+    """Copies checkpoint tensors into the model's dtype and device, and projections into `Linear`s
+    of the chosen weight formats. Always copies: a tensor left as a view of the checkpoint keeps
+    its whole memory map resident."""
+
+    dtype: torch.dtype
+    device: torch.device
+    int8_rows: int
+    max_batch: int  # the model's rows; oneDNN packs float weights for products of this size
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to(device=self.device, dtype=self.dtype, copy=True).contiguous()
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+        int8 = pack_int8(weight) if self.int8_rows else None
+        bias = None if bias is None else self(bias)
+        if self.int8_rows == INT8_ALWAYS:
+            return Linear(weight.shape[1], None, bias, int8, self.int8_rows)
+        return Linear(weight.shape[1], pack_float(self(weight), self.max_batch), bias, int8, self.int8_rows)
+
+
+def build_model(hf_model: Any, convert: Convert) -> Model:
+    builders = {"gpt2": _gpt2_model, "llama": _llama_model}
+    kind = hf_model.config.model_type
+    if kind not in builders:
+        raise LoadError(f"model type {kind!r} is not supported; supported types: {', '.join(sorted(builders))}")
+    return builders[kind](hf_model, convert)
+
+
+def _gpt2_model(model: Any, cast: Convert) -> Model:
+    cfg, body = model.config, model.transformer
+    # GPT-2's Conv1D stores weights as [in, out]; F.linear wants [out, in].
+    layers = [
+        LayerWeights(
+            cast(b.ln_1.weight), cast(b.ln_1.bias),
+            cast.linear(b.attn.c_attn.weight.t(), b.attn.c_attn.bias),
+            cast.linear(b.attn.c_proj.weight.t(), b.attn.c_proj.bias),
+            cast(b.ln_2.weight), cast(b.ln_2.bias),
+            cast.linear(b.mlp.c_fc.weight.t(), b.mlp.c_fc.bias),
+            cast.linear(b.mlp.c_proj.weight.t(), b.mlp.c_proj.bias),
+        )
+        for b in body.h
+    ]  # fmt: skip
+    if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise LoadError(f"GPT-2 activation {cfg.activation_function!r} is not supported (gelu_new only)")
+    head_dim = cfg.n_embd // cfg.n_head
+    arch = Architecture(cfg.n_head, cfg.n_head, head_dim, cfg.layer_norm_epsilon, cfg.n_positions,
+                        rms_norm=False, gated_mlp=False, inv_freq=None)  # fmt: skip
+    final = (cast(body.ln_f.weight), cast(body.ln_f.bias))
+    embed, lm_head = _embedding_and_head(model, body.wte.weight, cast)
+    return Model(arch, layers, embed, cast(body.wpe.weight), final, lm_head, cast.max_batch)
+
+
+def _llama_model(model: Any, cast: Convert) -> Model:
+    cfg, body = model.config, model.model
+
+    def fused(*linears: Any) -> Linear:
+        has_bias = linears[0].bias is not None
+        return cast.linear(
+            torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears]) if has_bias else None
+        )
+
+    layers = []
+    for b in body.layers:
+        attn, mlp = b.self_attn, b.mlp
+        layers.append(LayerWeights(
+            cast(b.input_layernorm.weight), None, fused(attn.q_proj, attn.k_proj, attn.v_proj),
+            cast.linear(attn.o_proj.weight, attn.o_proj.bias),
+            cast(b.post_attention_layernorm.weight), None, fused(mlp.gate_proj, mlp.up_proj),
+            cast.linear(mlp.down_proj.weight, mlp.down_proj.bias),
+        ))  # fmt: skip
+    rotary = body.rotary_emb  # transformers' own frequencies, so static rope scalings are honoured
+    if cfg.hidden_act != "silu" or getattr(rotary, "rope_type", "default") in ("dynamic", "longrope"):
+        raise LoadError("Llama variants with a non-silu MLP or position-dependent rope are not supported")
+    embed, lm_head = _embedding_and_head(model, body.embed_tokens.weight, cast)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    arch = Architecture(
+        cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps,
+        cfg.max_position_embeddings, rms_norm=True, gated_mlp=True,
+        inv_freq=rotary.inv_freq.detach().float().to(cast.device),
+        rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
+    )  # fmt: skip
+    return Model(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, cast.max_batch)
+
+
+def _embedding_and_head(model: Any, embedding: torch.Tensor, cast: Convert) -> tuple[Embedding, Linear]:
+    """The input embedding and the output projection, which small models tie (see `Embedding`)."""
+    head = cast.linear(model.lm_head.weight, None)
+    tied = model.lm_head.weight.data_ptr() == embedding.data_ptr()
+    if tied and head.int8 is not None:
+        table, scale = head.int8
+        return Embedding(table, cast.dtype, scale.float()), head
+    return Embedding(cast(embedding), cast.dtype), head
