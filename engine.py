@@ -29,7 +29,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,23 @@ class SamplingParams:
     seed: int | None = None  # None: a random seed
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # ... times how often it was generated
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's text and log-probability under the model (before penalties and
+    temperature), and the most likely alternatives at its place."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,7 @@ class Delta:
     token_ids: list[int]
     text: str
     tokens: int  # generated so far
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
 
 
 class EngineUnavailable(RuntimeError):
@@ -278,6 +296,7 @@ class Sequence:
     output: Output = field(default_factory=Output)
     generated: list[int] = field(default_factory=list)
     unsent: int = 0  # generated tokens not yet in a Delta (their text is held back)
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens already in the cache (a long prompt joins in chunks)
     row: int = -1  # its cache row while it runs (the scheduler's)
     admitted_at: float = 0.0  # time.monotonic() stamps, for the timing headers and metrics
@@ -292,10 +311,12 @@ class Sequence:
         """Tokens whose keys and values are in the cache: all but the newest sampled one."""
         return len(self.prompt_ids) + len(self.generated) - 1
 
-    def append(self, token: int, is_text: bool) -> None:
+    def append(self, token: int, is_text: bool, logprob: TokenLogprob | None = None) -> None:
         """Take the next token and send the text it makes safe to show (an EOS has none)."""
         self.generated.append(token)
         self.unsent += 1
+        if logprob is not None:
+            self.unsent_logprobs.append(logprob)
         if len(self.generated) == 1:
             self.first_token_at = time.monotonic()
         self._send(self.text.add(token) if is_text else "")
@@ -309,8 +330,8 @@ class Sequence:
     def _send(self, piece: str, last: bool = False) -> None:
         if piece or (last and self.unsent):  # token ids whose text is held back go with the next piece
             ids = self.generated[len(self.generated) - self.unsent :]
-            self.output.put(Delta(ids, piece, len(self.generated)))
-            self.unsent = 0
+            self.output.put(Delta(ids, piece, len(self.generated), tuple(self.unsent_logprobs)))
+            self.unsent, self.unsent_logprobs = 0, []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,16 +397,18 @@ class Scheduler:
             return seq
         return None
 
-    def postprocess(self, batch: list[Sequence], tokens: list[int]) -> list[tuple[Sequence, FinishReason]]:
+    def postprocess(
+        self, batch: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None] | None = None
+    ) -> list[tuple[Sequence, FinishReason]]:
         """Append each sequence's new token, take out those that are finished and free their rows;
         return them with their reasons, for the engine to end. A sequence whose text work fails
         fails alone."""
         ended = []
         now = time.monotonic()
-        for seq, token in zip(batch, tokens, strict=True):
+        for seq, token, logprob in zip(batch, tokens, logprobs or [None] * len(batch), strict=True):
             try:
                 eos = token in self.eos_ids and not seq.params.ignore_eos
-                seq.append(token, is_text=not eos)
+                seq.append(token, not eos, logprob)
                 reason = FinishReason.EOS if eos else self._finish_reason(seq, now)
             except Exception as exc:
                 log.exception("postprocessing a sequence failed")
@@ -453,7 +476,7 @@ class Engine:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | list[int],
         params: SamplingParams,
         cancel: threading.Event | None = None,
         deadline: float = math.inf,
@@ -461,8 +484,8 @@ class Engine:
         """Queue the prompt; yield a `Delta` whenever new text is safe to show, then the `Result`
         (whose text the deltas add up to). Raises on bad input or failure. Setting `cancel` ends
         the sequence at the next step; so does `deadline` (a `time.monotonic()` value), with what
-        it has so far."""
-        ids = self.loaded.tokenizer.encode(prompt)
+        it has so far. The prompt is text, or token ids (see `chat_prompt`)."""
+        ids = self.loaded.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         self._check_fits(len(ids), params.max_new_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         text = TextStream(self.loaded.tokenizer, ids, params.stop)
@@ -476,6 +499,20 @@ class Engine:
         *_, result = self.stream(prompt, params, cancel, deadline)
         assert isinstance(result, Result)
         return result
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation as prompt token ids, by the tokenizer's own chat template (the turn for
+        the assistant's answer opened); a tokenizer without one (distilgpt2) gets a plain
+        "Role: text" line per message and "Assistant:". Token ids, not text: a template that
+        writes the BOS token itself would get a second one from encoding its text."""
+        tokenizer = self.loaded.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            rendered = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            return list(
+                rendered["input_ids"] if isinstance(rendered, Mapping) else rendered
+            )  # transformers 5: a BatchEncoding
+        lines = [f"{message['role'].capitalize()}: {message['content']}" for message in messages]
+        return list(tokenizer.encode("\n".join([*lines, "Assistant:"])))
 
     def drain(self, deadline: float) -> None:
         """End every sequence at its first step after `deadline` (time.monotonic()) with what it has."""
@@ -566,17 +603,35 @@ class Engine:
 
     def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> None:
         """Pick each sequence's next token; the scheduler takes it from there."""
-        greedy = logits.argmax(-1).tolist()
-        sampling = any(seq.params.temperature for seq in batch)
-        row_logits = logits.float().cpu() if sampling else logits  # a copy only when someone samples
-        tokens = [
-            greedy[row] if seq.params.temperature == 0 else sample(row_logits[row], seq.params, seq.generator)
-            for row, seq in enumerate(batch)
-        ]
-        ended = self.scheduler.postprocess(batch, tokens)
+        tokens: list[int] = logits.argmax(-1).tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(batch)
+        special = [row for row, seq in enumerate(batch) if seq.params.temperature or seq.params.penalized
+                   or seq.params.logprobs is not None]  # fmt: skip
+        rows = logits.float().cpu() if special else logits  # a copy only when someone needs more than argmax
+        for row in special:
+            tokens[row], logprobs[row] = self._pick(batch[row], rows[row])
+        ended = self.scheduler.postprocess(batch, tokens, logprobs)
         self._clear_if_idle()  # before the results go out: whoever reads one may look at the cache
         for seq, reason in ended:
             seq.finish(reason)
+
+    def _pick(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """One sequence's next token from its float32 logits [V], and its log-probability if asked."""
+        params, adjusted = seq.params, logits
+        if params.penalized and seq.generated:
+            counts = torch.bincount(torch.tensor(seq.generated), minlength=logits.shape[-1])[: logits.shape[-1]]
+            adjusted = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+        token = sample(adjusted, params, seq.generator) if params.temperature else int(adjusted.argmax())
+        if params.logprobs is None:
+            return token, None
+        return token, self._logprob(logits, token, params.logprobs)
+
+    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        text = self.loaded.tokenizer.decode
+        values, ids = torch.topk(logprobs, top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        alternatives = tuple((text([i]), v) for v, i in zip(values.tolist(), ids.tolist(), strict=True))
+        return TokenLogprob(text([token]), float(logprobs[token]), alternatives)
 
     def _clear_if_idle(self) -> None:
         if not self.scheduler.running:

@@ -31,7 +31,9 @@ Every error is JSON of one shape, {"detail": "..."}; the errors section lists th
 
 Reading order: settings, errors, validation, the OpenAPI document, the docs page (docs.html, what
 a browser gets at /docs), metrics, running a generation (its lifecycle and the JSON rendering),
-streaming (the SSE rendering), routes, request logs, connections, the app and its shutdown. Run: API_KEY=... python server.py (README.md lists settings).
+streaming (the SSE rendering), the OpenAI-compatible API (its fields and renderings), routes,
+request logs, connections, the app and its shutdown. Run: API_KEY=... python server.py (README.md
+lists settings).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -80,6 +83,7 @@ import engine
 from auth import APIKeyMiddleware
 
 SERVICE = "LLM-Generator"
+STARTED = int(time.time())  # /v1/models' `created`: when this process started
 DRAIN_BACKSTOP_SECONDS = 10  # after DRAIN_TIMEOUT, time for the last step and responses to go out
 DEFAULTS = engine.SamplingParams()  # the API's defaults for every optional /generate field
 log = logging.getLogger("llm.server")
@@ -131,6 +135,11 @@ class Settings:
     allowed_hosts: str = setting("", "ALLOWED_HOSTS")  # comma-separated Host names; empty: any
     load_on_start: bool = setting(False, "LOAD_ON_START")  # so /ready turns 200 without traffic
     log_prompts: bool = setting(False, "LOG_PROMPTS")  # put prompt text in the request log
+    served_model_name: str = setting("", "SERVED_MODEL_NAME")  # the OpenAI routes' model id; empty: MODEL_NAME
+
+    @property
+    def served_model(self) -> str:
+        return self.served_model_name or self.model.name
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -196,9 +205,10 @@ READY_ERRORS = {503: "The model is not loaded yet, or the server is shutting dow
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None):
+    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None, param: str | None = None):
         super().__init__(detail)
         self.status, self.detail, self.headers = status, detail, dict(headers or {})
+        self.param = param  # the request field at fault, if one is (OpenAI's error names it)
 
 
 def unavailable(detail: str, retry_after: int, close: bool = False) -> ApiError:
@@ -224,18 +234,37 @@ def error_body(detail: str) -> dict[str, str]:
     return {"detail": detail.encode("utf-8", "backslashreplace").decode("utf-8")}
 
 
-def error_response(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(detail), status_code=status, headers=headers)
+OPENAI = "/v1/"  # the OpenAI-compatible routes' prefix: their errors take OpenAI's shape
+OPENAI_CODES = {401: "invalid_api_key", 404: "not_found", 413: "request_too_large", 503: "service_unavailable"}
+
+
+def error_response(
+    status: int, detail: str, headers: Mapping[str, str] | None = None, path: str = "", param: str | None = None
+) -> JSONResponse:
+    """An error's answer: {"detail": ...}; on the OpenAI routes OpenAI's own {"error": {message,
+    type, param, code}}, so their clients raise their typed exceptions (a bad field there is a
+    400, as OpenAI answers it, where /generate says 422)."""
+    if not path.startswith(OPENAI):
+        return JSONResponse(error_body(detail), status_code=status, headers=headers)
+    status = 400 if status == 422 else status
+    kind = "authentication_error" if status == 401 else "server_error" if status >= 500 else "invalid_request_error"
+    error = {"message": error_body(detail)["detail"], "type": kind, "param": param, "code": OPENAI_CODES.get(status)}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def refusal(path: str, status: int, detail: str, headers: Mapping[str, str]) -> Response:
+    """auth.py's 401, in the shape of the route it guards."""
+    return error_response(status, detail, headers, path)
 
 
 async def on_api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.detail, exc.headers)
+    return error_response(exc.status, exc.detail, exc.headers, request.url.path, exc.param)
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)  # Starlette's own 404 and 405
-    return error_response(exc.status_code, str(exc.detail), exc.headers)
+    return error_response(exc.status_code, str(exc.detail), exc.headers, request.url.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +335,7 @@ class Field:
         return f"{self.name} is required and must be a non-empty string"
 
     def _refuse(self, got: str, rule: str = "") -> NoReturn:
-        raise ApiError(422, f"{rule or self.rule()}, got {got}")
+        raise ApiError(422, f"{rule or self.rule()}, got {got}", param=self.name)
 
     def _text(self, value: Any) -> str:
         if not isinstance(value, str) or not value:
@@ -459,8 +488,15 @@ def openapi(settings: Settings) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": SERVICE, "version": "1.0.0", "description": "Text generation with a causal language model."},
         "components": {
-            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
-            "schemas": {"GenerateRequest": _request_schema(settings.limits), **_SCHEMAS},
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+                "bearer": {"type": "http", "scheme": "bearer"},
+            },  # /v1/ only
+            "schemas": {
+                "GenerateRequest": _request_schema(settings.limits),
+                **_SCHEMAS,
+                **openai_schemas(settings.limits),
+            },
         },
         "paths": {
             "/health": {"get": _operation("Liveness: 200 while the process runs, with model status", "Health", {})},
@@ -469,6 +505,7 @@ def openapi(settings: Settings) -> dict[str, Any]:
             "/openapi.json": {"get": _operation("This OpenAPI document, whatever the Accept header", "object", {})},
             "/metrics": {"get": _metrics_operation()},
             "/generate": {"post": _generate_operation(settings)},
+            **openai_paths(settings),
         },
     }
 
@@ -634,7 +671,17 @@ def prefers_html(accept: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Metrics: counters and histograms, written out in Prometheus' text format (0.0.4) at /metrics
 
-ROUTES = ("/health", "/ready", "/generate", "/docs", "/openapi.json", "/metrics")  # labels: these, or "other"
+ROUTES = (
+    "/health",
+    "/ready",
+    "/generate",
+    "/docs",
+    "/openapi.json",
+    "/metrics",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+)  # labels: these, or "other"
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -801,7 +848,7 @@ class Generation:
     last), counts it in /metrics and the request log, and gives the place back. A rendering only
     reads events and writes an answer: no race, no accounting, no cancel of its own."""
 
-    def __init__(self, request: Request, prompt: str, params: engine.SamplingParams):
+    def __init__(self, request: Request, prompt: str | list[dict[str, str]], params: engine.SamplingParams):
         self.request, self.prompt, self.params = request, prompt, params
         self.settings: Settings = request.app.state.settings
         self.runtime: Runtime = request.app.state.runtime
@@ -861,8 +908,9 @@ class Generation:
                 return  # the wait ended (queue timeout, or the client left) as the place came
             self._started = True
         deadline = self.arrived + self.settings.request_timeout
-        running = self.request.app.state.engine.get()
-        for event in running.stream(self.prompt, self.params, self.cancel, deadline):
+        running: engine.Engine = self.request.app.state.engine.get()
+        prompt = self.prompt if isinstance(self.prompt, str) else running.chat_prompt(self.prompt)
+        for event in running.stream(prompt, self.params, self.cancel, deadline):
             if isinstance(event, engine.Result):
                 self.result = event
             try:
@@ -898,13 +946,15 @@ def answer(prompt: str, result: engine.Result) -> dict[str, Any]:
             "finish_reason": result.finish_reason}  # fmt: skip
 
 
-async def final_result(events: Events) -> engine.Result:
-    """The JSON rendering: the stream read to its end."""
+async def all_events(events: Events) -> tuple[list[engine.Delta], engine.Result]:
+    """The JSON renderings' reading: the events to their end (the pieces, and the result)."""
+    deltas: list[engine.Delta] = []
     async for event in events:
         if isinstance(event, Exception):
             raise event
         if isinstance(event, engine.Result):
-            return event
+            return deltas, event
+        deltas.append(event)
     raise RuntimeError("a generation ended without a result")  # a bug: RequestLog answers 500
 
 
@@ -961,10 +1011,381 @@ class EventStream:
                 log.error("generation failed mid-stream", exc_info=last)
             detail = last.detail if isinstance(last, ApiError) else "internal server error"
             return await self.write(send, sse("error", error_body(detail)), more=False)
-        if self.job.runtime.draining and last.finish_reason == engine.FinishReason.TIMEOUT:
-            detail = "the server is shutting down: generation stopped early; retry elsewhere"
-            return await self.write(send, sse("error", error_body(detail)), more=False)
+        if (drained := self.drained(last)) is not None:
+            return await self.write(send, sse("error", error_body(drained.detail)), more=False)
+        assert isinstance(self.job.prompt, str)
         await self.write(send, sse("done", answer(self.job.prompt, last)), more=False)
+
+    def drained(self, result: engine.Result) -> ApiError | None:
+        """A stream the drain cut short ends as a failure, so a client never takes it for whole."""
+        if self.job.runtime.draining and result.finish_reason == engine.FinishReason.TIMEOUT:
+            return unavailable("the server is shutting down: generation stopped early; retry elsewhere", RETRY_SHUTDOWN)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions. Their fields map
+# onto the same table as /generate's (renamed), the same lifecycle runs them, and their answers
+# are two more renderings of its events, in the shapes the OpenAI API gives them.
+
+ROLES = ("system", "developer", "user", "assistant")  # "developer" is newer OpenAI's name for system
+OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "timeout": "length", "cancelled": "stop"}
+UNSUPPORTED = {  # fields this service cannot honour: a 400 that names them, never a silent ignore
+    "n": (lambda v: v is not None and (isinstance(v, bool) or v != 1), "n must be 1: this server answers one choice "
+          "per request"),
+    "best_of": (lambda v: v is not None and (isinstance(v, bool) or v != 1), "best_of must be 1: this server answers "
+                "one choice per request"),
+    "suffix": (lambda v: v not in (None, ""), "suffix (insertion) is not supported"),
+    "logit_bias": (lambda v: v not in (None, {}), "logit_bias is not supported"),
+    "tools": (lambda v: v not in (None, []), "tools (function calling) are not supported"),
+    "tool_choice": (lambda v: v not in (None, "none"), "tool_choice is not supported"),
+    "functions": (lambda v: v not in (None, []), "functions (function calling) are not supported"),
+    "function_call": (lambda v: v not in (None, "none"), "function_call is not supported"),
+    "response_format": (lambda v: v not in (None, {"type": "text"}), 'response_format other than {"type": "text"} '
+                        "is not supported"),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    prompt: str | list[dict[str, str]]  # completions: text; chat: the messages
+    params: engine.SamplingParams
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    echo: bool = False  # completions: the prompt before the text
+
+
+def openai_fields(limits: Limits, chat: bool) -> dict[str, Field]:
+    """The OpenAI names of the fields, each /generate's rule under its OpenAI name (or, for what
+    /generate lacks, a field declared here once)."""
+    generate = {f.name: f for f in generate_fields(limits)}
+    renamed = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed",
+               "stop": "stop", "stream": "stream"}  # fmt: skip
+    fields = {name: dataclasses.replace(generate[ours], name=name) for name, ours in renamed.items()}
+    for name in ("presence_penalty", "frequency_penalty"):
+        fields[name] = Field(name, "number", "Lowers the odds of tokens already generated (per use, for frequency).",
+                             0.0, -2.0, 2.0)  # fmt: skip
+    if chat:
+        fields["max_completion_tokens"] = dataclasses.replace(fields["max_tokens"], name="max_completion_tokens")
+        fields["logprobs"] = Field("logprobs", "boolean", "Return each token's log-probability.", False)
+        fields["top_logprobs"] = Field("top_logprobs", "integer", "Alternatives per token, with logprobs.", 0, 0, 5)
+    else:
+        fields["echo"] = Field("echo", "boolean", "Answer with the prompt before the text.", False)
+        fields["logprobs"] = Field("logprobs", "integer", "Log-probabilities: of each token and this many "
+                                   "alternatives.", None, 0, 5)  # fmt: skip
+    return fields
+
+
+def parse_openai(body: object, limits: Limits, chat: bool) -> OpenAIRequest:
+    """A completions or chat request's values, or a 422 (answered 400) naming the field. Unknown
+    top-level fields are ignored: OpenAI clients send extras (extra_body, newer options)."""
+    if not isinstance(body, dict):
+        raise ApiError(422, f"body must be a JSON object, got {_json_type(body)}")
+    for name, (refused, why) in UNSUPPORTED.items():
+        if refused(body.get(name)):
+            raise ApiError(422, why, param=name)
+    if not isinstance(body.get("model", ""), str):
+        raise ApiError(422, f"model must be a string, got {_json_type(body['model'])}", param="model")
+    fields = openai_fields(limits, chat)
+    v = {name: f.check(body.get(name)) for name, f in fields.items()}
+    options = body.get("stream_options")
+    if options is not None and not (
+        isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)
+    ):
+        raise ApiError(422, "stream_options must be an object with include_usage true or false", param="stream_options")
+    max_tokens = (
+        v["max_completion_tokens"] if chat and body.get("max_completion_tokens") is not None else v["max_tokens"]
+    )
+    if chat and body.get("top_logprobs") is not None and not v["logprobs"]:
+        raise ApiError(422, "top_logprobs needs logprobs: true", param="top_logprobs")
+    logprobs = (v["top_logprobs"] if v["logprobs"] else None) if chat else v["logprobs"]
+    params = engine.SamplingParams(max_tokens, v["temperature"], v["top_p"], DEFAULTS.top_k, v["seed"], v["stop"],
+                                   presence_penalty=v["presence_penalty"], frequency_penalty=v["frequency_penalty"],
+                                   logprobs=logprobs)  # fmt: skip
+    prompt = _messages(body.get("messages")) if chat else _completion_prompt(body.get("prompt"))
+    usage = bool((options or {}).get("include_usage", False))
+    return OpenAIRequest(prompt, params, v["stream"], usage, False if chat else v["echo"])
+
+
+def _completion_prompt(value: object) -> str:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]  # a list of one prompt, as SDKs may send
+    if not isinstance(value, str) or not value:
+        raise ApiError(
+            422, f"prompt must be a non-empty string (or a list of one), got {_shown(value)}", param="prompt"
+        )
+    return _unicode(value, "prompt")
+
+
+def _messages(value: object) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise ApiError(422, f"messages must be a non-empty array of {{role, content}}, got {_shown(value)}",
+                       param="messages")  # fmt: skip
+    return [_message(i, message) for i, message in enumerate(value)]
+
+
+def _message(i: int, message: object) -> dict[str, str]:
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise ApiError(422, f"{where} must be an object with role and content, got {_shown(message)}", param=where)
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLES:
+        raise ApiError(422, f"{where}.role must be one of {', '.join(ROLES)}, got {_shown(role)}", param=where)
+    if isinstance(content, list):
+        content = "\n".join(_text_part(f"{where}.content[{j}]", part) for j, part in enumerate(content))
+    if not isinstance(content, str):
+        raise ApiError(422, f"{where}.content must be a string or a list of text parts, got {_shown(content)}",
+                       param=where)  # fmt: skip
+    return {"role": "system" if role == "developer" else role, "content": _unicode(content, f"{where}.content")}
+
+
+def _text_part(where: str, part: object) -> str:
+    if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+        raise ApiError(422, f'{where} must be {{"type": "text", "text": "..."}}, got {_shown(part)}', param=where)
+    return str(part["text"])
+
+
+@dataclass
+class OpenAIAnswer:
+    """Renders one generation in OpenAI's shapes: the whole completion or chat object, or its
+    stream of chunks. One instance per request (the id and `created` are shared by its chunks)."""
+
+    request: OpenAIRequest
+    model: str
+    chat: bool
+    prompt_text: str = ""  # completions with echo: the prompt, as sent
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.prompt_text = self.request.prompt if isinstance(self.request.prompt, str) else ""
+
+    def whole(self, deltas: list[engine.Delta], result: engine.Result) -> dict[str, Any]:
+        text = (self.prompt_text if self.request.echo else "") + result.text
+        logprobs = self._logprobs([lp for d in deltas for lp in d.logprobs])
+        choice: dict[str, Any] = {
+            "index": 0,
+            "logprobs": logprobs,
+            "finish_reason": OPENAI_FINISH[result.finish_reason],
+        }
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        else:
+            choice["text"] = text
+        return {**self._head(""), "choices": [choice], "usage": usage(result)}
+
+    def chunk(self, delta: engine.Delta, first: bool) -> dict[str, Any]:
+        text = (self.prompt_text if first and self.request.echo else "") + delta.text
+        logprobs = self._logprobs(list(delta.logprobs))
+        if self.chat:
+            content = {"role": "assistant", "content": text} if first else {"content": text}
+            return {**self._head(".chunk"), "choices": [{"index": 0, "delta": content, "logprobs": logprobs,
+                                                          "finish_reason": None}]}  # fmt: skip
+        return {**self._head(""), "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}]}
+
+    def last(self, result: engine.Result) -> list[dict[str, Any]]:
+        """The chunk with the finish reason, and with include_usage one more with the usage."""
+        reason = OPENAI_FINISH[result.finish_reason]
+        end = {"index": 0, "delta": {}, "logprobs": None} if self.chat else {"index": 0, "text": "", "logprobs": None}
+        chunks = [{**self._head(".chunk" if self.chat else ""), "choices": [{**end, "finish_reason": reason}]}]
+        if self.request.include_usage:
+            chunks.append({**self._head(".chunk" if self.chat else ""), "choices": [], "usage": usage(result)})
+        return chunks
+
+    def _head(self, kind: str) -> dict[str, Any]:
+        name = ("chat.completion" + kind) if self.chat else "text_completion"
+        return {"id": self.id, "object": name, "created": self.created, "model": self.model}
+
+    def _logprobs(self, tokens: list[engine.TokenLogprob]) -> dict[str, Any] | None:
+        if self.request.params.logprobs is None:
+            return None
+        if self.chat:
+            content = [{**_token(t.token, t.logprob), "top_logprobs": [_token(*alt) for alt in t.top]} for t in tokens]
+            return {"content": content, "refusal": None}
+        start = len(self.prompt_text) if self.request.echo else 0
+        offsets = list(itertools.accumulate((len(t.token) for t in tokens), initial=start))[:-1]
+        top = [dict(t.top) | {t.token: t.logprob} for t in tokens]
+        return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": top, "text_offset": offsets}  # fmt: skip
+
+
+def _token(token: str, logprob: float) -> dict[str, Any]:
+    """A chat logprobs entry: the token's text, its log-probability, and its UTF-8 bytes."""
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
+
+
+def usage(result: engine.Result) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.tokens,
+            "total_tokens": result.prompt_tokens + result.tokens}  # fmt: skip
+
+
+@dataclass
+class OpenAIStream:
+    """The ASGI answer of a streaming OpenAI request: `data: {chunk}` lines, then `data: [DONE]`
+    (a failure after the stream began: `data: {"error": ...}` instead, which the SDKs raise)."""
+
+    job: Generation
+    answer: OpenAIAnswer
+    stream: EventStream = field(init=False)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.stream, first = EventStream(self.job), True
+
+        async def render(events: Events) -> None:
+            nonlocal first
+            while True:
+                with anyio.move_on_after(KEEPALIVE_SECONDS) as idle:
+                    event = await events.receive()
+                if idle.cancelled_caught:
+                    await self.stream.write(send, b": waiting\n\n")
+                elif isinstance(event, engine.Delta):
+                    await self.stream.write(send, data(self.answer.chunk(event, first)))
+                    first = False
+                else:
+                    return await self.finish(send, event, first)
+
+        await self.job.serve(render)
+
+    async def finish(self, send: Send, last: engine.Result | Exception, first: bool) -> None:
+        if isinstance(last, Exception) and not self.stream.begun:
+            raise last
+        failure = last if isinstance(last, Exception) else self.stream.drained(last)
+        if failure is not None or isinstance(last, Exception):
+            if not isinstance(failure, ApiError):
+                log.error("generation failed mid-stream", exc_info=failure)
+            message = failure.detail if isinstance(failure, ApiError) else "internal server error"
+            error = {"message": message, "type": "server_error", "param": None, "code": None}
+            return await self.stream.write(send, data({"error": error}), more=False)
+        if first and self.answer.chat:  # nothing was generated: the role still opens a chat stream
+            await self.stream.write(send, data(self.answer.chunk(engine.Delta([], "", 0), first=True)))
+        body = b"".join(data(chunk) for chunk in self.answer.last(last)) + b"data: [DONE]\n\n"
+        await self.stream.write(send, body, more=False)
+
+
+def data(chunk: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+async def openai_generation(request: Request, chat: bool) -> Response | OpenAIStream:
+    settings: Settings = request.app.state.settings
+    if request.app.state.runtime.draining:
+        raise unavailable("shutting down; retry on another instance", RETRY_SHUTDOWN, close=True)
+    body = await read_json(request, settings.limits.max_body_bytes, settings.body_timeout)
+    parsed = parse_openai(body, settings.limits, chat)
+    answer = OpenAIAnswer(parsed, settings.served_model, chat)
+    job = Generation(request, parsed.prompt, parsed.params)
+    if parsed.stream:
+        return OpenAIStream(job, answer)
+    deltas, result = await job.serve(all_events)
+    return JSONResponse(answer.whole(deltas, result), headers=Timing(result, job.arrived).headers())
+
+
+async def completions(request: Request) -> Response | OpenAIStream:
+    return await openai_generation(request, chat=False)
+
+
+async def chat_completions(request: Request) -> Response | OpenAIStream:
+    return await openai_generation(request, chat=True)
+
+
+async def models(request: Request) -> JSONResponse:
+    """The one served model. Requests may name any model: this one answers (as llama-server does),
+    and says so in each answer's `model`."""
+    settings: Settings = request.app.state.settings
+    served = {"id": settings.served_model, "object": "model", "created": STARTED, "owned_by": SERVICE}
+    return JSONResponse({"object": "list", "data": [served]})
+
+
+OPENAI_STATUSES = {
+    400: "A field is missing, of the wrong type, out of range or not supported (named in `param`); the body "
+         "is not JSON; or the prompt does not fit.",
+    401: "Missing, doubled or invalid key (x-api-key, or Authorization: Bearer).",
+    408: "The body did not arrive within BODY_TIMEOUT seconds.",
+    413: "Body larger than MAX_BODY_BYTES.",
+    415: "Content-Type is not application/json.",
+    503: "Model unavailable, at capacity, no place within QUEUE_TIMEOUT, or shutting down; see Retry-After.",
+}  # fmt: skip
+
+
+def openai_paths(settings: Settings) -> dict[str, Any]:
+    def operation(summary: str, response: str, body: str | None, statuses: dict[int, str]) -> dict[str, Any]:
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}
+        ok = {"application/json": {"schema": {"$ref": f"#/components/schemas/{response}"}}}
+        if body is not None:  # "stream": true answers with chunks
+            ok["text/event-stream"] = {"schema": {"type": "string", "description": OPENAI_STREAM}}
+        responses = {"200": {"description": "OK", "content": ok}}
+        responses |= {str(code): {"description": text, "content": error} for code, text in statuses.items()}
+        op = {"summary": summary, "security": [{"apiKey": []}, {"bearer": []}], "responses": responses}
+        if body is not None:
+            schema = {"$ref": f"#/components/schemas/{body}"}
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+        return op
+
+    return {
+        "/v1/models": {"get": operation("The served model (OpenAI's model list)", "ModelList", None,
+                                        {401: OPENAI_STATUSES[401]})},
+        "/v1/completions": {"post": operation("Continue a prompt (OpenAI's completions)", "Completion",
+                                              "CompletionRequest", OPENAI_STATUSES)},
+        "/v1/chat/completions": {"post": operation("Answer a conversation (OpenAI's chat completions)",
+                                                   "ChatCompletion", "ChatCompletionRequest", OPENAI_STATUSES)},
+    }  # fmt: skip
+
+
+OPENAI_STREAM = (
+    'With "stream": true: `data: {chunk}` lines (text_completion or chat.completion.chunk objects; the first chat '
+    "chunk carries delta.role), a last chunk with finish_reason, with stream_options.include_usage one more with "
+    '"usage" and "choices": [], then `data: [DONE]`. A failure after the stream began: `data: {"error": ...}`.'
+)
+
+
+def openai_schemas(limits: Limits) -> dict[str, Any]:
+    def request(chat: bool) -> dict[str, Any]:
+        props = {name: f.schema() for name, f in openai_fields(limits, chat).items()}
+        text = {"type": "string", "minLength": 1}
+        if chat:
+            part = {"type": "object", "required": ["type", "text"],
+                    "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}  # fmt: skip
+            content = {"anyOf": [{"type": "string"}, {"type": "array", "items": part}]}
+            message = {"type": "object", "required": ["role", "content"],
+                       "properties": {"role": {"enum": list(ROLES)}, "content": content}}  # fmt: skip
+            props["messages"] = {"type": "array", "minItems": 1, "items": message}
+        else:
+            props["prompt"] = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}]}
+        props["model"] = {"type": "string", "description": "Any name: the one served model answers."}
+        props["n"] = {"type": ["integer", "null"], "minimum": 1, "maximum": 1}
+        props["stream_options"] = {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}}
+        description = "Unknown fields are ignored (OpenAI clients send extras); unsupported ones get a 400."
+        return {"type": "object", "required": ["messages" if chat else "prompt"], "properties": props,
+                "description": description}  # fmt: skip
+
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    usage = {"type": "object", "required": list(counts), "properties": {k: {"type": "integer"} for k in counts}}
+    finish = {"enum": sorted(set(OPENAI_FINISH.values()))}
+
+    def answer(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"], "properties": {
+            "id": {"type": "string"}, "object": {"const": kind}, "created": {"type": "integer"},
+            "model": {"type": "string"}, "usage": usage,
+            "choices": {"type": "array",
+                        "items": {"type": "object", "properties": {**choice, "finish_reason": finish}}}}}  # fmt: skip
+
+    message = {"type": "object", "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}
+    error = {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "code": {"type": ["string", "null"]}}}  # fmt: skip
+    model = {"type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
+        "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+        "owned_by": {"type": "string"}}}  # fmt: skip
+    return {
+        "CompletionRequest": request(chat=False),
+        "ChatCompletionRequest": request(chat=True),
+        "Completion": answer("text_completion", {"text": {"type": "string"}}),
+        "ChatCompletion": answer("chat.completion", {"message": message}),
+        "ModelList": {"type": "object", "required": ["object", "data"],
+                      "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": model}}},
+        "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": error}},
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1031,7 +1452,7 @@ async def generate(request: Request) -> Response | EventStream:
     job = Generation(request, parsed.prompt, parsed.params)
     if parsed.stream:
         return EventStream(job)
-    result = await job.serve(final_result)
+    _, result = await job.serve(all_events)
     return JSONResponse(answer(parsed.prompt, result), headers=Timing(result, job.arrived).headers())
 
 
@@ -1076,7 +1497,7 @@ class RequestLog:
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
             if not started:
-                await error_response(500, "internal server error")(scope, receive, send_with_id)
+                await error_response(500, "internal server error", path=scope["path"])(scope, receive, send_with_id)
         finally:
             fields = {"request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status}
             seconds = time.perf_counter() - start
@@ -1181,13 +1602,16 @@ def create_app(settings: Settings | None = None, lazy: engine.LazyEngine = engin
         Route("/docs", docs, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ]
     handlers = {ApiError: on_api_error, HTTPException: on_http_error}  # other errors: RequestLog
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.settings, app.state.engine = settings, lazy
     app.state.docs_page = DocsPage.load()
     app.state.metrics = Metrics()
-    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys, refuse=error_response)
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys, refuse=refusal, bearer_prefix=OPENAI)
     if settings.allowed_hosts:  # a browser tricked by DNS rebinding sends a foreign Host: refuse it
         hosts = [host.strip() for host in settings.allowed_hosts.split(",") if host.strip()]
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)

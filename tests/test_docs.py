@@ -62,7 +62,21 @@ def test_openapi_json_is_the_same_document_whatever_the_accept(client: TestClien
 def test_the_document_lists_both_addresses_and_the_settings() -> None:
     spec = server.openapi(SETTINGS)
     routes = {route.path for route in server.create_app(SETTINGS).routes}  # type: ignore[attr-defined]
-    assert set(spec["paths"]) == routes == {"/health", "/ready", "/generate", "/docs", "/openapi.json", "/metrics"}
+    assert (
+        set(spec["paths"])
+        == routes
+        == {
+            "/health",
+            "/ready",
+            "/generate",
+            "/docs",
+            "/openapi.json",
+            "/metrics",
+            "/v1/models",
+            "/v1/completions",
+            "/v1/chat/completions",
+        }
+    )
     assert "text/html" in spec["paths"]["/docs"]["get"]["responses"]["200"]["content"]
     assert spec["paths"]["/generate"]["post"]["x-settings"]["MAX_NEW_TOKENS_LIMIT"] == SETTINGS.limits.max_new_tokens
 

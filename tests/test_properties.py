@@ -4,14 +4,16 @@ clean 4xx or valid sampling parameters, and every accepted parameter set can be 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import engine
-from server import FIELDS, ApiError, Limits, error_response, parse_generate
+from server import FIELDS, ApiError, Limits, error_response, openai_fields, parse_generate, parse_openai
 
 LIMITS = Limits()
 
@@ -33,12 +35,26 @@ JSON_VALUES = st.recursive(
 )
 
 
+def nested(depth: int, kind: str, leaf: object) -> object:
+    """`leaf` inside `depth` lists or objects: hundreds deep parses; ~1,000 is about where
+    json.loads itself gives up (a 400), and quoting such a value once overflowed the stack (a 500)."""
+    value = leaf
+    for _ in range(depth):
+        value = [value] if kind == "list" else {"k": value}
+    return value
+
+
+DEEP = st.builds(nested, st.integers(100, 1100), st.sampled_from(["list", "dict"]), SCALARS)
+VALUES = st.one_of(JSON_VALUES, JSON_VALUES, JSON_VALUES, DEEP)  # deep nesting in a quarter of the fields
+
+
 @st.composite
-def bodies(draw: st.DrawFn) -> object:
-    """Mostly objects with some of the real fields (any values) and perhaps odd extra names."""
+def bodies(draw: st.DrawFn, names: tuple[str, ...] = FIELDS) -> object:
+    """Mostly objects with some of the real fields (any values, deep nesting too) and perhaps odd
+    extra names; sometimes any JSON at all, deep nesting at the top included."""
     if draw(st.integers(0, 9)) == 0:
-        return draw(JSON_VALUES)
-    body: dict[str, Any] = {name: draw(JSON_VALUES) for name in draw(st.sets(st.sampled_from(FIELDS)))}
+        return draw(st.one_of(JSON_VALUES, DEEP))
+    body: dict[str, Any] = {name: draw(VALUES) for name in draw(st.sets(st.sampled_from(names)))}
     if draw(st.booleans()):
         body["prompt"] = draw(st.text(ANY_CHAR, min_size=1, max_size=40))
     if draw(st.integers(0, 4)) == 0:
@@ -73,6 +89,61 @@ def test_any_body_is_a_clean_4xx_or_valid_parameters(body: object) -> None:
     else:
         check_params(request.prompt, request.params)
         assert isinstance(request.stream, bool)
+
+
+OPENAI_NAMES = tuple(
+    sorted(
+        {
+            *openai_fields(LIMITS, chat=True),
+            *openai_fields(LIMITS, chat=False),
+            "messages",
+            "model",
+            "n",
+            "best_of",
+            "stream_options",
+            "tools",
+            "response_format",
+            "user",
+        }
+    )
+)
+MESSAGES = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", "x"]),
+                           "content": st.one_of(TEXT, st.lists(st.fixed_dictionaries(
+                               {"type": st.sampled_from(["text", "image_url"]), "text": VALUES})), VALUES)}),
+    max_size=3,
+)  # fmt: skip
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bodies(OPENAI_NAMES), st.booleans(), MESSAGES)
+def test_any_openai_body_is_a_clean_4xx_or_valid_parameters(body: object, chat: bool, messages: list) -> None:
+    if isinstance(body, dict) and chat and "messages" not in body:
+        body["messages"] = messages
+    try:
+        request = parse_openai(body, LIMITS, chat)
+    except ApiError as exc:
+        check_error(exc)
+        assert exc.param is None or isinstance(exc.param, str)
+    else:
+        prompt = request.prompt if isinstance(request.prompt, str) else json.dumps(request.prompt)
+        check_params(prompt, request.params)
+        assert -2 <= request.params.presence_penalty <= 2 and -2 <= request.params.frequency_penalty <= 2
+        assert request.params.logprobs is None or 0 <= request.params.logprobs <= 5
+
+
+def test_a_value_nested_a_thousand_deep_is_quoted_in_a_422_not_a_500() -> None:
+    """In the server the stack is already deep when the message is built (middleware, routes), so
+    json.dumps of a ~968-deep list overflowed it; a low recursion limit stands in for that here."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(300)
+    try:
+        for field in ("seed", "stop", "max_new_tokens", "temperature", "ignore_eos"):
+            with pytest.raises(ApiError) as caught:
+                parse_generate({"prompt": "a", field: nested(968, "list", 1)}, LIMITS)
+            assert caught.value.status == 422 and field in caught.value.detail and "..." in caught.value.detail
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 @st.composite
