@@ -347,11 +347,12 @@ class KVCache:
 
     def reset(self) -> None:
         """Back to the smallest size, so memory stays flat once the batch empties."""
-        if self.k and (self.rows, self.capacity) == (ROW_CHUNK, CACHE_CHUNK):
+        rows = min(ROW_CHUNK, self.max_rows)
+        if self.k and (self.rows, self.capacity) == (rows, CACHE_CHUNK):
             return  # already: stale keys are finite and masked, so they need no zeroing
         self.k, self.v = [], []  # drop the old tensors before making the new ones
-        self.k = [self._zeros(ROW_CHUNK, CACHE_CHUNK) for _ in range(self.layers)]
-        self.v = [self._zeros(ROW_CHUNK, CACHE_CHUNK) for _ in range(self.layers)]
+        self.k = [self._zeros(rows, CACHE_CHUNK) for _ in range(self.layers)]
+        self.v = [self._zeros(rows, CACHE_CHUNK) for _ in range(self.layers)]
 
     def reserve(self, rows: int, length: int) -> None:
         """Make room for `rows` rows of `length` positions, keeping what the rows hold."""

@@ -306,6 +306,15 @@ def test_kv_cache_grows_in_rows_and_length_keeping_data_and_shrinks_back() -> No
     assert all(layer.abs().sum() == 0 for layer in cache.k)
 
 
+def test_a_kv_cache_of_fewer_rows_than_a_chunk_grows_in_length() -> None:
+    arch = model.Architecture(4, 2, 8, 1e-5, 4096, rms_norm=True, gated_mlp=True, inv_freq=None)
+    cache = model.KVCache(layers=1, max_rows=1, arch=arch, dtype=torch.float32, device=torch.device("cpu"))
+    cache.k[0][0, :, :3] = 7.0
+    cache.reserve(rows=1, length=model.CACHE_CHUNK + 1)  # MAX_BATCH_SIZE=1: one row, ever
+    assert (cache.rows, cache.capacity) == (1, 2 * model.CACHE_CHUNK)
+    assert cache.k[0][0, :, :3].eq(7.0).all()
+
+
 class SentencePieceLike(FakeTokenizer):
     """Drops the leading space of whatever it decodes, as SentencePiece's Metaspace decoder does."""
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import KEY, Server, run_server
-from tests.test_properties import bodies
+from tests.test_properties import MESSAGES, OPENAI_NAMES, bodies
 
 pytestmark = pytest.mark.e2e
 AUTH = {"x-api-key": KEY}
@@ -148,14 +148,23 @@ CONTENT_TYPES = ["application/json", "application/json; charset=utf-8", "text/pl
 KEYS: list[list[tuple[str, str]]] = [[("x-api-key", KEY)], [], [("x-api-key", KEY)] * 2, [("x-api-key", "bad")]]
 
 
+ROUTES = ["/generate", "/generate", "/v1/completions", "/v1/chat/completions"]
+
+
 @st.composite
-def requests(draw: st.DrawFn) -> tuple[bytes, list[tuple[str, str]]]:
-    """A body (arbitrary JSON as text, or arbitrary bytes) and headers, mostly with a valid key."""
-    raw = draw(st.integers(0, 4)) == 0
-    body = draw(st.binary(max_size=300)) if raw else json.dumps(draw(bodies())).encode()  # \ud800 escapes
+def requests(draw: st.DrawFn) -> tuple[str, bytes, list[tuple[str, str]]]:
+    """A route, a body (arbitrary JSON as text, or arbitrary bytes) and headers, mostly with a
+    valid key (on /v1/ sometimes as a Bearer token)."""
+    route, raw = draw(st.sampled_from(ROUTES)), draw(st.integers(0, 4)) == 0
+    value = draw(bodies() if route == "/generate" else bodies(OPENAI_NAMES))
+    if isinstance(value, dict) and route.endswith("chat/completions") and draw(st.booleans()):
+        value["messages"] = draw(MESSAGES)
+    body = draw(st.binary(max_size=300)) if raw else json.dumps(value).encode()  # \ud800 escapes
     headers = [("content-type", draw(st.sampled_from(CONTENT_TYPES)))]
     headers += draw(st.sampled_from(KEYS[:1] * 6 + KEYS[1:]))
-    return body, headers
+    if route != "/generate" and headers[1:] == KEYS[0] and draw(st.booleans()):
+        headers = [headers[0], ("authorization", f"Bearer {KEY}")]
+    return route, body, headers
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +178,21 @@ def fuzzed(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(request=requests())
 def test_arbitrary_requests_get_a_json_4xx_or_a_documented_200(fuzzed: Server, request: tuple) -> None:
-    body, headers = request
-    response = httpx.post(fuzzed.url + "/generate", content=body, headers=headers, timeout=60)
+    route, body, headers = request
+    response = httpx.post(fuzzed.url + route, content=body, headers=headers, timeout=60)
     assert response.status_code < 500 or response.status_code == 503, response.text
+    if response.headers.get("content-type", "").startswith("text/event-stream"):  # "stream": true
+        assert response.status_code == 200
+        assert response.text.rstrip().endswith("data: [DONE]" if route != "/generate" else "}")
+        return
+    if route != "/generate":
+        if response.status_code == 200:
+            assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        else:
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+            assert response.status_code != 422  # OpenAI says 400 for a bad field
+        return
     if response.status_code == 200:
         answer = response.json()
         assert set(answer) == {"generated_text", "generated_tokens", "finish_reason"}
