@@ -1068,7 +1068,8 @@ def openai_fields(limits: Limits, chat: bool) -> dict[str, Field]:
     if chat:
         fields["max_completion_tokens"] = dataclasses.replace(fields["max_tokens"], name="max_completion_tokens")
         fields["logprobs"] = Field("logprobs", "boolean", "Return each token's log-probability.", False)
-        fields["top_logprobs"] = Field("top_logprobs", "integer", "Alternatives per token, with logprobs.", 0, 0, 5)
+        fields["top_logprobs"] = Field("top_logprobs", "integer", "Alternatives per token (with logprobs: true; "
+                                       "ignored without).", 0, 0, 5)  # fmt: skip
     else:
         fields["echo"] = Field("echo", "boolean", "Answer with the prompt before the text.", False)
         fields["logprobs"] = Field("logprobs", "integer", "Log-probabilities: of each token and this many "
@@ -1096,8 +1097,6 @@ def parse_openai(body: object, limits: Limits, chat: bool) -> OpenAIRequest:
     max_tokens = (
         v["max_completion_tokens"] if chat and body.get("max_completion_tokens") is not None else v["max_tokens"]
     )
-    if chat and body.get("top_logprobs") is not None and not v["logprobs"]:
-        raise ApiError(422, "top_logprobs needs logprobs: true", param="top_logprobs")
     logprobs = (v["top_logprobs"] if v["logprobs"] else None) if chat else v["logprobs"]
     params = engine.SamplingParams(max_tokens, v["temperature"], v["top_p"], DEFAULTS.top_k, v["seed"], v["stop"],
                                    presence_penalty=v["presence_penalty"], frequency_penalty=v["frequency_penalty"],
@@ -1313,7 +1312,9 @@ def openai_paths(settings: Settings) -> dict[str, Any]:
         error = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}
         ok = {"application/json": {"schema": {"$ref": f"#/components/schemas/{response}"}}}
         if body is not None:  # "stream": true answers with chunks
-            ok["text/event-stream"] = {"schema": {"type": "string", "description": OPENAI_STREAM}}
+            event = {"type": "object", "required": ["data"], "properties": {
+                "event": {"const": "message"}, "data": {"type": "string", "description": OPENAI_STREAM}}}  # fmt: skip
+            ok["text/event-stream"] = {"schema": event}  # before OpenAPI 3.2, `schema` is one event
         responses = {"200": {"description": "OK", "content": ok}}
         responses |= {str(code): {"description": text, "content": error} for code, text in statuses.items()}
         op = {"summary": summary, "security": [{"apiKey": []}, {"bearer": []}], "responses": responses}
