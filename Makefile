@@ -12,7 +12,7 @@ PORT ?= 8000
 DEMO_KEY := gpp-llm-service-secret
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint unit debs screenshot clean
+.PHONY: help run test lint unit debs lint-debs screenshot clean
 
 # $(call step,what it does,command): say what is about to run, run it, say how long it took.
 step = @echo "==> $(1)"; start=$$(date +%s); $(2) && echo "    done in $$(( $$(date +%s) - start )) s"
@@ -45,40 +45,45 @@ run: $(VENV)/.installed $(MODEL_DIR)/config.json ## serve the offline model on 1
 		$(PY) tools/announce.py $$$$ & \
 		exec $(PY) server.py
 
-lint: $(VENV)/.installed ## ruff, mypy, hadolint, and both compose files
+lint: $(VENV)/.installed lint-debs ## ruff, mypy, hadolint, and the three compose files
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile deploy/model.Dockerfile
-	@if command -v docker-compose >/dev/null; then \
-		API_KEY=lint-placeholder docker-compose -f docker-compose.yml config --quiet && echo "docker-compose.yml is valid" && \
-		API_KEY=lint-placeholder docker-compose -f docker-compose.yml -f docker-compose.offline.yml config --quiet && \
-		echo "docker-compose.offline.yml is valid" && \
-		API_KEY=lint-placeholder docker-compose -f deploy/docker-compose.replicas.yml config --quiet && \
-		echo "deploy/docker-compose.replicas.yml is valid"; \
-	else \
-		echo "docker-compose not installed: the compose files are NOT validated (.ci/run installs it)"; \
-	fi
+	API_KEY=lint-placeholder docker-compose -f docker-compose.yml config --quiet
+	API_KEY=lint-placeholder docker-compose -f docker-compose.yml -f docker-compose.offline.yml config --quiet
+	API_KEY=lint-placeholder docker-compose -f deploy/docker-compose.replicas.yml config --quiet
 
 unit: $(VENV)/.installed ## the fast tests only (no model, no server process)
 	$(PY) -m pytest -q -m "not integration and not e2e"
 
-# Real infrastructure the end-to-end tests drive, from Debian: chromium (the docs page in a browser),
-# haproxy (replicas behind a load balancer), prometheus and promtool (scraping /metrics),
-# docker-compose (validating the compose files). Installed when missing and root, as in CI.
-DEBS := chromium:chromium haproxy:haproxy prometheus:prometheus promtool:prometheus docker-compose:docker-compose
-debs: ## install the Debian packages the tests drive (chromium, haproxy, prometheus), when missing
-	@missing=$$(for pair in $(DEBS); do command -v $${pair%%:*} >/dev/null 2>&1 || echo $${pair#*:}; done | sort -u); \
+# Real infrastructure the checks drive, from Debian, as command:package: docker-compose (`lint`
+# validates the compose files with it), and for the end-to-end tests chromium (the docs page in a
+# browser), haproxy (replicas behind a load balancer), prometheus and promtool (scraping /metrics).
+LINT_DEBS := docker-compose:docker-compose
+DEBS := chromium:chromium haproxy:haproxy prometheus:prometheus promtool:prometheus $(LINT_DEBS)
+
+# $(call install_debs,command:package ...,what needs them): install the packages whose command is
+# missing when root (as in CI), else fail saying what to install: a check never passes for want of
+# its tool, and never waits for a later target to install it.
+install_debs = @missing=$$(for pair in $(1); do command -v $${pair%%:*} >/dev/null 2>&1 || echo $${pair\#*:}; done | sort -u); \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			echo "==> installing $$missing for the end-to-end tests (~1 min)"; \
+			echo "==> installing $$missing for $(2) (~1 min)"; \
 			apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 		else \
-			echo "the end-to-end tests need: sudo apt-get install $$missing" >&2; exit 1; \
+			echo "make: $(2) need $$missing: sudo apt-get install $$missing" >&2; exit 1; \
 		fi; \
 	fi
 
-test: lint debs $(MODEL_DIR)/config.json $(TEST_MODEL_DIR)/config.json ## lint, type checks and every test
+lint-debs:
+	$(call install_debs,$(LINT_DEBS),the compose file checks)
+
+# After lint-debs, so that two apt-gets never run at once (make -j).
+debs: lint-debs ## install the Debian packages the checks drive (docker-compose, chromium, haproxy, prometheus)
+	$(call install_debs,$(DEBS),the end-to-end tests)
+
+test: debs lint $(MODEL_DIR)/config.json $(TEST_MODEL_DIR)/config.json ## lint, type checks and every test
 	$(PY) -m pytest -q
 
 screenshot: $(VENV)/.installed $(MODEL_DIR)/config.json debs ## refresh docs/docs-page.png (the page in Chromium)

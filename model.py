@@ -208,9 +208,10 @@ def _offline(config: LoadSettings) -> bool:
         socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
     except OSError as exc:
         raise LoadError(
-            f"model {config.name!r} is neither a local directory nor in the cache, and the model hub "
-            f"({host}) cannot be reached: {exc}. Set MODEL_NAME to a local model directory "
-            "(tools/fetch_model.py makes one), or give this host access to the hub."
+            f"model {config.name!r} is not a local directory nor cached, and the hub ({host}) is unreachable: "
+            f"{exc}. In Docker: make models/smollm2-135m-instruct/config.json on the host, then docker compose "
+            "-f docker-compose.yml -f docker-compose.offline.yml up. Elsewhere: set MODEL_NAME to a local model "
+            "directory (tools/fetch_model.py makes one), or give this host access to the hub."
         ) from None
     return False
 

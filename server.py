@@ -1310,7 +1310,7 @@ OPENAI_STATUSES = {
 def openai_paths(settings: Settings) -> dict[str, Any]:
     def operation(summary: str, response: str, body: str | None, statuses: dict[int, str]) -> dict[str, Any]:
         error = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}
-        ok = {"application/json": {"schema": {"$ref": f"#/components/schemas/{response}"}}}
+        ok: dict[str, Any] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{response}"}}}
         if body is not None:  # "stream": true answers with chunks
             event = {"type": "object", "required": ["data"], "properties": {
                 "event": {"const": "message"}, "data": {"type": "string", "description": OPENAI_STREAM}}}  # fmt: skip

@@ -218,6 +218,21 @@ def test_unloadable_model_is_503_with_advice_and_retried(broken_server: Server) 
     assert broken_server.log().count("loading the model failed") == failures_before + 2
 
 
+def test_no_route_to_the_hub_names_the_offline_compose_file_in_generate_and_health(tmp_path: Path) -> None:
+    """What `docker compose up` gives a user with no route to the hub (the image's distilgpt2, an
+    empty cache): /generate and /health (which shows the reason's first 300 characters) say how to
+    mount a model instead. The hub is pointed at 127.0.0.1:443, where nothing listens."""
+    env = {"MODEL_NAME": "distilgpt2", "TRANSFORMERS_CACHE": str(tmp_path), "HF_HOME": str(tmp_path)}
+    with run_server(tmp_path, HF_ENDPOINT="https://127.0.0.1", **env) as offline:
+        response = post(offline, {"prompt": "a"})
+        health = httpx.get(offline.url + "/health").json()
+    way_out = "docker compose -f docker-compose.yml -f docker-compose.offline.yml up"
+    assert response.status_code == 503
+    assert "(127.0.0.1)" in response.json()["detail"]  # the hub it tried
+    assert way_out in response.json()["detail"]
+    assert way_out in health["model_error"]
+
+
 def test_concurrent_first_requests_load_the_model_once(gpt2_dir: Path, tmp_path: Path) -> None:
     with run_server(tmp_path, MODEL_NAME=str(gpt2_dir)) as fresh:
         assert httpx.get(fresh.url + "/health").json()["model_loaded"] is False

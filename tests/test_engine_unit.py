@@ -9,16 +9,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import engine
 import model
 from engine import Engine, GenerationFailed, LoadedModel, PromptTooLong, SamplingParams
+from tests.conftest import ROOT
 
 VOCAB = 128
 EOS = 0
@@ -286,6 +289,25 @@ def test_lazy_engine_shares_a_failure_then_tries_again_later() -> None:
     assert lazy.get() is not None  # a later request tries again and succeeds
     assert factory.calls == 2
     lazy.get().close()
+
+
+def test_an_unreachable_hub_names_the_docker_users_way_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`docker compose up` with no route to the hub: the image has no tools/, so the 503 must name
+    the offline override file and the host command that builds what it mounts."""
+
+    def no_route(address: tuple[str, int], timeout: float) -> None:
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(model.socket, "create_connection", no_route)
+    with pytest.raises(model.LoadError) as caught:
+        model._offline(engine.ModelConfig(cache_dir=str(tmp_path)))  # the image's distilgpt2, not cached
+    message = str(caught.value)
+    assert "Network is unreachable" in message and "MODEL_NAME" in message
+    override = yaml.safe_load((ROOT / "docker-compose.offline.yml").read_text())["services"]["llm-generator"]
+    mounted = override["volumes"][0].split(":")[0].removeprefix("./")  # models/smollm2-135m-instruct
+    assert "-f docker-compose.yml -f docker-compose.offline.yml" in message
+    assert f"make {mounted}/config.json" in message  # builds what the override mounts
+    assert override["environment"]["MODEL_NAME"] == "/" + mounted
 
 
 def test_kv_cache_grows_in_rows_and_length_keeping_data_and_shrinks_back() -> None:

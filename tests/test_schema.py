@@ -23,7 +23,8 @@ def test_schemathesis_finds_nothing(gpt2_dir: Path, tmp_path: Path) -> None:
     with run_server(tmp_path, **env) as server:
         cmd = [str(Path(sys.executable).with_name("schemathesis")), "run", f"{server.url}/docs",
                "--header", f"x-api-key: {KEY}", "--checks", "all", "--max-examples", "25", "--seed", "20261127",
-               "--request-timeout", "60", "--max-response-time", "30", "--report", "junit", "--report-dir", str(tmp_path / "report")]  # fmt: skip
+               "--request-timeout", "60", "--max-response-time", "30",
+               "--report", "junit", "--report-dir", str(tmp_path / "report")]  # fmt: skip
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "No issues found" in done.stdout
