@@ -20,6 +20,7 @@ forward pass (`Model.run`), and *detokenizing* turns token ids back into text (`
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import heapq
 import logging
@@ -147,6 +148,7 @@ class ModelConfig:
     cache_dir: str | None = field(default=None, metadata={"env": "TRANSFORMERS_CACHE"})  # None: HF_HOME
     threads: int = field(default=0, metadata={"env": "THREADS", "minimum": 0})  # 0: the CPUs we may use
     quantize: str = field(default="auto", metadata={"env": "QUANTIZE", "choices": ("auto", "none", "int8")})
+    memory_limit_mb: int = field(default=0, metadata={"env": "MEMORY_LIMIT_MB", "minimum": 0})  # 0: memory.max
 
 
 def use_threads(setting: int) -> int:
@@ -642,9 +644,48 @@ class Engine:
 # The one module-level engine, created on first use
 
 
+def memory_budget(setting_mb: int, memory_max: Path = Path("/sys/fs/cgroup/memory.max")) -> int:
+    """Bytes this process may use: MEMORY_LIMIT_MB when set, else a cgroup v2 limit (a container's
+    `mem_limit`/`memory:`), else 0 for none known."""
+    if setting_mb:
+        return setting_mb * 2**20
+    try:
+        raw = memory_max.read_text().strip()
+        return 0 if raw == "max" else int(raw)
+    except (OSError, ValueError):
+        return 0  # no cgroup v2 limit here
+
+
+def check_memory(loaded: LoadedModel, config: ModelConfig, limit: int) -> None:
+    """Refuse settings whose worst case cannot fit: MAX_BATCH_SIZE sequences of the whole context
+    each, their KV cache on top of what the process holds once the weights are in, and a margin for
+    the step's activations and one layer's copy while the cache grows. The paged cache will bound
+    this by construction; until then, a clear refusal beats the OOM killer mid-load."""
+    if not limit:
+        return
+    held = resident_bytes()
+    kv = loaded.model.cache.worst_case_bytes(config.max_batch, loaded.max_context)
+    worst = held + kv + max(256 * 2**20, kv // 8)
+    if worst > limit:
+        mib = 2**20
+        raise LoadError(
+            f"the worst case of these settings needs ~{worst // mib} MiB (weights and runtime {held // mib} MiB, "
+            f"KV cache {kv // mib} MiB for MAX_BATCH_SIZE={config.max_batch} sequences of "
+            f"{loaded.max_context} tokens), over the memory limit of {limit // mib} MiB; lower MAX_BATCH_SIZE or "
+            "MAX_CONTEXT_TOKENS, or raise the limit (MEMORY_LIMIT_MB, or the container's memory limit)"
+        )
+
+
+def resident_bytes() -> int:
+    with contextlib.suppress(OSError):  # Linux; elsewhere 0
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return 0
+
+
 def create_engine(config: ModelConfig, observe: StepObserver | None = None) -> Engine:
     start = time.perf_counter()
     loaded = load_model(config, PREFILL_CHUNK)
+    check_memory(loaded, config, memory_budget(config.memory_limit_mb))
     log.info(
         "model %s loaded in %.1f s (activations %s, weights %s)",
         config.name, time.perf_counter() - start, loaded.dtype, loaded.weights,

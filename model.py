@@ -355,6 +355,12 @@ class KVCache:
         self.k = [self._zeros(rows, CACHE_CHUNK) for _ in range(self.layers)]
         self.v = [self._zeros(rows, CACHE_CHUNK) for _ in range(self.layers)]
 
+    def worst_case_bytes(self, rows: int, length: int) -> int:
+        """Keys and values of `rows` rows of `length` positions, as `reserve` would size them."""
+        positions = math.ceil(length / CACHE_CHUNK) * CACHE_CHUNK
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * self.layers * min(rows, self.max_rows) * self.heads * positions * self.dim * itemsize
+
     def reserve(self, rows: int, length: int) -> None:
         """Make room for `rows` rows of `length` positions, keeping what the rows hold."""
         if rows <= self.rows and length <= self.capacity:

@@ -21,7 +21,7 @@ Every limit, where it is enforced, and what the client gets:
   BODY_TIMEOUT                   read_json                         408
   field rules, MAX_NEW_TOKENS_LIMIT  parse_generate                422
   MAX_CONTEXT_TOKENS             engine.Engine._check_fits         422
-  MAX_BATCH_SIZE + MAX_QUEUE     Generation._admit                 503, Retry-After RETRY_BUSY
+  MAX_BATCH_SIZE + MAX_QUEUE     refuse_early, Generation._admit   503, Retry-After RETRY_BUSY
   QUEUE_TIMEOUT                  Generation._watch_queue           503, Retry-After RETRY_BUSY
   MODEL_RETRY_SECONDS            engine.LazyEngine.get             503, Retry-After: LazyEngine.retry_in
   REQUEST_TIMEOUT                engine.Scheduler.postprocess      200, finish_reason "timeout"
@@ -772,18 +772,12 @@ def render_metrics(metrics: Metrics, settings: Settings, runtime: Runtime, lazy:
         ("llm_model_load_duration_seconds", "gauge", "How long the last model load took.",
          [f"llm_model_load_duration_seconds {lazy.load_seconds}"]),
         ("process_resident_memory_bytes", "gauge", "Resident memory of this process.",
-         [f"process_resident_memory_bytes {_resident_bytes()}"]),
+         [f"process_resident_memory_bytes {engine.resident_bytes()}"]),
     ]  # fmt: skip
     lines = []
     for name, kind, text, samples in families:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples]
     return "\n".join(lines) + "\n"
-
-
-def _resident_bytes() -> int:
-    with contextlib.suppress(OSError):  # Linux; elsewhere 0
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -840,6 +834,26 @@ Events = MemoryObjectReceiveStream[Event]
 T = typing.TypeVar("T")
 
 
+def capacity(settings: Settings) -> int:
+    return settings.model.max_batch + settings.max_queue
+
+
+def at_capacity(settings: Settings, close: bool = False) -> ApiError:
+    return unavailable(f"at capacity: {capacity(settings)} requests running or waiting; retry shortly", RETRY_BUSY,
+                       close)  # fmt: skip
+
+
+def refuse_early(request: Request) -> None:
+    """Before the body is read: while draining, or already at capacity, answer 503 at once (and
+    close, the body unread). A burst of hundreds past capacity then costs the event loop almost
+    nothing each, so /health keeps answering; `Generation._admit` checks again after parsing."""
+    runtime: Runtime = request.app.state.runtime
+    if runtime.draining:
+        raise unavailable("shutting down; retry on another instance", RETRY_SHUTDOWN, close=True)
+    if runtime.in_flight >= capacity(request.app.state.settings):
+        raise at_capacity(request.app.state.settings, close=True)
+
+
 class Generation:
     """One request's generation, from admission to the place given back, written once for every
     answer. `serve(render)` admits it (503 at capacity), runs it in a worker thread under the
@@ -882,9 +896,8 @@ class Generation:
         return outcome
 
     def _admit(self) -> None:
-        capacity = self.settings.model.max_batch + self.settings.max_queue
-        if self.runtime.in_flight >= capacity:
-            raise unavailable(f"at capacity: {capacity} requests running or waiting; retry shortly", RETRY_BUSY)
+        if self.runtime.in_flight >= capacity(self.settings):
+            raise at_capacity(self.settings)
         self.runtime.in_flight += 1
 
     def _account(self) -> None:
@@ -1268,8 +1281,7 @@ def data(chunk: dict[str, Any]) -> bytes:
 
 async def openai_generation(request: Request, chat: bool) -> Response | OpenAIStream:
     settings: Settings = request.app.state.settings
-    if request.app.state.runtime.draining:
-        raise unavailable("shutting down; retry on another instance", RETRY_SHUTDOWN, close=True)
+    refuse_early(request)
     body = await read_json(request, settings.limits.max_body_bytes, settings.body_timeout)
     parsed = parse_openai(body, settings.limits, chat)
     answer = OpenAIAnswer(parsed, settings.served_model, chat)
@@ -1444,8 +1456,7 @@ async def openapi_json(request: Request) -> JSONResponse:
 
 async def generate(request: Request) -> Response | EventStream:
     settings: Settings = request.app.state.settings
-    if request.app.state.runtime.draining:
-        raise unavailable("shutting down; retry on another instance", RETRY_SHUTDOWN, close=True)
+    refuse_early(request)
     body = await read_json(request, settings.limits.max_body_bytes, settings.body_timeout)
     parsed = parse_generate(body, settings.limits)
     if settings.log_prompts:

@@ -572,3 +572,27 @@ def test_resolve_int8_auto_answers_a_measured_batch_size(dtype: torch.dtype) -> 
     """Which sizes win is the machine's business; the answer is one of the sizes tried, 0 or always."""
     rows = model.resolve_int8("auto", torch.device("cpu"), dtype, 64, (1, 8, 32))
     assert rows in (0, 1, 8, model.INT8_ALWAYS)
+
+
+def test_the_memory_budget_is_the_setting_or_the_cgroups_limit(tmp_path: Path) -> None:
+    limit = tmp_path / "memory.max"
+    limit.write_text("3221225472\n")  # compose's 3 GB
+    assert engine.memory_budget(0, limit) == 3 * 2**30
+    assert engine.memory_budget(512, limit) == 512 * 2**20  # MEMORY_LIMIT_MB wins
+    limit.write_text("max\n")
+    assert engine.memory_budget(0, limit) == 0
+    assert engine.memory_budget(0, tmp_path / "missing") == 0
+
+
+def test_settings_whose_worst_case_cannot_fit_are_refused_with_the_figures() -> None:
+    arch = model.Architecture(12, 12, 64, 1e-5, 1024, rms_norm=False, gated_mlp=False, inv_freq=None)
+    cache = model.KVCache(layers=6, max_rows=32, arch=arch, dtype=torch.float32, device=torch.device("cpu"))
+    loaded = LoadedModel(FakeTokenizer(), FakeModel(), frozenset([EOS]), 1024, torch.float32)
+    loaded.model.cache = cache  # type: ignore[attr-defined]
+    kv = cache.worst_case_bytes(32, 1024)
+    assert kv == 2 * 6 * 32 * 12 * 1024 * 64 * 4  # distilgpt2's shape: 1.125 GiB of keys and values
+    config = engine.ModelConfig(max_batch=32)
+    engine.check_memory(loaded, config, limit=0)  # no limit known: nothing to check
+    engine.check_memory(loaded, config, limit=64 * 2**30)
+    with pytest.raises(model.LoadError, match=r"KV cache 1152 MiB for MAX_BATCH_SIZE=32 .* over the memory limit"):
+        engine.check_memory(loaded, config, limit=kv)
