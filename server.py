@@ -1072,8 +1072,16 @@ def openai_fields(limits: Limits, chat: bool) -> dict[str, Field]:
     """The OpenAI names of the fields, each /generate's rule under its OpenAI name (or, for what
     /generate lacks, a field declared here once)."""
     generate = {f.name: f for f in generate_fields(limits)}
-    renamed = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed",
-               "stop": "stop", "stream": "stream"}  # fmt: skip
+    renamed = {
+        "max_tokens": "max_new_tokens",
+        "temperature": "temperature",
+        "top_p": "top_p",
+        "seed": "seed",
+        "stop": "stop",
+        "stream": "stream",
+        "top_k": "top_k",
+        "ignore_eos": "ignore_eos",
+    }  # the last two as vLLM
     fields = {name: dataclasses.replace(generate[ours], name=name) for name, ours in renamed.items()}
     for name in ("presence_penalty", "frequency_penalty"):
         fields[name] = Field(name, "number", "Lowers the odds of tokens already generated (per use, for frequency).",
@@ -1111,9 +1119,9 @@ def parse_openai(body: object, limits: Limits, chat: bool) -> OpenAIRequest:
         v["max_completion_tokens"] if chat and body.get("max_completion_tokens") is not None else v["max_tokens"]
     )
     logprobs = (v["top_logprobs"] if v["logprobs"] else None) if chat else v["logprobs"]
-    params = engine.SamplingParams(max_tokens, v["temperature"], v["top_p"], DEFAULTS.top_k, v["seed"], v["stop"],
-                                   presence_penalty=v["presence_penalty"], frequency_penalty=v["frequency_penalty"],
-                                   logprobs=logprobs)  # fmt: skip
+    params = engine.SamplingParams(max_tokens, v["temperature"], v["top_p"], v["top_k"], v["seed"], v["stop"],
+                                   v["ignore_eos"], v["presence_penalty"], v["frequency_penalty"],
+                                   logprobs)  # fmt: skip
     prompt = _messages(body.get("messages")) if chat else _completion_prompt(body.get("prompt"))
     usage = bool((options or {}).get("include_usage", False))
     return OpenAIRequest(prompt, params, v["stream"], usage, False if chat else v["echo"])

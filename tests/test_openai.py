@@ -161,8 +161,18 @@ def test_langchain_chat_openai_invokes_and_streams(server: Server) -> None:
 
 
 def test_a_model_without_a_chat_template_chats_through_the_plain_fallback(gpt2_dir: Path, tmp_path: Path) -> None:
-    with run_server(tmp_path, MODEL_NAME=str(gpt2_dir), LOAD_ON_START="1") as server:
+    env = {"MODEL_NAME": str(gpt2_dir), "LOAD_ON_START": "1", "MAX_BATCH_SIZE": "1", "MAX_QUEUE": "0"}
+    with run_server(tmp_path, **env) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
         answer = client.chat.completions.create(model="any", messages=QUESTION, max_tokens=5)  # type: ignore[arg-type]
         assert answer.usage is not None and answer.usage.completion_tokens == 5
         assert answer.model == str(gpt2_dir)  # SERVED_MODEL_NAME unset: MODEL_NAME
+        # At capacity (one running, no queue), the next one is OpenAI's 503 with Retry-After.
+        holder = client.chat.completions.create(model="any", messages=QUESTION, max_tokens=200, stream=True,  # type: ignore[arg-type]
+                                                extra_body={"ignore_eos": True})  # fmt: skip
+        next(iter(holder))
+        with pytest.raises(openai.InternalServerError) as busy:
+            client.chat.completions.create(model="any", messages=QUESTION, max_tokens=5)  # type: ignore[arg-type]
+        assert busy.value.status_code == 503 and busy.value.response.headers["retry-after"] == "1"
+        assert "at capacity" in busy.value.message
+        holder.close()
