@@ -25,9 +25,9 @@ import httpx
 import pytest
 
 from tests import test_replicas
-from tests.conftest import KEY, free_port
+from tests.conftest import KEY
 from tests.sse import events
-from tests.test_replicas import PROMPT, Haproxy, Replica, one_request, start_haproxy, wait_for
+from tests.test_replicas import PROMPT, Cluster, Haproxy, Replica, one_request, running_cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 REPLICAS = 3
@@ -36,35 +36,14 @@ PLAIN_CLIENTS, STREAM_CLIENTS = 4, 3  # below the 18 places, so every request is
 STREAM_TOKENS = 200  # a stream lasts ~12 plain requests, so streams are under way on every replica
 
 
-@dataclass
-class Cluster:
-    replicas: list[Replica]
-    haproxy: Haproxy
-
-
 tiny_model = test_replicas.tiny_model  # the fixture: random-distilgpt2's tokenizer on 2 small layers
 
 
 @pytest.fixture
 def cluster(tiny_model: Path, tmp_path: Path) -> Iterator[Cluster]:
     """Three replicas, one torch thread each (three share two cores); this test's own, as it kills one."""
-    env = {"API_KEY": KEY, "HOST": "127.0.0.1", "MODEL_NAME": str(tiny_model), "LOAD_ON_START": "1"}
-    env |= {"MAX_BATCH_SIZE": str(BATCH), "MAX_QUEUE": str(QUEUE), "DTYPE": "float32", "THREADS": "1"}
-    replicas = [Replica(f"r{i + 1}", free_port(), env, tmp_path) for i in range(REPLICAS)]
-    for replica in replicas:
-        replica.start()
-    haproxy = None
-    try:
-        for replica in replicas:
-            wait_for(replica.ready, 120, f"{replica.name} ready")
-        haproxy = start_haproxy(replicas, tmp_path)
-        haproxy.wait_up([r.name for r in replicas])
-        yield Cluster(replicas, haproxy)
-    finally:
-        for process in [r.process for r in replicas] + [haproxy.process if haproxy else None]:
-            if process is not None and process.poll() is None:
-                process.terminate()
-                process.wait(timeout=60)
+    with running_cluster(tiny_model, tmp_path, REPLICAS, THREADS="1") as cluster:
+        yield cluster
 
 
 # ---------------------------------------------------------------------------------------------

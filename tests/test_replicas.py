@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -170,18 +171,18 @@ def tiny_model(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("replicas")
-    env = {"API_KEY": KEY, "HOST": "127.0.0.1", "MODEL_NAME": str(tiny_model), "LOAD_ON_START": "1"}
-    env |= {"MAX_BATCH_SIZE": str(BATCH), "MAX_QUEUE": str(QUEUE), "DTYPE": "float32", "OMP_NUM_THREADS": "1"}
-    replicas = [Replica(f"r{i + 1}", free_port(), env, tmp) for i in range(REPLICAS)]
+@contextmanager
+def running_cluster(model: Path, tmp: Path, count: int, **settings: str) -> Iterator[Cluster]:
+    """`count` replicas of `model` (small batches) behind haproxy, each ready and up; stopped after."""
+    env = {"API_KEY": KEY, "HOST": "127.0.0.1", "MODEL_NAME": str(model), "LOAD_ON_START": "1"}
+    env |= {"MAX_BATCH_SIZE": str(BATCH), "MAX_QUEUE": str(QUEUE), "DTYPE": "float32", **settings}
+    replicas = [Replica(f"r{i + 1}", free_port(), env, tmp) for i in range(count)]
     for replica in replicas:
         replica.start()
     haproxy = None
     try:
         for replica in replicas:
-            wait_for(replica.ready, 90, f"{replica.name} ready")
+            wait_for(replica.ready, 120, f"{replica.name} ready")
         haproxy = start_haproxy(replicas, tmp)
         haproxy.wait_up([r.name for r in replicas])
         yield Cluster(replicas, haproxy)
@@ -190,6 +191,12 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             if process is not None and process.poll() is None:
                 process.terminate()
                 process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with running_cluster(tiny_model, tmp_path_factory.mktemp("replicas"), REPLICAS, OMP_NUM_THREADS="1") as cluster:
+        yield cluster
 
 
 # ---------------------------------------------------------------------------------------------
