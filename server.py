@@ -869,7 +869,6 @@ class Generation:
         self.arrived = time.monotonic()
         self.cancel = threading.Event()  # set: the engine drops the sequence at its next step
         self.result: engine.Result | None = None  # kept even when nobody reads it (a client that left)
-        self.gone = False  # the client left
         self._sender, self._events = anyio.create_memory_object_stream[Event](math.inf)
         self._queued = anyio.CancelScope()  # the wait for a place in the batch
         self._lock, self._started, self._gave_up = threading.Lock(), False, False
@@ -932,9 +931,10 @@ class Generation:
                 self.cancel.set()  # nobody reads any more; the result is still kept and counted
 
     def _give_up_waiting(self, last: Event) -> None:
-        """End a generation that has no place yet with `last`; once it holds one, do nothing."""
+        """End a generation that has no place yet with `last`; once it holds one (or has ended
+        so already), do nothing."""
         with self._lock:
-            if self._started:
+            if self._started or self._gave_up:
                 return
             self._gave_up = True
         self._queued.cancel()
@@ -948,7 +948,6 @@ class Generation:
     async def _watch_client(self) -> None:
         while (await self.request.receive())["type"] != "http.disconnect":
             pass  # the body has been read already
-        self.gone = True
         self.cancel.set()
         self._give_up_waiting(engine.Result("", 0, engine.FinishReason.CANCELLED))
 
