@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import multiprocessing
 import statistics
 import sys
 import time
@@ -41,25 +43,32 @@ async def burst(url: str, count: int, tokens: int) -> Counter[int]:
     return statuses
 
 
-async def probe(url: str, until: float, every: float) -> list[float]:
-    """/health on a connection of its own, as a kubelet probes, every `every` s; its latencies."""
-    seconds = []
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+def probe(url: str, seconds: float, every: float, out: multiprocessing.Queue[list[float]]) -> None:
+    """In a process of its own (as a kubelet is): /health on one connection every `every` s; its
+    latencies, a failed probe counted as infinitely slow."""
+    latencies, until = [], time.monotonic() + seconds
+    with httpx.Client(base_url=url, timeout=10) as http:
         while time.monotonic() < until:
             start = time.perf_counter()
-            (await http.get("/health")).raise_for_status()
-            seconds.append(time.perf_counter() - start)
-            await asyncio.sleep(every)
-    return seconds
+            try:
+                http.get("/health").raise_for_status()
+                latencies.append(time.perf_counter() - start)
+            except httpx.HTTPError:
+                latencies.append(math.inf)
+            time.sleep(every)
+    out.put(latencies)
 
 
-async def measure(url: str, args: argparse.Namespace) -> tuple[list[float], Counter[int]]:
-    until = time.monotonic() + args.seconds
-    probes = asyncio.create_task(probe(url, until, 0.05))
-    statuses = Counter[int]()
-    while time.monotonic() < until - 2:
-        statuses += await burst(url, args.burst, args.tokens)
-    return await probes, statuses
+def measure(url: str, args: argparse.Namespace) -> tuple[list[float], Counter[int]]:
+    results: multiprocessing.Queue[list[float]] = multiprocessing.Queue()
+    prober = multiprocessing.Process(target=probe, args=(url, args.seconds, 0.05, results))
+    prober.start()
+    statuses, until = Counter[int](), time.monotonic() + args.seconds - 2
+    while time.monotonic() < until:
+        statuses += asyncio.run(burst(url, args.burst, args.tokens))
+    latencies = results.get(timeout=args.seconds + 30)
+    prober.join()
+    return latencies, statuses
 
 
 def main() -> None:
@@ -76,7 +85,7 @@ def main() -> None:
     try:
         httpx.post(url + "/generate", json={"prompt": "warm up", "max_new_tokens": 2}, headers={"x-api-key": KEY},
                    timeout=300).raise_for_status()  # fmt: skip
-        seconds, statuses = asyncio.run(measure(url, args))
+        seconds, statuses = measure(url, args)
     finally:
         proc.terminate()
         proc.wait(timeout=120)
