@@ -180,6 +180,7 @@ class LoadedModel:
     max_context: int
     dtype: torch.dtype
     int8_rows: int = 0  # `resolve_int8`'s choice
+    family: str = ""  # the checkpoint's model type (`build_model` lists those we run): gpt2, llama...
 
     @property
     def weights(self) -> str:
@@ -237,14 +238,15 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device, config.max_batch, width)
     int8_rows = resolve_int8(config.quantize, device, dtype, width, (1, 8, config.max_batch, prefill_chunk))
     model = build_model(hf_model, Convert(dtype, device, int8_rows, config.max_batch))
-    eos = hf_model.generation_config.eos_token_id
+    eos, family = hf_model.generation_config.eos_token_id, hf_model.config.model_type
     if eos is None:
         eos = tokenizer.eos_token_id
     del hf_model  # our Model holds copies of the weights; free transformers' module tree now
     gc.collect()
     _return_freed_memory()
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-    return LoadedModel(tokenizer, model, eos_ids, min(model.max_context, config.max_context), dtype, int8_rows)
+    context = min(model.max_context, config.max_context)
+    return LoadedModel(tokenizer, model, eos_ids, context, dtype, int8_rows, family)
 
 
 # ---------------------------------------------------------------------------------------------
