@@ -2,8 +2,9 @@
 
 `load_model` reads a tokenizer and a checkpoint (a hub id or a local directory) with
 `transformers`, picks the activation dtype and weight formats that are fastest on this machine,
-and copies the weights into a `Model`: a lean forward pass of its own for the GPT-2 and Llama
-families. The engine (engine.py) decides what runs when; this file only runs what it is given.
+and copies the weights into a `Model`: a lean forward pass of its own for the GPT-2, Llama,
+Mistral, Qwen2, Qwen3 and Phi-3 families (`BUILDERS`). The engine (engine.py) decides what runs
+when; this file only runs what it is given.
 
 Reading order: devices, dtypes and weight formats; loading; the model's parts (`Linear`,
 `Embedding`, the layer weights, the architecture, the KV cache); the forward pass; building a
@@ -22,7 +23,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -180,7 +181,7 @@ class LoadedModel:
     max_context: int
     dtype: torch.dtype
     int8_rows: int = 0  # `resolve_int8`'s choice
-    family: str = ""  # the checkpoint's model type (`build_model` lists those we run): gpt2, llama...
+    family: str = ""  # the checkpoint's model type (`BUILDERS` lists those we run): gpt2, llama, qwen2...
 
     @property
     def weights(self) -> str:
@@ -306,11 +307,12 @@ class LayerWeights:
     norm2_b: torch.Tensor | None
     up: Linear  # GPT-2: the MLP's first layer; Llama: gate and up projections fused
     down: Linear
+    qk_norm: torch.Tensor | None = None  # Qwen3: RMSNorm weights for each query and key head [Hq + Hkv, D]
 
 
 @dataclass
 class Architecture:
-    """What differs between the families we run: norms, positions, MLP."""
+    """What differs between the families we run: norms, positions, MLP, attention's reach."""
 
     heads: int
     kv_heads: int
@@ -321,6 +323,13 @@ class Architecture:
     gated_mlp: bool  # Llama: down(silu(gate) * up); GPT-2: proj(gelu_tanh(fc))
     inv_freq: torch.Tensor | None  # Llama's rotary frequencies; GPT-2 learns positions
     rope_scale: float = 1.0
+    attn_scale: float | None = None  # query-key products times this; None: head_dim ** -0.5
+    window: int | None = None  # sliding-window layers attend to this many latest positions (their own included)
+    windowed: frozenset[int] = frozenset()  # which layers those are: Mistral and Phi-3 all, Qwen2 from one on
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5 if self.attn_scale is None else self.attn_scale
 
 
 class KVCache:
@@ -432,10 +441,13 @@ class Model:
 
     def run(self, work: Work) -> torch.Tensor:
         """Run the work's tokens into their cache rows; return each row's next-token logits [B, V]."""
+        inputs: Prefill | Decode
         if all(len(tokens) == 1 for tokens in work.tokens):
-            return self._forward(*self._prepare_decode(work), last=-1)
-        assert len(work.rows) == 1, "a prefill runs one sequence's chunk"
-        return self._forward(*self._prepare_prefill(work), last=len(work.tokens[0]) - 1)
+            (ids, inputs), last = self._prepare_decode(work), -1
+        else:
+            assert len(work.rows) == 1, "a prefill runs one sequence's chunk"
+            (ids, inputs), last = self._prepare_prefill(work), len(work.tokens[0]) - 1
+        return self._forward(ids, inputs, self._windowed(inputs), last)
 
     def clear(self) -> None:
         """Nothing runs: give the cache's memory back."""
@@ -453,36 +465,64 @@ class Model:
         positions = torch.arange(start, start + padded, device=self.device)[None]  # [1, T]
         self.cache.reserve(row + 1, max(start + padded, work.room))  # the one place the cache grows
         mask = None
-        if start:  # attend to the cached chunks and causally within this one: [1, 1, T, start + T]
-            mask = (torch.arange(start + padded, device=self.device)[None, :] <= positions[0, :, None])[None, None]
-        cos, sin = self._rotary(positions)
+        if start:  # attend to the cached chunks and causally within this one
+            mask = self._prefill_mask(positions, start + padded, None)
+        cos, sin = self._rotary(positions, self.arch.inv_freq, self.arch.rope_scale)
         return ids, Prefill(positions, row, start, mask, cos, sin)
+
+    def _prefill_mask(self, positions: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+        """Which of the `length` cached positions each query sees: [1, 1, T, length] bool."""
+        keys, queries = torch.arange(length, device=self.device)[None, :], positions[0, :, None]
+        visible = keys <= queries
+        if window is not None:
+            visible &= keys > queries - window
+        return visible[None, None]
 
     def _prepare_decode(self, work: Work) -> tuple[torch.Tensor, Decode]:
         ids = torch.tensor(work.tokens, device=self.device)  # [B, 1]
         pos = torch.tensor(work.starts, device=self.device)[:, None]  # [B, 1]
         size, length = len(work.rows), max(work.starts) + 1
         self.cache.reserve(max(work.rows) + 1, max(length, work.room))
-        visible = torch.arange(length, device=self.device)[None, :] <= pos  # [B, L]
-        # Additive, in the model's dtype, laid out as `_attend` groups the heads, made once a step.
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -math.inf)
-        heads, per_group = self.arch.kv_heads, self.arch.heads // self.arch.kv_heads
-        grouped = mask[:, None, None, :].expand(size, heads, per_group, length).reshape(size * heads, per_group, length)
+        heads = self.arch.kv_heads
         # Row r's key for head h goes to cache[r, h, p]: in a layer seen as [R Hkv L, D], index
         # (r Hkv + h) L + p. One index_copy_ per layer; indexing rows and positions together is slower.
         rows = torch.tensor(work.rows, device=self.device)
         rows_heads = rows[:, None] * heads + torch.arange(heads, device=self.device)[None, :]
         slots = (rows_heads * self.cache.capacity + pos).flatten()  # [B Hkv]
         compact = work.rows == list(range(size))
-        cos, sin = self._rotary(pos)
-        return ids, Decode(pos, None if compact else rows, grouped, slots, cos, sin)
+        cos, sin = self._rotary(pos, self.arch.inv_freq, self.arch.rope_scale)
+        return ids, Decode(pos, None if compact else rows, self._decode_mask(pos, length, None), slots, cos, sin)
 
-    def _forward(self, ids: torch.Tensor, inputs: Prefill | Decode, last: int) -> torch.Tensor:
+    def _decode_mask(self, pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+        """Additive, in the model's dtype, laid out as `_attend_decode` groups the heads, made once a
+        step: [B Hkv, Hq/Hkv, L]."""
+        keys = torch.arange(length, device=self.device)[None, :]
+        visible = keys <= pos  # [B, L]
+        if window is not None:
+            visible &= keys > pos - window
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -math.inf)
+        size, heads, per_group = len(pos), self.arch.kv_heads, self.arch.heads // self.arch.kv_heads
+        return mask[:, None, None, :].expand(size, heads, per_group, length).reshape(size * heads, per_group, length)
+
+    def _windowed(self, inputs: Prefill | Decode) -> Prefill | Decode:
+        """The sliding-window layers' inputs: a mask that also hides what lies `window` or more
+        positions behind each query, once a query is that far in. `inputs` itself before that, so
+        short sequences keep the plain causal path."""
+        a = self.arch
+        length = int(inputs.positions.max()) + 1 if a.windowed else 0  # the positions this pass sees
+        if a.window is None or length <= a.window:
+            return inputs
+        make_mask = self._prefill_mask if isinstance(inputs, Prefill) else self._decode_mask
+        return replace(inputs, mask=make_mask(inputs.positions, length, a.window))
+
+    def _forward(
+        self, ids: torch.Tensor, inputs: Prefill | Decode, windowed: Prefill | Decode, last: int
+    ) -> torch.Tensor:
         x = self.embed(ids)  # [B, T, C]
         if self.pos_embed is not None:
             x = x + F.embedding(inputs.positions, self.pos_embed)
         for index, layer in enumerate(self.layers):
-            x = self._layer(index, layer, x, inputs)
+            x = self._layer(index, layer, x, windowed if index in self.arch.windowed else inputs)
         x = self._norm(x[:, last], *self.final_norm)  # only the last real position needs logits
         return self.lm_head(x)  # [B, V]
 
@@ -491,6 +531,8 @@ class Model:
         a = self.arch
         qkv = w.qkv(self._norm(x, w.norm1, w.norm1_b)).view(size, length, a.heads + 2 * a.kv_heads, a.head_dim)
         qk, v = qkv.split([a.heads + a.kv_heads, a.kv_heads], 2)
+        if w.qk_norm is not None:  # Qwen3: each head's queries and keys, before the rotary
+            qk = F.rms_norm(qk, (a.head_dim,), None, a.eps) * w.qk_norm
         if inputs.cos is not None and inputs.sin is not None:
             qk = _rotate(qk, inputs.cos, inputs.sin)  # queries and keys in one pass
         q, k = qk.transpose(1, 2).split([a.heads, a.kv_heads], 1)  # [B, Hq, T, D], [B, Hkv, T, D]
@@ -514,10 +556,11 @@ class Model:
         keys, values = self.cache.k[index], self.cache.v[index]
         gqa, end = self.arch.heads != self.arch.kv_heads, p.start + k.shape[2]
         keys[p.row, :, p.start : end], values[p.row, :, p.start : end] = k[0], v[0]
-        if not p.start:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        scale = self.arch.scale
+        if p.mask is None:  # a prompt's first chunk, seeing only itself: plain causal attention
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         past_k, past_v = keys[p.row : p.row + 1, :, :end], values[p.row : p.row + 1, :, :end]
-        return F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=p.mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
 
     def _attend_decode(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: Decode) -> torch.Tensor:
         keys, values = self.cache.k[index], self.cache.v[index]
@@ -536,7 +579,7 @@ class Model:
             past_k, past_v = keys.index_select(0, d.rows)[:, :, :length], values.index_select(0, d.rows)[:, :, :length]
         grouped = q.reshape(groups, per_group, dim)
         past_k, past_v = past_k.reshape(groups, length, dim), past_v.reshape(groups, length, dim)
-        scores = torch.baddbmm(d.mask, grouped, past_k.transpose(1, 2), alpha=dim**-0.5)
+        scores = torch.baddbmm(d.mask, grouped, past_k.transpose(1, 2), alpha=self.arch.scale)
         return torch.bmm(torch.softmax(scores, dim=-1), past_v).view(size, heads, 1, dim)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -544,14 +587,15 @@ class Model:
             return F.rms_norm(x, (x.shape[-1],), weight, self.arch.eps)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.arch.eps)
 
-    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _rotary(
+        self, positions: torch.Tensor, inv_freq: torch.Tensor | None, scale: float
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """cos and sin tables for these positions [B, T, 1, D], one for every head; GPT-2 has none."""
-        if self.arch.inv_freq is None:
+        if inv_freq is None:
             return None, None
-        freqs = positions[..., None].float() * self.arch.inv_freq  # [B, T, D/2]
+        freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
         angles = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # [B, T, 1, D]
-        scale, dtype = self.arch.rope_scale, self.dtype
-        return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+        return (angles.cos() * scale).to(self.dtype), (angles.sin() * scale).to(self.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -583,11 +627,10 @@ class Convert:
 
 
 def build_model(hf_model: Any, convert: Convert) -> Model:
-    builders = {"gpt2": _gpt2_model, "llama": _llama_model}
     kind = hf_model.config.model_type
-    if kind not in builders:
-        raise LoadError(f"model type {kind!r} is not supported; supported types: {', '.join(sorted(builders))}")
-    return builders[kind](hf_model, convert)
+    if kind not in BUILDERS:
+        raise LoadError(f"model type {kind!r} is not supported; supported types: {', '.join(sorted(BUILDERS))}")
+    return BUILDERS[kind](hf_model, convert)
 
 
 def _gpt2_model(model: Any, cast: Convert) -> Model:
@@ -615,7 +658,29 @@ def _gpt2_model(model: Any, cast: Convert) -> Model:
 
 
 def _llama_model(model: Any, cast: Convert) -> Model:
+    """Llama and the families of its shape, each quirk read from its checkpoint's modules: Qwen2's
+    query/key/value biases, Qwen3's per-head query and key norms, Phi-3's fused projections,
+    Mistral's and Phi-3's sliding window (Qwen2's too, where its config turns it on)."""
     cfg, body = model.config, model.model
+    if cfg.hidden_act != "silu":
+        raise LoadError(f"{cfg.model_type} with MLP activation {cfg.hidden_act!r} is not supported (silu only)")
+    head_dim = body.layers[0].self_attn.head_dim
+    inv_freq, rope_scale, context = _rope(cfg, body.rotary_emb, head_dim)
+    window, windowed = _sliding_window(model)
+    arch = Architecture(
+        cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps, context,
+        rms_norm=True, gated_mlp=True, inv_freq=inv_freq.to(cast.device), rope_scale=rope_scale,
+        attn_scale=float(body.layers[0].self_attn.scaling), window=window, windowed=windowed,
+    )  # fmt: skip
+    layers = [_decoder_layer(b, arch, cast) for b in body.layers]
+    embed, lm_head = _embedding_and_head(model, body.embed_tokens.weight, cast)
+    return Model(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, cast.max_batch)
+
+
+def _decoder_layer(b: Any, arch: Architecture, cast: Convert) -> LayerWeights:
+    """One Llama-shaped layer's weights, with each family's extra parts where its checkpoint has
+    them."""
+    attn, mlp = b.self_attn, b.mlp
 
     def fused(*linears: Any) -> Linear:
         has_bias = linears[0].bias is not None
@@ -623,27 +688,56 @@ def _llama_model(model: Any, cast: Convert) -> Model:
             torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears]) if has_bias else None
         )
 
-    layers = []
-    for b in body.layers:
-        attn, mlp = b.self_attn, b.mlp
-        layers.append(LayerWeights(
-            cast(b.input_layernorm.weight), None, fused(attn.q_proj, attn.k_proj, attn.v_proj),
-            cast.linear(attn.o_proj.weight, attn.o_proj.bias),
-            cast(b.post_attention_layernorm.weight), None, fused(mlp.gate_proj, mlp.up_proj),
-            cast.linear(mlp.down_proj.weight, mlp.down_proj.bias),
-        ))  # fmt: skip
-    rotary = body.rotary_emb  # transformers' own frequencies, so static rope scalings are honoured
-    if cfg.hidden_act != "silu" or getattr(rotary, "rope_type", "default") in ("dynamic", "longrope"):
-        raise LoadError("Llama variants with a non-silu MLP or position-dependent rope are not supported")
-    embed, lm_head = _embedding_and_head(model, body.embed_tokens.weight, cast)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    arch = Architecture(
-        cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps,
-        cfg.max_position_embeddings, rms_norm=True, gated_mlp=True,
-        inv_freq=rotary.inv_freq.detach().float().to(cast.device),
-        rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
+    qkv = fused(attn.qkv_proj) if hasattr(attn, "qkv_proj") else fused(attn.q_proj, attn.k_proj, attn.v_proj)
+    up = fused(mlp.gate_up_proj) if hasattr(mlp, "gate_up_proj") else fused(mlp.gate_proj, mlp.up_proj)
+    qk_norm = None
+    if hasattr(attn, "q_norm"):  # one weight per head: the queries' for Hq heads, then the keys' for Hkv
+        q, k = attn.q_norm.weight, attn.k_norm.weight
+        qk_norm = cast(torch.cat([q.expand(arch.heads, -1), k.expand(arch.kv_heads, -1)]))
+    return LayerWeights(
+        cast(b.input_layernorm.weight), None, qkv, cast.linear(attn.o_proj.weight, attn.o_proj.bias),
+        cast(b.post_attention_layernorm.weight), None, up, cast.linear(mlp.down_proj.weight, mlp.down_proj.bias),
+        qk_norm,
     )  # fmt: skip
-    return Model(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, cast.max_batch)
+
+
+def _rope(cfg: Any, rotary: Any, head_dim: int) -> tuple[torch.Tensor, float, int]:
+    """transformers' own rotary frequencies and scale, so static scalings (linear, llama3, yarn)
+    are honoured, and the context they hold for. Two scalings change with a sequence's length,
+    each beyond a context where they are fixed, and are served up to there: `dynamic` recomputes
+    its frequencies past max_position_embeddings only, and `longrope` moves every position to its
+    long factors once a sequence passes original_max_position_embeddings (its short factors hold
+    until then)."""
+    params, inv_freq = cfg.rope_parameters, rotary.original_inv_freq.detach().float()
+    if 2 * inv_freq.numel() != head_dim:
+        raise LoadError(
+            f"{cfg.model_type} with a rotary embedding over part of each head (partial_rotary_factor "
+            f"{params.get('partial_rotary_factor')}) is not supported"
+        )
+    context = cfg.max_position_embeddings
+    if rotary.rope_type == "longrope":
+        context = min(context, params["original_max_position_embeddings"])
+    return inv_freq, float(rotary.attention_scaling), context
+
+
+def _sliding_window(model: Any) -> tuple[int | None, frozenset[int]]:
+    """The sliding window and the layers it applies to, read where transformers reads them: a
+    layer's own attention (Qwen2, Qwen3: by the config's `layer_types`), else the config
+    (Mistral, Phi-3: every layer)."""
+    window = getattr(model.config, "sliding_window", None)
+    layers = model.model.layers
+    windowed = frozenset(i for i, b in enumerate(layers) if getattr(b.self_attn, "sliding_window", window))
+    return (window if windowed else None), windowed
+
+
+BUILDERS: dict[str, Callable[[Any, Convert], Model]] = {
+    "gpt2": _gpt2_model,
+    "llama": _llama_model,
+    "mistral": _llama_model,
+    "qwen2": _llama_model,
+    "qwen3": _llama_model,
+    "phi3": _llama_model,
+}
 
 
 def _embedding_and_head(model: Any, embedding: torch.Tensor, cast: Convert) -> tuple[Embedding, Linear]:
