@@ -42,6 +42,10 @@ LONGROPE = {
     "short_factor": [1.0 + i / 8 for i in range(8)],
     "long_factor": [2.0 + i for i in range(8)],
 }
+GEMMA3_ROPE = {
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+}
 
 # name: (config class, its settings beyond SIZE, the model type the service reports)
 FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -121,6 +125,35 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
             "rope_parameters": LONGROPE,
         },
         "phi3",
+    ),
+    # Gemma 2 2B: 8 to 4 heads, query_pre_attn_scalar apart from head_dim; caps low enough to bite
+    # at this size (the released 50 and 30 barely touch a random model's small scores)
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": WINDOW,
+            "attn_logit_softcapping": 0.5,
+            "final_logit_softcapping": 2.0,
+        },
+        "gemma2",
+    ),
+    # Gemma 3 1B: 4 to 1 heads, q/k norms, sliding layers with their own rope, a linear-scaled global one
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "sliding_window": WINDOW,
+            "rope_parameters": GEMMA3_ROPE,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        },
+        "gemma3_text",
     ),
 }
 # The served context where it is not max_position_embeddings: longrope's short factors hold up to
@@ -298,7 +331,7 @@ def test_an_unsupported_model_type_gets_the_503_naming_the_supported_ones(tmp_pa
     tokenizer.save_pretrained(tmp_path)
     lazy = engine.LazyEngine()
     lazy.configure(engine.ModelConfig(name=str(tmp_path), dtype="float32", quantize="none"))
-    supported = "gpt2, llama, mistral, phi3, qwen2, qwen3"
+    supported = "gemma2, gemma3_text, gpt2, llama, mistral, phi3, qwen2, qwen3"
     with pytest.raises(engine.EngineUnavailable, match=f"'gpt_neox' is not supported; supported types: {supported}$"):
         lazy.get()
 
@@ -314,6 +347,11 @@ def test_an_unsupported_model_type_gets_the_503_naming_the_supported_ones(tmp_pa
                 "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75},
             },
             "rotary embedding over part of each head",
+        ),
+        (
+            "Gemma3TextConfig",
+            {"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "use_bidirectional_attention": True},
+            "bidirectional attention",
         ),
         ("LlamaConfig", {"num_attention_heads": 4, "hidden_act": "gelu"}, "MLP activation 'gelu'"),
     ],
