@@ -687,8 +687,8 @@ def create_engine(config: ModelConfig, observe: StepObserver | None = None) -> E
     loaded = load_model(config, PREFILL_CHUNK)
     check_memory(loaded, config, memory_budget(config.memory_limit_mb))
     log.info(
-        "model %s loaded in %.1f s (activations %s, weights %s)",
-        config.name, time.perf_counter() - start, loaded.dtype, loaded.weights,
+        "model %s (%s, context %d) loaded in %.1f s (activations %s, weights %s)",
+        config.name, loaded.family, loaded.max_context, time.perf_counter() - start, loaded.dtype, loaded.weights,
     )  # fmt: skip
     return Engine(loaded, config.max_batch, observe)
 

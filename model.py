@@ -2,8 +2,9 @@
 
 `load_model` reads a tokenizer and a checkpoint (a hub id or a local directory) with
 `transformers`, picks the activation dtype and weight formats that are fastest on this machine,
-and copies the weights into a `Model`: a lean forward pass of its own for the GPT-2 and Llama
-families. The engine (engine.py) decides what runs when; this file only runs what it is given.
+and copies the weights into a `Model`: a lean forward pass of its own for the GPT-2, Llama,
+Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 families (`BUILDERS`). The engine (engine.py)
+decides what runs when; this file only runs what it is given.
 
 Reading order: devices, dtypes and weight formats; loading; the model's parts (`Linear`,
 `Embedding`, the layer weights, the architecture, the KV cache); the forward pass; building a
@@ -22,7 +23,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -180,6 +181,7 @@ class LoadedModel:
     max_context: int
     dtype: torch.dtype
     int8_rows: int = 0  # `resolve_int8`'s choice
+    family: str = ""  # the checkpoint's model type (`BUILDERS` lists those we run): gpt2, llama, qwen2...
 
     @property
     def weights(self) -> str:
@@ -237,14 +239,15 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device, config.max_batch, width)
     int8_rows = resolve_int8(config.quantize, device, dtype, width, (1, 8, config.max_batch, prefill_chunk))
     model = build_model(hf_model, Convert(dtype, device, int8_rows, config.max_batch))
-    eos = hf_model.generation_config.eos_token_id
+    eos, family = hf_model.generation_config.eos_token_id, hf_model.config.model_type
     if eos is None:
         eos = tokenizer.eos_token_id
     del hf_model  # our Model holds copies of the weights; free transformers' module tree now
     gc.collect()
     _return_freed_memory()
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-    return LoadedModel(tokenizer, model, eos_ids, min(model.max_context, config.max_context), dtype, int8_rows)
+    context = min(model.max_context, config.max_context)
+    return LoadedModel(tokenizer, model, eos_ids, context, dtype, int8_rows, family)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,11 +307,14 @@ class LayerWeights:
     norm2_b: torch.Tensor | None
     up: Linear  # GPT-2: the MLP's first layer; Llama: gate and up projections fused
     down: Linear
+    qk_norm: torch.Tensor | None = None  # Qwen3, Gemma 3: RMSNorm weights for each query and key head [Hq + Hkv, D]
+    post_attn_norm: torch.Tensor | None = None  # Gemma: the attention's output is normed before the residual add
+    post_mlp_norm: torch.Tensor | None = None  # and so is the MLP's
 
 
 @dataclass
 class Architecture:
-    """What differs between the families we run: norms, positions, MLP."""
+    """What differs between the families we run: norms, positions, MLP, attention's reach."""
 
     heads: int
     kv_heads: int
@@ -316,9 +322,22 @@ class Architecture:
     eps: float
     max_context: int
     rms_norm: bool  # Llama: RMSNorm; GPT-2: LayerNorm with bias
-    gated_mlp: bool  # Llama: down(silu(gate) * up); GPT-2: proj(gelu_tanh(fc))
+    gated_mlp: bool  # Llama: down(act(gate) * up); GPT-2: proj(act(fc))
     inv_freq: torch.Tensor | None  # Llama's rotary frequencies; GPT-2 learns positions
     rope_scale: float = 1.0
+    activation: Callable[[torch.Tensor], torch.Tensor] = F.silu  # the MLP's; GPT-2 and Gemma: GELU (tanh)
+    attn_scale: float | None = None  # query-key products times this; None: head_dim ** -0.5
+    embed_scale: float = 1.0  # Gemma: embeddings times sqrt(hidden size)
+    attn_softcap: float | None = None  # Gemma 2: attention scores become cap * tanh(score / cap) before the mask
+    logit_softcap: float | None = None  # Gemma 2: and so do the output logits
+    window: int | None = None  # sliding-window layers attend to this many latest positions (their own included)
+    windowed: frozenset[int] = frozenset()  # which layers those are: Mistral and Phi-3 all, Gemma alternate ones
+    local_inv_freq: torch.Tensor | None = None  # Gemma 3: the windowed layers' own rotary frequencies
+    local_rope_scale: float = 1.0
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5 if self.attn_scale is None else self.attn_scale
 
 
 class KVCache:
@@ -427,13 +446,18 @@ class Model:
         self.max_context = arch.max_context
         self.dtype, self.device = embed.dtype, embed.table.device
         self.cache = KVCache(len(layers), max_batch, arch, self.dtype, self.device)
+        # In the model's dtype, as transformers' Gemma multiplies (sqrt(3072) = 55.43 is 55.5 in bfloat16).
+        self.embed_scale = torch.tensor(arch.embed_scale, dtype=self.dtype, device=self.device)
 
     def run(self, work: Work) -> torch.Tensor:
         """Run the work's tokens into their cache rows; return each row's next-token logits [B, V]."""
+        inputs: Prefill | Decode
         if all(len(tokens) == 1 for tokens in work.tokens):
-            return self._forward(*self._prepare_decode(work), last=-1)
-        assert len(work.rows) == 1, "a prefill runs one sequence's chunk"
-        return self._forward(*self._prepare_prefill(work), last=len(work.tokens[0]) - 1)
+            (ids, inputs), last = self._prepare_decode(work), -1
+        else:
+            assert len(work.rows) == 1, "a prefill runs one sequence's chunk"
+            (ids, inputs), last = self._prepare_prefill(work), len(work.tokens[0]) - 1
+        return self._forward(ids, inputs, self._windowed(inputs), last)
 
     def clear(self) -> None:
         """Nothing runs: give the cache's memory back."""
@@ -451,44 +475,84 @@ class Model:
         positions = torch.arange(start, start + padded, device=self.device)[None]  # [1, T]
         self.cache.reserve(row + 1, max(start + padded, work.room))  # the one place the cache grows
         mask = None
-        if start:  # attend to the cached chunks and causally within this one: [1, 1, T, start + T]
-            mask = (torch.arange(start + padded, device=self.device)[None, :] <= positions[0, :, None])[None, None]
-        cos, sin = self._rotary(positions)
+        # Attend to the cached chunks and causally within this one; Gemma 2's capped attention always
+        # takes a mask (no SDPA kernel caps).
+        if start or self.arch.attn_softcap:
+            mask = self._prefill_mask(positions, start + padded, None)
+        cos, sin = self._rotary(positions, self.arch.inv_freq, self.arch.rope_scale)
         return ids, Prefill(positions, row, start, mask, cos, sin)
+
+    def _prefill_mask(self, positions: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+        """Which of the `length` cached positions each query sees: [1, 1, T, length] bool."""
+        keys, queries = torch.arange(length, device=self.device)[None, :], positions[0, :, None]
+        visible = keys <= queries
+        if window is not None:
+            visible &= keys > queries - window
+        return visible[None, None]
 
     def _prepare_decode(self, work: Work) -> tuple[torch.Tensor, Decode]:
         ids = torch.tensor(work.tokens, device=self.device)  # [B, 1]
         pos = torch.tensor(work.starts, device=self.device)[:, None]  # [B, 1]
         size, length = len(work.rows), max(work.starts) + 1
         self.cache.reserve(max(work.rows) + 1, max(length, work.room))
-        visible = torch.arange(length, device=self.device)[None, :] <= pos  # [B, L]
-        # Additive, in the model's dtype, laid out as `_attend` groups the heads, made once a step.
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -math.inf)
-        heads, per_group = self.arch.kv_heads, self.arch.heads // self.arch.kv_heads
-        grouped = mask[:, None, None, :].expand(size, heads, per_group, length).reshape(size * heads, per_group, length)
+        heads = self.arch.kv_heads
         # Row r's key for head h goes to cache[r, h, p]: in a layer seen as [R Hkv L, D], index
         # (r Hkv + h) L + p. One index_copy_ per layer; indexing rows and positions together is slower.
         rows = torch.tensor(work.rows, device=self.device)
         rows_heads = rows[:, None] * heads + torch.arange(heads, device=self.device)[None, :]
         slots = (rows_heads * self.cache.capacity + pos).flatten()  # [B Hkv]
         compact = work.rows == list(range(size))
-        cos, sin = self._rotary(pos)
-        return ids, Decode(pos, None if compact else rows, grouped, slots, cos, sin)
+        cos, sin = self._rotary(pos, self.arch.inv_freq, self.arch.rope_scale)
+        return ids, Decode(pos, None if compact else rows, self._decode_mask(pos, length, None), slots, cos, sin)
 
-    def _forward(self, ids: torch.Tensor, inputs: Prefill | Decode, last: int) -> torch.Tensor:
+    def _decode_mask(self, pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+        """Additive, in the model's dtype, laid out as `_attend_decode` groups the heads, made once a
+        step: [B Hkv, Hq/Hkv, L]."""
+        keys = torch.arange(length, device=self.device)[None, :]
+        visible = keys <= pos  # [B, L]
+        if window is not None:
+            visible &= keys > pos - window
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -math.inf)
+        size, heads, per_group = len(pos), self.arch.kv_heads, self.arch.heads // self.arch.kv_heads
+        return mask[:, None, None, :].expand(size, heads, per_group, length).reshape(size * heads, per_group, length)
+
+    def _windowed(self, inputs: Prefill | Decode) -> Prefill | Decode:
+        """The sliding-window layers' inputs: their own rotary tables (Gemma 3), and a mask that
+        also hides what lies `window` or more positions behind each query, once a query is that far
+        in. `inputs` itself where neither differs, so short sequences keep the plain causal path."""
+        a, changes = self.arch, dict[str, Any]()
+        if not a.windowed:
+            return inputs
+        if a.local_inv_freq is not None:
+            changes["cos"], changes["sin"] = self._rotary(inputs.positions, a.local_inv_freq, a.local_rope_scale)
+        length = int(inputs.positions.max()) + 1  # the positions this pass sees: 0..length-1
+        if a.window is not None and length > a.window:
+            make_mask = self._prefill_mask if isinstance(inputs, Prefill) else self._decode_mask
+            changes["mask"] = make_mask(inputs.positions, length, a.window)
+        return replace(inputs, **changes) if changes else inputs
+
+    def _forward(
+        self, ids: torch.Tensor, inputs: Prefill | Decode, windowed: Prefill | Decode, last: int
+    ) -> torch.Tensor:
         x = self.embed(ids)  # [B, T, C]
+        if self.arch.embed_scale != 1.0:
+            x = x * self.embed_scale
         if self.pos_embed is not None:
             x = x + F.embedding(inputs.positions, self.pos_embed)
         for index, layer in enumerate(self.layers):
-            x = self._layer(index, layer, x, inputs)
+            x = self._layer(index, layer, x, windowed if index in self.arch.windowed else inputs)
         x = self._norm(x[:, last], *self.final_norm)  # only the last real position needs logits
-        return self.lm_head(x)  # [B, V]
+        logits = self.lm_head(x)  # [B, V]
+        cap = self.arch.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _layer(self, index: int, w: LayerWeights, x: torch.Tensor, inputs: Prefill | Decode) -> torch.Tensor:
         size, length, _ = x.shape
         a = self.arch
         qkv = w.qkv(self._norm(x, w.norm1, w.norm1_b)).view(size, length, a.heads + 2 * a.kv_heads, a.head_dim)
         qk, v = qkv.split([a.heads + a.kv_heads, a.kv_heads], 2)
+        if w.qk_norm is not None:  # each head's queries and keys, before the rotary
+            qk = F.rms_norm(qk, (a.head_dim,), None, a.eps) * w.qk_norm
         if inputs.cos is not None and inputs.sin is not None:
             qk = _rotate(qk, inputs.cos, inputs.sin)  # queries and keys in one pass
         q, k = qk.transpose(1, 2).split([a.heads, a.kv_heads], 1)  # [B, Hq, T, D], [B, Hkv, T, D]
@@ -497,14 +561,14 @@ class Model:
             attn = self._attend_prefill(index, q, k, v, inputs)
         else:
             attn = self._attend_decode(index, q, k, v, inputs)
-        x = x + w.out(attn.transpose(1, 2).reshape(size, length, -1))
+        x = x + self._post_norm(w.out(attn.transpose(1, 2).reshape(size, length, -1)), w.post_attn_norm)
         h = w.up(self._norm(x, w.norm2, w.norm2_b))
         if a.gated_mlp:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = a.activation(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
-        return x + w.down(h)
+            h = a.activation(h)
+        return x + self._post_norm(w.down(h), w.post_mlp_norm)
 
     def _attend_prefill(
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Prefill
@@ -512,10 +576,13 @@ class Model:
         keys, values = self.cache.k[index], self.cache.v[index]
         gqa, end = self.arch.heads != self.arch.kv_heads, p.start + k.shape[2]
         keys[p.row, :, p.start : end], values[p.row, :, p.start : end] = k[0], v[0]
-        if not p.start:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        scale, cap = self.arch.scale, self.arch.attn_softcap
+        if p.mask is None:  # a prompt's first chunk, seeing only itself: plain causal attention
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         past_k, past_v = keys[p.row : p.row + 1, :, :end], values[p.row : p.row + 1, :, :end]
-        return F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=p.mask, enable_gqa=gqa)
+        if cap is not None:
+            return _softcapped_attention(q, past_k, past_v, p.mask, scale, cap)
+        return F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
 
     def _attend_decode(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: Decode) -> torch.Tensor:
         keys, values = self.cache.k[index], self.cache.v[index]
@@ -534,7 +601,11 @@ class Model:
             past_k, past_v = keys.index_select(0, d.rows)[:, :, :length], values.index_select(0, d.rows)[:, :, :length]
         grouped = q.reshape(groups, per_group, dim)
         past_k, past_v = past_k.reshape(groups, length, dim), past_v.reshape(groups, length, dim)
-        scores = torch.baddbmm(d.mask, grouped, past_k.transpose(1, 2), alpha=dim**-0.5)
+        scale, cap = self.arch.scale, self.arch.attn_softcap
+        if cap is None:
+            scores = torch.baddbmm(d.mask, grouped, past_k.transpose(1, 2), alpha=scale)
+        else:  # Gemma 2: capped before the mask is added
+            scores = torch.tanh(torch.bmm(grouped, past_k.transpose(1, 2)) * scale / cap) * cap + d.mask
         return torch.bmm(torch.softmax(scores, dim=-1), past_v).view(size, heads, 1, dim)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -542,20 +613,36 @@ class Model:
             return F.rms_norm(x, (x.shape[-1],), weight, self.arch.eps)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.arch.eps)
 
-    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _post_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return x if weight is None else self._norm(x, weight, None)
+
+    def _rotary(
+        self, positions: torch.Tensor, inv_freq: torch.Tensor | None, scale: float
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """cos and sin tables for these positions [B, T, 1, D], one for every head; GPT-2 has none."""
-        if self.arch.inv_freq is None:
+        if inv_freq is None:
             return None, None
-        freqs = positions[..., None].float() * self.arch.inv_freq  # [B, T, D/2]
+        freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
         angles = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # [B, T, 1, D]
-        scale, dtype = self.arch.rope_scale, self.dtype
-        return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+        return (angles.cos() * scale).to(self.dtype), (angles.sin() * scale).to(self.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def _softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, cap: float
+) -> torch.Tensor:
+    """Gemma 2's prefill attention, in transformers' order: scores capped by tanh, then masked
+    (no SDPA kernel caps). q [1, Hq, T, D]; k, v [1, Hkv, L, D]; mask [1, 1, T, L] bool."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh(q @ k.transpose(2, 3) * scale / cap) * cap
+    weights = torch.softmax(scores.masked_fill(~mask, -math.inf), dim=-1, dtype=torch.float32).to(q.dtype)
+    return weights @ v
 
 
 @dataclass(frozen=True)
@@ -581,11 +668,14 @@ class Convert:
 
 
 def build_model(hf_model: Any, convert: Convert) -> Model:
-    builders = {"gpt2": _gpt2_model, "llama": _llama_model}
     kind = hf_model.config.model_type
-    if kind not in builders:
-        raise LoadError(f"model type {kind!r} is not supported; supported types: {', '.join(sorted(builders))}")
-    return builders[kind](hf_model, convert)
+    if kind not in BUILDERS:
+        raise LoadError(f"model type {kind!r} is not supported; supported types: {', '.join(sorted(BUILDERS))}")
+    return BUILDERS[kind](hf_model, convert)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
 
 def _gpt2_model(model: Any, cast: Convert) -> Model:
@@ -606,14 +696,75 @@ def _gpt2_model(model: Any, cast: Convert) -> Model:
         raise LoadError(f"GPT-2 activation {cfg.activation_function!r} is not supported (gelu_new only)")
     head_dim = cfg.n_embd // cfg.n_head
     arch = Architecture(cfg.n_head, cfg.n_head, head_dim, cfg.layer_norm_epsilon, cfg.n_positions,
-                        rms_norm=False, gated_mlp=False, inv_freq=None)  # fmt: skip
+                        rms_norm=False, gated_mlp=False, inv_freq=None, activation=_gelu_tanh)  # fmt: skip
     final = (cast(body.ln_f.weight), cast(body.ln_f.bias))
     embed, lm_head = _embedding_and_head(model, body.wte.weight, cast)
     return Model(arch, layers, embed, cast(body.wpe.weight), final, lm_head, cast.max_batch)
 
 
 def _llama_model(model: Any, cast: Convert) -> Model:
+    """Llama and the families of its shape, each quirk read from its checkpoint's modules: Qwen2's
+    query/key/value biases, Qwen3's per-head query and key norms, Phi-3's fused projections,
+    Mistral's and Phi-3's sliding window (Qwen2's too, where its config turns it on)."""
     cfg, body = model.config, model.model
+    if cfg.hidden_act != "silu":
+        raise LoadError(f"{cfg.model_type} with MLP activation {cfg.hidden_act!r} is not supported (silu only)")
+    head_dim = body.layers[0].self_attn.head_dim
+    inv_freq, rope_scale, context = _rope(cfg, body.rotary_emb, head_dim)
+    window, windowed = _sliding_window(model)
+    arch = Architecture(
+        cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps, context,
+        rms_norm=True, gated_mlp=True, inv_freq=inv_freq.to(cast.device), rope_scale=rope_scale,
+        attn_scale=float(body.layers[0].self_attn.scaling), window=window, windowed=windowed,
+    )  # fmt: skip
+    layers = [_decoder_layer(b, arch, cast, cast) for b in body.layers]
+    embed, lm_head = _embedding_and_head(model, body.embed_tokens.weight, cast)
+    return Model(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, cast.max_batch)
+
+
+def _gemma_model(model: Any, cast: Convert) -> Model:
+    """Gemma 2 and Gemma 3 (text): Llama's shape with norms that scale by 1 + w, embeddings times
+    sqrt(hidden), a GELU-gated MLP, and norms after attention and after the MLP as well; sliding-
+    window layers alternate with global ones. Gemma 2 soft-caps attention scores and logits;
+    Gemma 3 norms each head's queries and keys, and its sliding layers have a rotary of their own."""
+    cfg, body = model.config, model.model
+    if cfg.hidden_activation != "gelu_pytorch_tanh" or getattr(cfg, "use_bidirectional_attention", False):
+        raise LoadError(f"{cfg.model_type} with bidirectional attention or a non-tanh GELU is not supported")
+    head_dim, rotary = body.layers[0].self_attn.head_dim, body.rotary_emb
+    local_freq, local_scale = None, 1.0
+    if isinstance(rotary.rope_type, dict):  # Gemma 3: a rotary for each kind of layer it has
+        ropes = {kind: _rope(cfg, rotary, head_dim, kind) for kind in rotary.rope_type}
+        inv_freq, rope_scale, context = ropes["full_attention" if "full_attention" in ropes else "sliding_attention"]
+        if "sliding_attention" in ropes:
+            local_freq, local_scale, _ = ropes["sliding_attention"]
+    else:
+        inv_freq, rope_scale, context = _rope(cfg, rotary, head_dim)
+    window, windowed = _sliding_window(model)
+    arch = Architecture(
+        cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps, context,
+        rms_norm=True, gated_mlp=True, inv_freq=inv_freq.to(cast.device), rope_scale=rope_scale,
+        activation=_gelu_tanh, attn_scale=float(body.layers[0].self_attn.scaling),
+        embed_scale=float(body.embed_tokens.scalar_embed_scale),
+        # Gemma 3's attention ignores attn_logit_softcapping (as transformers' does); Gemma 2 caps.
+        attn_softcap=cfg.attn_logit_softcapping if cfg.model_type == "gemma2" else None,
+        logit_softcap=cfg.final_logit_softcapping, window=window, windowed=windowed,
+        local_inv_freq=None if local_freq is None else local_freq.to(cast.device), local_rope_scale=local_scale,
+    )  # fmt: skip
+
+    def norm(weight: torch.Tensor) -> torch.Tensor:
+        return cast(weight.float() + 1)  # Gemma's RMSNorm scales by 1 + w: added once, here
+
+    layers = [_decoder_layer(b, arch, cast, norm) for b in body.layers]
+    embed, lm_head = _embedding_and_head(model, body.embed_tokens.weight, cast)
+    return Model(arch, layers, embed, None, (norm(body.norm.weight), None), lm_head, cast.max_batch)
+
+
+def _decoder_layer(
+    b: Any, arch: Architecture, cast: Convert, norm: Callable[[torch.Tensor], torch.Tensor]
+) -> LayerWeights:
+    """One Llama-shaped layer's weights, with each family's extra parts where its checkpoint has
+    them; `norm` copies a norm's weight."""
+    attn, mlp = b.self_attn, b.mlp
 
     def fused(*linears: Any) -> Linear:
         has_bias = linears[0].bias is not None
@@ -621,27 +772,64 @@ def _llama_model(model: Any, cast: Convert) -> Model:
             torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears]) if has_bias else None
         )
 
-    layers = []
-    for b in body.layers:
-        attn, mlp = b.self_attn, b.mlp
-        layers.append(LayerWeights(
-            cast(b.input_layernorm.weight), None, fused(attn.q_proj, attn.k_proj, attn.v_proj),
-            cast.linear(attn.o_proj.weight, attn.o_proj.bias),
-            cast(b.post_attention_layernorm.weight), None, fused(mlp.gate_proj, mlp.up_proj),
-            cast.linear(mlp.down_proj.weight, mlp.down_proj.bias),
-        ))  # fmt: skip
-    rotary = body.rotary_emb  # transformers' own frequencies, so static rope scalings are honoured
-    if cfg.hidden_act != "silu" or getattr(rotary, "rope_type", "default") in ("dynamic", "longrope"):
-        raise LoadError("Llama variants with a non-silu MLP or position-dependent rope are not supported")
-    embed, lm_head = _embedding_and_head(model, body.embed_tokens.weight, cast)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    arch = Architecture(
-        cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps,
-        cfg.max_position_embeddings, rms_norm=True, gated_mlp=True,
-        inv_freq=rotary.inv_freq.detach().float().to(cast.device),
-        rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
+    qkv = fused(attn.qkv_proj) if hasattr(attn, "qkv_proj") else fused(attn.q_proj, attn.k_proj, attn.v_proj)
+    up = fused(mlp.gate_up_proj) if hasattr(mlp, "gate_up_proj") else fused(mlp.gate_proj, mlp.up_proj)
+    qk_norm = None
+    if hasattr(attn, "q_norm"):  # one weight per head: the queries' for Hq heads, then the keys' for Hkv
+        q, k = attn.q_norm.weight, attn.k_norm.weight
+        qk_norm = norm(torch.cat([q.expand(arch.heads, -1), k.expand(arch.kv_heads, -1)]))
+    if hasattr(b, "pre_feedforward_layernorm"):  # Gemma: post_attention_layernorm norms the attention's output
+        pre_mlp, post_attn = norm(b.pre_feedforward_layernorm.weight), norm(b.post_attention_layernorm.weight)
+        post_mlp = norm(b.post_feedforward_layernorm.weight)
+    else:  # Llama: post_attention_layernorm is the MLP's input norm
+        pre_mlp, post_attn, post_mlp = norm(b.post_attention_layernorm.weight), None, None
+    return LayerWeights(
+        norm(b.input_layernorm.weight), None, qkv, cast.linear(attn.o_proj.weight, attn.o_proj.bias),
+        pre_mlp, None, up, cast.linear(mlp.down_proj.weight, mlp.down_proj.bias), qk_norm, post_attn, post_mlp,
     )  # fmt: skip
-    return Model(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, cast.max_batch)
+
+
+def _rope(cfg: Any, rotary: Any, head_dim: int, kind: str | None = None) -> tuple[torch.Tensor, float, int]:
+    """transformers' own rotary frequencies and scale (of one `kind` of layer, for Gemma 3), so
+    static scalings (linear, llama3, yarn) are honoured, and the context they hold for. Two
+    scalings change with a sequence's length, each beyond a context where they are fixed, and are
+    served up to there: `dynamic` recomputes its frequencies past max_position_embeddings only,
+    and `longrope` moves every position to its long factors once a sequence passes
+    original_max_position_embeddings (its short factors hold until then)."""
+    prefix, rope_type = ("", rotary.rope_type) if kind is None else (f"{kind}_", rotary.rope_type[kind])
+    params = cfg.rope_parameters if kind is None else cfg.rope_parameters[kind]
+    inv_freq = getattr(rotary, f"{prefix}original_inv_freq").detach().float()
+    if 2 * inv_freq.numel() != head_dim:
+        raise LoadError(
+            f"{cfg.model_type} with a rotary embedding over part of each head (partial_rotary_factor "
+            f"{params.get('partial_rotary_factor')}) is not supported"
+        )
+    context = cfg.max_position_embeddings
+    if rope_type == "longrope":
+        context = min(context, params["original_max_position_embeddings"])
+    return inv_freq, float(getattr(rotary, f"{prefix}attention_scaling")), context
+
+
+def _sliding_window(model: Any) -> tuple[int | None, frozenset[int]]:
+    """The sliding window and the layers it applies to, read where transformers reads them: a
+    layer's own attention (Qwen2, Qwen3, Gemma: by the config's `layer_types`), else the config
+    (Mistral, Phi-3: every layer)."""
+    window = getattr(model.config, "sliding_window", None)
+    layers = model.model.layers
+    windowed = frozenset(i for i, b in enumerate(layers) if getattr(b.self_attn, "sliding_window", window))
+    return (window if windowed else None), windowed
+
+
+BUILDERS: dict[str, Callable[[Any, Convert], Model]] = {
+    "gpt2": _gpt2_model,
+    "llama": _llama_model,
+    "mistral": _llama_model,
+    "qwen2": _llama_model,
+    "qwen3": _llama_model,
+    "phi3": _llama_model,
+    "gemma2": _gemma_model,
+    "gemma3_text": _gemma_model,
+}
 
 
 def _embedding_and_head(model: Any, embedding: torch.Tensor, cast: Convert) -> tuple[Embedding, Linear]:
