@@ -233,6 +233,28 @@ def test_the_form_generates_and_shows_the_answer(server: Server, browser: Browse
     assert all(url.startswith(server.url) or url.startswith("data:") for url in browser.requested_urls())
 
 
+def test_the_page_lists_the_openai_routes_and_the_chat_fields(server: Server, browser: Browser) -> None:
+    browser.open(server.url + "/docs")
+    spec = httpx.get(server.url + "/openapi.json").json()
+    routes, page = text_of(browser, "routes"), text_of(browser, "operations")
+    for method, path in (("get", "/v1/models"), ("post", "/v1/completions"), ("post", "/v1/chat/completions")):
+        summary = spec["paths"][path][method]["summary"]
+        assert f"{method.upper()}\t{path}\tx-api-key or Authorization: Bearer\t{summary}" in routes
+    assert "POST\t/generate\tx-api-key\t" in routes and "GET\t/health\tnone\t" in routes
+    chat = page[page.index("POST /v1/chat/completions") :]
+    request = spec["components"]["schemas"]["ChatCompletionRequest"]
+    for name in request["properties"]:
+        assert f"\n{name}\t" in chat
+    assert request["description"] in chat
+    limit = request["properties"]["max_tokens"]
+    assert f"max_tokens\tinteger\t{limit['default']}\t1 to {limit['maximum']}\t" in chat
+    assert "messages\tlist of object (role, content)\trequired\tat least 1 item" in chat
+    assert "usage\tobject (prompt_tokens, completion_tokens, total_tokens)" in chat
+    assert "then `data: [DONE]`" in chat  # how a streamed answer reads
+    assert browser.evaluate("[...document.querySelectorAll('nav a')].every(a => document.querySelector(a.hash))")
+    assert browser.problems() == []
+
+
 def test_a_wrong_key_shows_the_401_detail(server: Server, browser: Browser) -> None:
     browser.open(server.url + "/docs")
     fill_and_send(browser, "not-the-key", "Hello")
