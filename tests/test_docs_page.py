@@ -1,7 +1,7 @@
 """The docs page in a real browser: headless Chromium (Debian's `chromium`) driven over its
 DevTools protocol, against the real server process. The page must list what the document says,
-generate from its form, show errors with their detail, and run under its CSP without a violation,
-a console error, or a request to anywhere but this server."""
+generate and chat from its form, show errors with their detail (or OpenAI's message, under /v1/),
+and run under its CSP without a violation, a console error, or a request to anywhere but this server."""
 
 from __future__ import annotations
 
@@ -128,6 +128,11 @@ class Browser:
     def requested_urls(self) -> list[str]:
         return [e["params"]["request"]["url"] for e in self.events if e.get("method") == "Network.requestWillBeSent"]
 
+    def sent_bodies(self, url: str) -> list[Any]:
+        """The JSON bodies the page posted to `url`, as the browser sent them."""
+        requests = [e["params"]["request"] for e in self.events if e.get("method") == "Network.requestWillBeSent"]
+        return [json.loads(r["postData"]) for r in requests if r["url"] == url]
+
     def open(self, url: str) -> None:
         self.events.clear()
         self.call("Page.navigate", url=url)
@@ -143,8 +148,9 @@ class Browser:
 
 
 @pytest.fixture(scope="module")
-def server(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with run_server(tmp_path_factory.mktemp("docs"), MODEL_NAME=str(gpt2_dir)) as s:
+def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The offline SmolLM2: it has a chat template and answers, so the chat form gets a real answer."""
+    with run_server(tmp_path_factory.mktemp("docs"), MODEL_NAME=str(smollm2_dir)) as s:
         yield s
 
 
@@ -169,11 +175,12 @@ def wait_until_done(browser: Browser) -> None:
     assert browser.evaluate("document.getElementById('error').hidden"), text_of(browser, "error")
 
 
-def fill_and_send(browser: Browser, key: str, prompt: str, **fields: str) -> None:
+def fill_and_send(browser: Browser, key: str, prompt: str, prefix: str = "field-", **fields: str) -> None:
+    """Fill the form and press Enter; `prefix` picks the target's fields (chat's: "chat-field-")."""
     browser.type_into("key", key)
     browser.type_into("prompt", prompt)
     for name, value in fields.items():
-        browser.type_into(f"field-{name}", value)
+        browser.type_into(prefix + name, value)
     browser.type_into("key", key)  # back to the key field, where Enter submits the form
     browser.press_enter()
 
@@ -201,11 +208,28 @@ def test_page_shows_every_route_field_status_and_setting(server: Server, browser
     assert browser.problems() == []
 
 
+def choose_chat(browser: Browser, stream: bool) -> None:
+    browser.evaluate("document.getElementById('target-chat').click()")
+    if browser.evaluate("document.getElementById('chat-field-stream').checked") != stream:
+        browser.evaluate("document.getElementById('chat-field-stream').click()")
+
+
+def offered(schema: dict[str, Any]) -> list[str]:
+    """The fields the form has an input for: not the required one (the prompt box), not objects."""
+    kinds = {name: p.get("type", []) for name, p in schema["properties"].items()}
+    return [name for name, kind in kinds.items() if name not in schema["required"] and "object" not in kind]
+
+
 def test_every_form_control_has_a_label(server: Server, browser: Browser) -> None:
     browser.open(server.url + "/docs")
-    fields = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
+    schemas = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]
+    ids = [f"field-{name}" for name in offered(schemas["GenerateRequest"])]
+    ids += [f"chat-field-{name}" for name in offered(schemas["ChatCompletionRequest"])]
+    assert "chat-field-max_tokens" in ids and "chat-field-messages" not in ids
+    assert browser.evaluate(f"{json.dumps(ids)}.every(id => document.getElementById(id))")
     controls = "[...document.querySelectorAll('input, textarea')]"
-    assert browser.evaluate(f"{controls}.length") == 1 + len(fields)  # the key, and one per field
+    # the two targets, the key, the system message and the prompt, and one per field of each target
+    assert browser.evaluate(f"{controls}.length") == 5 + len(ids)
     unlabelled = browser.evaluate(f"{controls}.filter(e => !e.labels.length).map(e => e.id)")
     assert unlabelled == []
     assert browser.evaluate(f"{controls}.every(e => e.tabIndex === 0)")
@@ -231,6 +255,67 @@ def test_the_form_generates_and_shows_the_answer(server: Server, browser: Browse
     assert browser.evaluate("document.getElementById('error').hidden") is True
     assert browser.problems() == []
     assert all(url.startswith(server.url) or url.startswith("data:") for url in browser.requested_urls())
+
+
+def test_the_page_lists_the_openai_routes_and_the_chat_fields(server: Server, browser: Browser) -> None:
+    browser.open(server.url + "/docs")
+    spec = httpx.get(server.url + "/openapi.json").json()
+    routes, page = text_of(browser, "routes"), text_of(browser, "operations")
+    for method, path in (("get", "/v1/models"), ("post", "/v1/completions"), ("post", "/v1/chat/completions")):
+        summary = spec["paths"][path][method]["summary"]
+        assert f"{method.upper()}\t{path}\tx-api-key or Authorization: Bearer\t{summary}" in routes
+    assert "POST\t/generate\tx-api-key\t" in routes and "GET\t/health\tnone\t" in routes
+    chat = page[page.index("POST /v1/chat/completions") :]
+    request = spec["components"]["schemas"]["ChatCompletionRequest"]
+    for name in request["properties"]:
+        assert f"\n{name}\t" in chat
+    assert request["description"] in chat
+    limit = request["properties"]["max_tokens"]
+    assert f"max_tokens\tinteger\t{limit['default']}\t1 to {limit['maximum']}\t" in chat
+    assert "messages\tlist of object (role, content)\trequired\tat least 1 item" in chat
+    assert "usage\tobject (prompt_tokens, completion_tokens, total_tokens)" in chat
+    assert "then `data: [DONE]`" in chat  # how a streamed answer reads
+    assert browser.evaluate("[...document.querySelectorAll('nav a')].every(a => document.querySelector(a.hash))")
+    assert browser.problems() == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_the_chat_form_answers_with_the_usage(server: Server, browser: Browser, stream: bool) -> None:
+    browser.open(server.url + "/docs")
+    choose_chat(browser, stream)
+    browser.type_into("system", "Answer in one sentence.")
+    fill_and_send(browser, KEY, "What is the capital of France?", prefix="chat-field-", max_tokens="12")
+    wait_until_done(browser)
+    messages = [{"role": "system", "content": "Answer in one sentence."},
+                {"role": "user", "content": "What is the capital of France?"}]  # fmt: skip
+    streamed = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+    url = server.url + "/v1/chat/completions"
+    assert browser.sent_bodies(url) == [{"messages": messages, "max_tokens": 12, **streamed}]
+    expected = httpx.post(url, json={"messages": messages, "max_tokens": 12}, headers={"x-api-key": KEY}).json()
+    choice, usage = expected["choices"][0], expected["usage"]
+    assert text_of(browser, "answer") == choice["message"]["content"]
+    assert "Paris" in choice["message"]["content"]  # the prompt went in as the user's message
+    assert text_of(browser, "status") == (
+        f'Done: finish_reason "{choice["finish_reason"]}"; usage: prompt_tokens {usage["prompt_tokens"]}, '
+        f"completion_tokens {usage['completion_tokens']}, total_tokens {usage['total_tokens']}."
+    )
+    assert browser.problems() == []
+    assert all(url.startswith(server.url) or url.startswith("data:") for url in browser.requested_urls())
+
+
+def test_chat_errors_show_openais_message(server: Server, browser: Browser) -> None:
+    browser.open(server.url + "/docs")
+    choose_chat(browser, stream=False)
+    fill_and_send(browser, "not-the-key", "Hello", prefix="chat-field-")
+    browser.wait_for("!document.getElementById('error').hidden")
+    assert text_of(browser, "error") == "Error 401: invalid API key"
+    fill_and_send(browser, "", "Hello", prefix="chat-field-")  # /v1/'s own words: Bearer is taken too
+    browser.wait_for("document.getElementById('error').innerText.includes('missing')")
+    assert text_of(browser, "error") == "Error 401: missing x-api-key or Authorization: Bearer header"
+    fill_and_send(browser, KEY, "Hello", prefix="chat-field-", max_tokens="9999")
+    browser.wait_for("document.getElementById('error').innerText.includes('400')")
+    assert text_of(browser, "error") == "Error 400: max_tokens must be an integer from 1 to 200, got 9999"
+    assert browser.problems() == []
 
 
 def test_a_wrong_key_shows_the_401_detail(server: Server, browser: Browser) -> None:
@@ -271,8 +356,8 @@ def test_the_csp_blocks_injected_code_and_violations_are_seen(server: Server, br
 
 class StreamingStandIn:
     """Serves the real page, CSP and document, plus the `stream` field and a /generate that answers
-    in server-sent events the way the streaming design says, paced by the test: the page's streaming
-    path is tested here, before the server streams."""
+    in server-sent events the way the streaming design says, and a /v1/chat/completions that streams
+    OpenAI's chunks, both paced by the test: the page shows what arrived before the end."""
 
     def __init__(self) -> None:
         self.release = threading.Event()  # set by the test: send the rest of the stream
@@ -293,7 +378,13 @@ class StreamingStandIn:
                 return JSONResponse(self.answer(body["prompt"]))
             return StreamingResponse(self.events(body["prompt"]), media_type="text/event-stream")
 
-        routes = [Route("/docs", docs), Route("/openapi.json", openapi), Route("/generate", generate, methods=["POST"])]
+        async def chat(request: Request) -> Response:
+            body = await request.json()
+            self.requests.append((request.headers.get("x-api-key"), body))
+            return StreamingResponse(self.chunks(body["messages"][-1]["content"]), media_type="text/event-stream")
+
+        routes = [Route("/docs", docs), Route("/openapi.json", openapi), Route("/generate", generate, methods=["POST"]),
+                  Route("/v1/chat/completions", chat, methods=["POST"])]  # fmt: skip
         self.app = Starlette(routes=routes)
 
     async def events(self, prompt: str) -> AsyncIterator[str]:
@@ -308,6 +399,26 @@ class StreamingStandIn:
             return
         yield 'event: token\ndata: {"token_ids": [3], "text": " time", "generated_tokens": 3}\n\n'
         yield f"event: done\ndata: {json.dumps(self.answer(prompt))}\n\n"
+
+    async def chunks(self, content: str) -> AsyncIterator[str]:
+        def chunk(delta: dict[str, str], reason: str | None = None) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            return f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
+
+        yield ": waiting\n\n"
+        first = chunk({"role": "assistant", "content": "The"})
+        yield first[:30]  # a chunk split across two reads
+        await anyio.sleep(0.05)
+        yield first[30:] + chunk({"content": " capital"})
+        await anyio.to_thread.run_sync(self.release.wait, 30)
+        if content == "fail":
+            error = {"message": "the engine stopped", "type": "server_error", "param": None, "code": None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+            return
+        yield chunk({"content": " is Paris."}) + chunk({}, "stop")
+        usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+        yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
 
     @staticmethod
     def answer(prompt: str) -> dict[str, object]:
@@ -367,16 +478,50 @@ def test_unticking_stream_asks_for_one_json_answer(stand_in: tuple[str, Streamin
     assert app.requests == [(KEY, {"prompt": "Once"})]  # stream left at its default, false
 
 
+def test_a_streamed_chat_shows_as_it_arrives(stand_in: tuple[str, StreamingStandIn], browser: Browser) -> None:
+    url, app = stand_in
+    browser.open(url + "/docs")
+    browser.evaluate("document.getElementById('target-chat').click()")
+    assert browser.evaluate("document.getElementById('chat-field-stream').checked") is True  # on by default
+    fill_and_send(browser, KEY, "Capital of France?", prefix="chat-field-")
+    browser.wait_for("document.getElementById('answer').innerText === 'The capital'")  # before the end
+    assert text_of(browser, "status") == "Generating…"
+    app.release.set()
+    wait_until_done(browser)
+    assert text_of(browser, "answer") == "The capital is Paris."
+    assert text_of(browser, "status") == (
+        'Done: finish_reason "stop"; usage: prompt_tokens 9, completion_tokens 4, total_tokens 13.'
+    )
+    sent = {"messages": [{"role": "user", "content": "Capital of France?"}], "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    assert app.requests == [(KEY, sent)]  # no system message: its box was left empty
+    assert browser.problems() == []
+
+
+def test_a_chat_error_chunk_shows_its_message(stand_in: tuple[str, StreamingStandIn], browser: Browser) -> None:
+    url, app = stand_in
+    browser.open(url + "/docs")
+    browser.evaluate("document.getElementById('target-chat').click()")
+    fill_and_send(browser, KEY, "fail", prefix="chat-field-")
+    browser.wait_for("document.getElementById('answer').innerText === 'The capital'")
+    app.release.set()
+    browser.wait_for("!document.getElementById('error').hidden")
+    assert text_of(browser, "error") == "Error: the engine stopped"
+    assert text_of(browser, "answer") == "The capital"  # what arrived stays readable
+    assert browser.problems() == []
+
+
 @pytest.mark.skipif(not os.environ.get("DOCS_SCREENSHOT"), reason="set DOCS_SCREENSHOT=path to refresh the image")
 def test_screenshot_for_the_readme(smollm2_dir: Path, tmp_path: Path) -> None:
-    """`make screenshot`: the page answering with the offline SmolLM2, saved for the README."""
+    """`make screenshot`: the page's chat answering with the offline SmolLM2, saved for the README."""
     browser = Browser(tmp_path / "chromium")
     try:
         with run_server(tmp_path, MODEL_NAME=str(smollm2_dir)) as real:
             browser.open(real.url + "/docs")
-            fill_and_send(browser, KEY, "The capital of France is", max_new_tokens="8")
+            choose_chat(browser, stream=True)
+            fill_and_send(browser, KEY, "What is the capital of France?", prefix="chat-field-", max_tokens="12")
             wait_until_done(browser)
-            size = {"width": 1000, "height": 1040, "deviceScaleFactor": 1, "mobile": False}
+            size = {"width": 1000, "height": 1400, "deviceScaleFactor": 1, "mobile": False}
             browser.call("Emulation.setDeviceMetricsOverride", **size)
             browser.evaluate("document.activeElement.blur(); document.getElementById('try-title').scrollIntoView()")
             browser.screenshot(Path(os.environ["DOCS_SCREENSHOT"]))
