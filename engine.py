@@ -20,6 +20,7 @@ forward pass (`Model.run`), and *detokenizing* turns token ids back into text (`
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import enum
 import heapq
@@ -759,7 +760,7 @@ class LazyEngine:
     def _load(self, config: ModelConfig) -> Engine:
         start, self.loading = time.monotonic(), True
         try:
-            self._engine = self._factory(config, self._observe)
+            self._engine = _in_own_thread(lambda: self._factory(config, self._observe))
         except Exception as exc:
             log.exception("loading the model failed")
             self._error, self._failed_at = load_failure(config, exc), time.monotonic()
@@ -782,6 +783,17 @@ class LazyEngine:
             engine, self._engine, self._config, self._error = self._engine, None, None, None
         if engine is not None:
             engine.close()
+
+
+def _in_own_thread(work: Callable[[], Engine]) -> Engine:
+    """Run the load in a thread that ends with it. The load runs kernels, so the thread running
+    it gets an OpenMP team of its own, kept while that thread lives, and a server's worker thread
+    outlives the load. Once libgomp manages more threads than there are CPUs, every team (the
+    engine thread's too) spins 100 rounds instead of ~3 ms between two parallel regions and then
+    sleeps, so each kernel of a step waits for its helper thread to wake: half the decode speed
+    on 2 CPUs (bench/README.md, "The default lazy path")."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
+        return pool.submit(work).result()
 
 
 ENGINE = LazyEngine()  # the module's single engine: the server configures it at start

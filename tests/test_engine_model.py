@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 import torch
 import torch.nn.functional as F
@@ -249,3 +252,64 @@ def test_int8_weights_serve_a_staggered_batch(model_dir: Path) -> None:
         assert same >= len(PROMPTS) // 2
     finally:
         eng.close()
+
+
+@pytest.fixture
+def two_threads() -> Iterator[int]:
+    previous = torch.get_num_threads()
+    yield engine.use_threads(2)  # an OpenMP team needs two threads, even on a one-CPU runner
+    torch.set_num_threads(previous)
+
+
+def os_threads() -> set[str]:
+    """This process's OS threads, once no thread has started or ended for 0.1 s: a thread that
+    Python has joined still frees its OpenMP team as it exits."""
+    now, before = set(os.listdir("/proc/self/task")), set()
+    while now != before:
+        time.sleep(0.1)
+        before, now = now, set(os.listdir("/proc/self/task"))
+    return now
+
+
+def first_request(config: engine.ModelConfig, caller_lives: bool) -> tuple[int, int]:
+    """Load the model the way a server's first request does (`caller_lives`: in an anyio worker
+    thread, which lives on, as the lazy default does) or LOAD_ON_START does (a thread that ends),
+    and generate. Returns the intra-op thread count seen from inside the engine thread, and how
+    many OS threads the load and the generation left besides the caller."""
+    in_engine: list[int] = []
+    lazy = engine.LazyEngine()
+    lazy.configure(config, observe=lambda kind, seconds, size: in_engine.append(torch.get_num_threads()))
+
+    def load_and_generate() -> int:
+        lazy.get().generate("Once upon a time", SamplingParams(max_new_tokens=4, ignore_eos=True))
+        return threading.get_native_id()
+
+    async def in_a_worker_thread() -> set[str]:
+        caller = await anyio.to_thread.run_sync(load_and_generate)
+        return os_threads() - {str(caller)}  # counted while that worker thread is alive
+
+    before = os_threads()
+    if caller_lives:
+        after = anyio.run(in_a_worker_thread)
+    else:
+        preload = threading.Thread(target=load_and_generate)
+        preload.start()
+        preload.join()
+        after = os_threads()
+    lazy.close()
+    return in_engine[0], len(after - before)
+
+
+def test_the_lazy_and_the_preload_paths_leave_the_engine_thread_the_same_threads(
+    gpt2_dir: Path, two_threads: int
+) -> None:
+    """Either way the engine thread runs the configured intra-op thread count, and the load
+    leaves no OpenMP team alive in its caller: with one, libgomp manages more threads than
+    CPUs, and then every team, the engine's too, sleeps between two kernels (the lazy path ran
+    at half the speed of LOAD_ON_START=1). The count alone matches with or without that."""
+    config = engine.ModelConfig(name=str(gpt2_dir), dtype="float32", max_batch=4, quantize="none")
+    first_request(config, caller_lives=False)  # the first load starts pools that stay (the tokenizer's)
+    preload_threads, preload_left = first_request(config, caller_lives=False)
+    lazy_threads, lazy_left = first_request(config, caller_lives=True)
+    assert preload_threads == lazy_threads == two_threads
+    assert lazy_left == preload_left

@@ -378,6 +378,23 @@ def test_lazy_engine_reloads_after_its_engine_stopped() -> None:
     second.close()
 
 
+def test_lazy_engine_loads_in_a_thread_that_ends_with_the_load() -> None:
+    """The load's kernels give the thread that runs them an OpenMP team for as long as it lives,
+    and the caller (a server's worker thread) lives on: so the load runs in a thread of its own."""
+    loaders: list[threading.Thread] = []
+
+    def factory(config: engine.ModelConfig, observe: object = None) -> Engine:
+        loaders.append(threading.current_thread())
+        return make_engine()
+
+    lazy = engine.LazyEngine(factory)
+    lazy.configure(engine.ModelConfig(name="fake"))
+    eng = lazy.get()
+    assert loaders[0] is not threading.current_thread()
+    assert not loaders[0].is_alive()
+    eng.close()
+
+
 def test_lazy_engine_is_configured_once() -> None:
     lazy = engine.LazyEngine(Counter())
     with pytest.raises(RuntimeError, match="not configured"):
