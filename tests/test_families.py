@@ -267,7 +267,7 @@ def test_greedy_tokens_equal_transformers_in_a_staggered_batch(
     eng: Engine, family: Family, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Eight requests joining at different steps, long prompts in chunks while others decode: each
-    row's tokens are transformers' for its prompt alone."""
+    row's text is that of transformers' tokens for its prompt alone."""
     monkeypatch.setattr(engine, "PREFILL_CHUNK", CHUNK)
     prompts = [*FAMILY_PROMPTS, *PROMPTS[3:7]]
     jobs = [(p, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)) for p in prompts]
