@@ -23,6 +23,7 @@ import collections
 import concurrent.futures
 import contextlib
 import enum
+import hashlib
 import heapq
 import logging
 import math
@@ -31,6 +32,7 @@ import queue
 import secrets
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,7 @@ from typing import Any
 
 import torch
 
-from model import LoadedModel, LoadError, Work, load_model
+from model import PREFIX_BLOCK, LoadedModel, LoadError, Work, load_model
 
 log = logging.getLogger("llm.engine")
 
@@ -98,6 +100,7 @@ class Result:
     finish_reason: FinishReason
     # Accounting, not content: two results with the same text, tokens and reason are equal.
     prompt_tokens: int = field(default=0, compare=False)
+    cached_tokens: int = field(default=0, compare=False)  # prompt tokens whose keys came from the prefix cache
     admitted_at: float = field(default=0.0, compare=False)  # time.monotonic() when its prefill began
     first_token_at: float = field(default=0.0, compare=False)  # ... when its first token was sampled
     finished_at: float = field(default=0.0, compare=False)  # ... when it finished
@@ -150,6 +153,8 @@ class ModelConfig:
     threads: int = field(default=0, metadata={"env": "THREADS", "minimum": 0})  # 0: the CPUs we may use
     quantize: str = field(default="auto", metadata={"env": "QUANTIZE", "choices": ("auto", "none", "int8")})
     memory_limit_mb: int = field(default=0, metadata={"env": "MEMORY_LIMIT_MB", "minimum": 0})  # 0: memory.max
+    # Prompt tokens whose keys and values are kept for later prompts that start the same way; 0: off.
+    prefix_cache_tokens: int = field(default=4096, metadata={"env": "PREFIX_CACHE_TOKENS", "minimum": 0})
 
 
 def use_threads(setting: int) -> int:
@@ -301,6 +306,8 @@ class Sequence:
     unsent: int = 0  # generated tokens not yet in a Delta (their text is held back)
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens already in the cache (a long prompt joins in chunks)
+    blocks: list[bytes] = field(default_factory=list)  # `block_digests` of the prompt
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache
     row: int = -1  # its cache row while it runs (the scheduler's)
     admitted_at: float = 0.0  # time.monotonic() stamps, for the timing headers and metrics
     first_token_at: float = 0.0
@@ -327,7 +334,7 @@ class Sequence:
     def finish(self, reason: FinishReason) -> None:
         """Send the rest of the text, then the result."""
         self._send(self.text.finish(), last=True)
-        self.output.put(Result(self.text.sent, len(self.generated), reason, len(self.prompt_ids),
+        self.output.put(Result(self.text.sent, len(self.generated), reason, len(self.prompt_ids), self.cached_tokens,
                                self.admitted_at, self.first_token_at, time.monotonic()))  # fmt: skip
 
     def _send(self, piece: str, last: bool = False) -> None:
@@ -335,6 +342,70 @@ class Sequence:
             ids = self.generated[len(self.generated) - self.unsent :]
             self.output.put(Delta(ids, piece, len(self.generated), tuple(self.unsent_logprobs)))
             self.unsent, self.unsent_logprobs = 0, []
+
+
+# ---------------------------------------------------------------------------------------------
+# The prefix cache: which prompt blocks the model's store holds
+
+
+def block_digests(ids: list[int]) -> list[bytes]:
+    """One digest per whole PREFIX_BLOCK of the prompt, of the block's tokens and every token before
+    it (chained), so a block matches only after the same whole prefix. A digest of 16 bytes, not
+    Python's hash(): a collision would hand one prompt another prompt's keys."""
+    digests, parent = [], b""
+    for start in range(0, len(ids) - PREFIX_BLOCK + 1, PREFIX_BLOCK):
+        block = array("q", ids[start : start + PREFIX_BLOCK]).tobytes()
+        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+        digests.append(parent)
+    return digests
+
+
+class PrefixCache:
+    """Which store block holds which prompt block (by `block_digests`), least recently used first.
+    Blocks are copied in and out of rows (model.py's `PrefixStore`), so no running sequence holds
+    one and any may be evicted. Engine thread only."""
+
+    BLOCK = PREFIX_BLOCK  # tokens a block
+
+    def __init__(self, blocks: int):
+        self.capacity = blocks
+        self.where: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self.free = list(range(blocks))
+
+    def match(self, digests: list[bytes], usable: int) -> tuple[int, ...]:
+        """The store blocks of the longest run of leading blocks held (at most `usable`), now
+        the most recently used."""
+        slots = []
+        for digest in digests[:usable]:
+            if (slot := self.where.get(digest)) is None:
+                break
+            self.where.move_to_end(digest)
+            slots.append(slot)
+        return tuple(slots)
+
+    def claim(self, digests: list[bytes]) -> tuple[tuple[int, int], ...]:
+        """Store blocks for the prompt blocks not held yet, the least recently used evicted for
+        them: (block of the prompt, store block) pairs for the model to fill."""
+        pairs = []
+        for block, digest in enumerate(digests[: self.capacity]):
+            if digest in self.where:
+                self.where.move_to_end(digest)
+                continue
+            slot = self.free.pop() if self.free else self.where.popitem(last=False)[1]
+            self.where[digest] = slot
+            pairs.append((block, slot))
+        return tuple(pairs)
+
+    def forget(self, digests: list[bytes], pairs: tuple[tuple[int, int], ...]) -> None:
+        """Give back claimed blocks that were never filled (the pass failed)."""
+        for block, slot in pairs:
+            if self.where.get(digests[block]) == slot:
+                del self.where[digests[block]]
+                self.free.append(slot)
+
+    @property
+    def used(self) -> int:
+        return len(self.where)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +542,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int, observe: StepObserver | None = None):
         self.loaded, self.model = loaded, loaded.model
         self.scheduler = Scheduler(max_batch, loaded.eos_ids)
+        self.prefix = PrefixCache(self.model.store.blocks)
         self.observe = observe or (lambda kind, seconds, size: None)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -492,7 +564,9 @@ class Engine:
         self._check_fits(len(ids), params.max_new_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         text = TextStream(self.loaded.tokenizer, ids, params.stop)
-        seq = Sequence(ids, params, torch.Generator().manual_seed(seed), text, cancel or threading.Event(), deadline)
+        blocks = block_digests(ids) if self.prefix.capacity else []  # hashed here, off the engine thread
+        seq = Sequence(ids, params, torch.Generator().manual_seed(seed), text, cancel or threading.Event(), deadline,
+                       blocks=blocks)  # fmt: skip
         self.scheduler.add(seq)
         return iter(seq.output)
 
@@ -574,14 +648,21 @@ class Engine:
         return True
 
     def _prefill(self, seq: Sequence, budget: int) -> int:
-        """Prefill the next chunk of a placed sequence's prompt; return the tokens it took."""
-        start, seq.admitted_at = time.monotonic(), seq.admitted_at or time.monotonic()
+        """Prefill the next chunk of a placed sequence's prompt; return the tokens it took. The
+        first chunk starts after the prompt's blocks the prefix cache holds (copied into its row)
+        and makes room for the whole prompt, so the cache grows (a copy) once, not every chunk; the
+        last chunk saves the prompt's whole blocks for the prompts after it."""
+        start, first = time.monotonic(), not seq.admitted_at
+        seq.admitted_at = seq.admitted_at or start
+        restore = self._cached_prefix(seq) if first else ()
         chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + budget]
-        # A prompt's first chunk makes room for all of it: the cache grows (a copy) once, not every chunk.
-        work = Work([seq.row], [chunk], [seq.prefilled], room=0 if seq.prefilled else len(seq.prompt_ids))
+        last = seq.prefilled + len(chunk) == len(seq.prompt_ids)
+        save = self.prefix.claim(seq.blocks) if last else ()
+        work = Work([seq.row], [chunk], [seq.prefilled], len(seq.prompt_ids) if first else 0, restore, save)
         try:
             logits = self.model.run(work)
         except Exception as exc:  # one bad sequence must not take the batch down
+            self.prefix.forget(seq.blocks, save)
             log.exception("prefill failed")
             self.scheduler.fail(seq, GenerationFailed(f"generation failed: {exc}"))
             return len(chunk)
@@ -590,6 +671,13 @@ class Engine:
         if not seq.prefilling:
             self._postprocess([seq], logits)  # the prompt is in: its first token
         return len(chunk)
+
+    def _cached_prefix(self, seq: Sequence) -> tuple[int, ...]:
+        """The store blocks that hold the prompt's leading blocks; the prompt's last token is always
+        computed, since its logits give the first new token."""
+        slots = self.prefix.match(seq.blocks, (len(seq.prompt_ids) - 1) // PREFIX_BLOCK)
+        seq.prefilled = seq.cached_tokens = len(slots) * PREFIX_BLOCK
+        return slots
 
     def _decode(self, batch: list[Sequence]) -> None:
         start = time.monotonic()
@@ -664,16 +752,17 @@ def check_memory(loaded: LoadedModel, config: ModelConfig, limit: int) -> None:
     this by construction; until then, a clear refusal beats the OOM killer mid-load."""
     if not limit:
         return
-    held = resident_bytes()
+    held, store = resident_bytes(), loaded.model.store.bytes  # the store is not resident until it fills
     kv = loaded.model.cache.worst_case_bytes(config.max_batch, loaded.max_context)
-    worst = held + kv + max(256 * 2**20, kv // 8)
+    worst = held + kv + store + max(256 * 2**20, kv // 8)
     if worst > limit:
         mib = 2**20
         raise LoadError(
             f"the worst case of these settings needs ~{worst // mib} MiB (weights and runtime {held // mib} MiB, "
             f"KV cache {kv // mib} MiB for MAX_BATCH_SIZE={config.max_batch} sequences of "
-            f"{loaded.max_context} tokens), over the memory limit of {limit // mib} MiB; lower MAX_BATCH_SIZE or "
-            "MAX_CONTEXT_TOKENS, or raise the limit (MEMORY_LIMIT_MB, or the container's memory limit)"
+            f"{loaded.max_context} tokens, prefix cache {store // mib} MiB), over the memory limit of "
+            f"{limit // mib} MiB; lower MAX_BATCH_SIZE, MAX_CONTEXT_TOKENS or PREFIX_CACHE_TOKENS, or raise the "
+            "limit (MEMORY_LIMIT_MB, or the container's memory limit)"
         )
 
 

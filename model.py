@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 CACHE_CHUNK = 64  # KV cache length grows (and shrinks back) in steps of this many tokens
 ROW_CHUNK = 8  # and its rows in steps of this many sequences
+PREFIX_BLOCK = 16  # tokens a block of the prefix store holds: prompts share cached keys and values in whole blocks
 PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
 INT8_ALWAYS = 1 << 62  # `resolve_int8`'s answer when int8 weights win at every batch size: float ones are dropped
 HUB, HUB_PROBE_SECONDS = "https://huggingface.co", 5  # where hub ids come from; how long to try reaching it
@@ -58,6 +59,9 @@ class LoadSettings(Protocol):
     def max_context(self) -> int: ...
     @property
     def cache_dir(self) -> str | None: ...
+
+    @property
+    def prefix_cache_tokens(self) -> int: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +243,7 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device, config.max_batch, width)
     int8_rows = resolve_int8(config.quantize, device, dtype, width, (1, 8, config.max_batch, prefill_chunk))
     model = build_model(hf_model, Convert(dtype, device, int8_rows, config.max_batch))
+    model.store = PrefixStore(len(model.layers), config.prefix_cache_tokens // PREFIX_BLOCK, model.arch, dtype, device)
     eos, family = hf_model.generation_config.eos_token_id, hf_model.config.model_type
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -393,6 +398,41 @@ class KVCache:
                 cache[i] = new
 
 
+class PrefixStore:
+    """Keys and values of whole prompt blocks (PREFIX_BLOCK tokens each), kept apart from the rows
+    once their prompt is prefilled, so that a later prompt starting with the same tokens copies
+    them into its row instead of computing them again (the engine's `PrefixCache` says which block
+    holds what). Per layer [blocks, Hkv, PREFIX_BLOCK, D], made empty: a block's memory is touched,
+    and so resident, only once a prompt's block is written there. Copying a 512-token prefix in
+    costs a few milliseconds where its prefill costs a second; kept apart, the rows stay dense for
+    decode steps, which read them in place."""
+
+    def __init__(self, layers: int, blocks: int, arch: Architecture, dtype: torch.dtype, device: torch.device):
+        self.blocks, self.heads, self.dim = blocks, arch.kv_heads, arch.head_dim
+        shape = (blocks, self.heads, PREFIX_BLOCK, self.dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers if blocks else 0)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers if blocks else 0)]
+        self.bytes = 2 * layers * math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+
+    def _blocks_of(self, layer: torch.Tensor, row: int, blocks: int) -> torch.Tensor:
+        """A row's first `blocks` blocks of a cache layer as [blocks, Hkv, PREFIX_BLOCK, D] (a view)."""
+        return layer[row, :, : blocks * PREFIX_BLOCK].view(self.heads, blocks, PREFIX_BLOCK, self.dim).transpose(0, 1)
+
+    def restore(self, cache: KVCache, row: int, slots: tuple[int, ...]) -> None:
+        """Copy these store blocks into the row's first positions, in order."""
+        index = torch.tensor(slots, device=cache.device)
+        for layer, stored in zip(cache.k + cache.v, self.k + self.v, strict=True):
+            self._blocks_of(layer, row, len(slots)).copy_(stored.index_select(0, index))
+
+    def save(self, cache: KVCache, row: int, pairs: tuple[tuple[int, int], ...]) -> None:
+        """Copy the row's blocks into the store: (block of the row, store block) pairs."""
+        blocks = torch.tensor([block for block, _ in pairs], device=cache.device)
+        slots = torch.tensor([slot for _, slot in pairs], device=cache.device)
+        for layer, stored in zip(cache.k + cache.v, self.k + self.v, strict=True):
+            held = self._blocks_of(layer, row, int(blocks.max()) + 1)
+            stored.index_copy_(0, slots, held.index_select(0, blocks))
+
+
 @dataclass(frozen=True)
 class Work:
     """One forward pass, as the engine asks for it: these tokens, at these positions, into these
@@ -402,6 +442,8 @@ class Work:
     tokens: list[list[int]]  # each row's new tokens
     starts: list[int]  # each row's first new position: the tokens its cache row holds already
     room: int = 0  # positions to make room for at once (a prompt's whole length, before its first chunk)
+    restore: tuple[int, ...] = ()  # prefix-store blocks copied into the row's first positions before the pass
+    save: tuple[tuple[int, int], ...] = ()  # (block of the row, store block) copied into the store after it
 
 
 @dataclass(frozen=True)
@@ -446,18 +488,25 @@ class Model:
         self.max_context = arch.max_context
         self.dtype, self.device = embed.dtype, embed.table.device
         self.cache = KVCache(len(layers), max_batch, arch, self.dtype, self.device)
+        self.store = PrefixStore(len(layers), 0, arch, self.dtype, self.device)  # load_model sizes it
         # In the model's dtype, as transformers' Gemma multiplies (sqrt(3072) = 55.43 is 55.5 in bfloat16).
         self.embed_scale = torch.tensor(arch.embed_scale, dtype=self.dtype, device=self.device)
 
     def run(self, work: Work) -> torch.Tensor:
-        """Run the work's tokens into their cache rows; return each row's next-token logits [B, V]."""
+        """Run the work's tokens into their cache rows; return each row's next-token logits [B, V].
+        A prefill may first restore cached prompt blocks into its row, and save blocks after."""
         inputs: Prefill | Decode
-        if all(len(tokens) == 1 for tokens in work.tokens):
+        if all(len(tokens) == 1 for tokens in work.tokens) and not work.restore:
             (ids, inputs), last = self._prepare_decode(work), -1
         else:
             assert len(work.rows) == 1, "a prefill runs one sequence's chunk"
             (ids, inputs), last = self._prepare_prefill(work), len(work.tokens[0]) - 1
-        return self._forward(ids, inputs, self._windowed(inputs), last)
+        if work.restore:  # after _prepare_prefill made room
+            self.store.restore(self.cache, work.rows[0], work.restore)
+        logits = self._forward(ids, inputs, self._windowed(inputs), last)
+        if work.save:
+            self.store.save(self.cache, work.rows[0], work.save)
+        return logits
 
     def clear(self) -> None:
         """Nothing runs: give the cache's memory back."""

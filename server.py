@@ -530,6 +530,7 @@ _SCHEMAS: dict[str, Any] = {
             "model_state": {"enum": ["not loaded", "loading", "loaded", "failed"]},
             "model_error": {"type": "string", "description": "Why the last load failed, and when the next try is."},
             "active_sequences": {"type": "integer", "description": "Sequences in the running batch."},
+            "model_family": {"type": "string", "description": "Once loaded: its model type (gpt2, llama, qwen2...)."},
         },
     },
     "GenerateResponse": {
@@ -713,6 +714,8 @@ class Metrics:
     first_token: Histogram = field(default_factory=Histogram)
     per_token: Histogram = field(default_factory=Histogram)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of those, restored from the prefix cache
+    prefix_hits: int = 0  # generations whose prompt started with cached blocks
     generated_tokens: int = 0
     steps: collections.defaultdict[str, Histogram] = field(default_factory=lambda: defaultdict(Histogram))
     batch_sizes: Histogram = field(default_factory=lambda: Histogram((1, 2, 4, 8, 16, 32, 64, 128, 256)))
@@ -730,6 +733,8 @@ class Metrics:
     def observe_generation(self, timing: Timing) -> None:
         self.queue.observe(timing.queue)
         self.prompt_tokens += timing.result.prompt_tokens
+        self.cached_tokens += timing.result.cached_tokens
+        self.prefix_hits += timing.result.cached_tokens > 0
         self.generated_tokens += timing.result.tokens
         if timing.result.tokens:
             self.first_token.observe(timing.first_token)
@@ -754,6 +759,14 @@ def render_metrics(metrics: Metrics, settings: Settings, runtime: Runtime, lazy:
          metrics.per_token.lines("llm_time_per_output_token_seconds")),
         ("llm_prompt_tokens_total", "counter", "Prompt tokens of finished generations.",
          [f"llm_prompt_tokens_total {metrics.prompt_tokens}"]),
+        ("llm_prompt_cached_tokens_total", "counter", "Prompt tokens restored from the prefix cache, not computed.",
+         [f"llm_prompt_cached_tokens_total {metrics.cached_tokens}"]),
+        ("llm_prefix_cache_hits_total", "counter", "Finished generations whose prompt began with cached blocks.",
+         [f"llm_prefix_cache_hits_total {metrics.prefix_hits}"]),
+        ("llm_prefix_cache_blocks", "gauge", f"Prompt blocks ({engine.PrefixCache.BLOCK} tokens) in the prefix cache.",
+         [f"llm_prefix_cache_blocks {running.prefix.used if running else 0}"]),
+        ("llm_prefix_cache_capacity_blocks", "gauge", "Blocks the prefix cache can hold (PREFIX_CACHE_TOKENS).",
+         [f"llm_prefix_cache_capacity_blocks {running.prefix.capacity if running else 0}"]),
         ("llm_generated_tokens_total", "counter", "Tokens generated.",
          [f"llm_generated_tokens_total {metrics.generated_tokens}"]),
         ("llm_running_sequences", "gauge", "Sequences in the running batch.", [f"llm_running_sequences {active}"]),
@@ -1234,9 +1247,10 @@ def _token(token: str, logprob: float) -> dict[str, Any]:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
 
 
-def usage(result: engine.Result) -> dict[str, int]:
+def usage(result: engine.Result) -> dict[str, Any]:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.tokens,
-            "total_tokens": result.prompt_tokens + result.tokens}  # fmt: skip
+            "total_tokens": result.prompt_tokens + result.tokens,
+            "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}  # fmt: skip
 
 
 @dataclass
@@ -1380,7 +1394,10 @@ def openai_schemas(limits: Limits) -> dict[str, Any]:
                 "description": description}  # fmt: skip
 
     counts = ("prompt_tokens", "completion_tokens", "total_tokens")
-    usage = {"type": "object", "required": list(counts), "properties": {k: {"type": "integer"} for k in counts}}
+    cached = {"type": "object", "properties": {"cached_tokens": {"type": "integer",
+              "description": "Prompt tokens whose keys and values came from the prefix cache."}}}  # fmt: skip
+    usage = {"type": "object", "required": list(counts),
+             "properties": {**{k: {"type": "integer"} for k in counts}, "prompt_tokens_details": cached}}  # fmt: skip
     finish = {"enum": sorted(set(OPENAI_FINISH.values()))}
 
     def answer(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
@@ -1433,6 +1450,8 @@ async def health(request: Request) -> JSONResponse:
     state, detail = model_state(request.app.state.engine)
     body = {"status": "ok", "service": SERVICE, "model": settings.model.name, "model_loaded": state == "loaded",
             "model_state": state, "active_sequences": running.active if running else 0}  # fmt: skip
+    if running:
+        body["model_family"] = running.loaded.family
     if state == "failed":
         body["model_error"] = detail
     return JSONResponse(body)

@@ -245,7 +245,8 @@ def test_concurrent_first_requests_load_the_model_once(gpt2_dir: Path, tmp_path:
             w.join()
         assert results == [200] * 6
         assert fresh.log().count("loaded in") == 1
-        assert httpx.get(fresh.url + "/health").json()["model_loaded"] is True
+        health = httpx.get(fresh.url + "/health").json()
+        assert (health["model_loaded"], health["model_family"]) == (True, "gpt2")
 
 
 def test_real_model_generates_sense(smollm2_dir: Path, tmp_path: Path) -> None:

@@ -36,9 +36,13 @@ PROMPTS = [
 ]
 
 
-def open_engine(path: Path, dtype: str = "float32", max_batch: int = 8, quantize: str = "none") -> Engine:
-    """Float weights unless asked: parity with transformers holds for them alone."""
-    config = engine.ModelConfig(name=str(path), dtype=dtype, max_batch=max_batch, quantize=quantize)
+def open_engine(
+    path: Path, dtype: str = "float32", max_batch: int = 8, quantize: str = "none", prefix_cache_tokens: int = 0
+) -> Engine:
+    """Float weights unless asked: parity with transformers holds for them alone. No prefix cache
+    unless asked, so a test's prompts are prefilled as the test says, whatever ran before."""
+    config = engine.ModelConfig(name=str(path), dtype=dtype, max_batch=max_batch, quantize=quantize,
+                                prefix_cache_tokens=prefix_cache_tokens)  # fmt: skip
     return engine.create_engine(config)
 
 
@@ -81,6 +85,36 @@ def test_greedy_matches_transformers(eng: Engine, model_dir: Path) -> None:
         expected = reference_tokens(model_dir, prompt, 16)
         result = eng.generate(prompt, SamplingParams(max_new_tokens=16, ignore_eos=True))
         assert result.text == eng.loaded.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+# ~90 tokens of varied text: a repeated sentence would make blocks alike, and a misplaced one could pass.
+SHARED = ("The harbour town was founded by fishermen in 1642. Its lighthouse burned whale oil until 1890, "
+          "when a keeper named Ada Frey installed the first electric lamp. Ferries now leave at seven and "
+          "noon; the bakery on Quay Street opens at five, and the museum keeps the old logbooks.")  # fmt: skip
+TAILS = [" It began", "\n\nIn short:", " The oldest street"]
+
+
+@pytest.mark.parametrize("chunk", [engine.PREFILL_CHUNK, 8])
+def test_greedy_matches_transformers_after_a_prefix_cache_hit(
+    model_dir: Path, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts sharing their first blocks: the later ones copy those blocks' keys and values in
+    from the prefix cache and prefill only the rest (in one piece, or in chunks), and their tokens
+    are still transformers' exactly."""
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", chunk)
+    eng = open_engine(model_dir, prefix_cache_tokens=1024)
+    try:
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        cached = []
+        for tail in TAILS:
+            result = eng.generate(SHARED + tail, params)
+            expected = reference_tokens(model_dir, SHARED + tail, 12)
+            assert result.text == eng.loaded.tokenizer.decode(expected, skip_special_tokens=True), tail
+            cached.append(result.cached_tokens)
+        shared_blocks = len(eng.loaded.tokenizer.encode(SHARED)) // model.PREFIX_BLOCK - 1  # a merge may span the seam
+        assert cached[0] == 0 and min(cached[1:]) >= shared_blocks * model.PREFIX_BLOCK
+    finally:
+        eng.close()
 
 
 def test_long_prompt_grows_the_cache_correctly(eng: Engine, model_dir: Path) -> None:

@@ -42,13 +42,29 @@ class FakeTokenizer:
         return "".join(chr(i) for i in ids if i != EOS)
 
 
+class FakeStore:
+    """FakeModel's prefix store: the tokens each block holds."""
+
+    def __init__(self, blocks: int = 0):
+        self.blocks, self.bytes = blocks, 0
+        self.held: dict[int, list[int]] = {}
+
+
+def last_plus_one(history: list[int]) -> int:
+    return history[-1] + 1
+
+
 class FakeModel:
-    """Next token = last token of the row's own history + 1 (mod VOCAB)."""
+    """Next token = last token of the row's own history + 1 (mod VOCAB), or `next_of(history)`."""
 
     max_context = 64
 
-    def __init__(self, step_delay: float = 0.0):
+    def __init__(
+        self, step_delay: float = 0.0, store_blocks: int = 0, next_of: Callable[[list[int]], int] = last_plus_one
+    ):
         self.rows: dict[int, list[int]] = {}  # its KV cache: each row's tokens
+        self.store = FakeStore(store_blocks)
+        self.next_of = next_of
         self.step_delay = step_delay
         self.batch_sizes: list[int] = []
         self.prefills: list[int] = []  # tokens in each prefill call
@@ -57,14 +73,16 @@ class FakeModel:
 
     def _logits(self, history: list[int]) -> torch.Tensor:
         logits = torch.zeros(VOCAB)
-        logits[(history[-1] + 1) % VOCAB] = 1.0
+        logits[self.next_of(history) % VOCAB] = 1.0
         return logits
 
     def run(self, work: model.Work) -> torch.Tensor:
         """Append each row's tokens to its history, where the row's cached length says they go."""
         if work.room:
             self.reserved.append(work.room)
-        prefill = len(work.tokens[0]) > 1 or work.starts[0] == 0
+        prefill = len(work.tokens[0]) > 1 or work.starts[0] == 0 or bool(work.restore)
+        if work.restore:  # the row starts with the store's blocks
+            self.rows[work.rows[0]] = [token for slot in work.restore for token in self.store.held[slot]]
         if prefill:
             self.prefills.append(len(work.tokens[0]))
         else:
@@ -78,6 +96,10 @@ class FakeModel:
             history = self.rows.get(row, []) if start else []  # start 0: a new sequence in this row
             assert start == len(history), "a row's new tokens must go where its cached ones end"
             self.rows[row] = history + list(tokens)
+        for block, slot in work.save:
+            self.store.held[slot] = self.rows[work.rows[0]][
+                block * model.PREFIX_BLOCK : (block + 1) * model.PREFIX_BLOCK
+            ]
         return torch.stack([self._logits(self.rows[row]) for row in work.rows])
 
     def clear(self) -> None:
@@ -613,3 +635,71 @@ def test_settings_whose_worst_case_cannot_fit_are_refused_with_the_figures() -> 
     engine.check_memory(loaded, config, limit=64 * 2**30)
     with pytest.raises(model.LoadError, match=r"KV cache 1152 MiB for MAX_BATCH_SIZE=32 .* over the memory limit"):
         engine.check_memory(loaded, config, limit=kv)
+
+
+# ---------------------------------------------------------------------------------------------
+# The prefix cache
+
+
+def test_a_block_digest_depends_on_every_token_before_it() -> None:
+    a, b, c = [1] * model.PREFIX_BLOCK, [2] * model.PREFIX_BLOCK, [3] * model.PREFIX_BLOCK
+    first, second = engine.block_digests(a + b), engine.block_digests(c + b)
+    assert len(first) == 2 and first[0] != second[0] and first[1] != second[1]
+    assert engine.block_digests(a + b + [9] * (model.PREFIX_BLOCK - 1)) == first  # only whole blocks
+
+
+def test_the_prefix_cache_evicts_the_least_recently_used_block() -> None:
+    cache = engine.PrefixCache(blocks=2)
+    d1, d2, d3 = (bytes([i]) * 16 for i in range(3))
+    assert cache.claim([d1, d2]) == ((0, 1), (1, 0))
+    assert cache.claim([d1, d2]) == ()  # held already
+    assert cache.match([d1], usable=1) == (1,)  # d1 is now the most recently used
+    assert cache.claim([d3]) == ((0, 0),)  # d2's block goes to d3
+    assert cache.match([d2], usable=1) == () and cache.match([d3], usable=1) == (0,)
+    assert cache.match([d3], usable=0) == () and cache.used == 2
+
+
+def prefix_engine(next_of: Callable[[list[int]], int], store_blocks: int = 8) -> Engine:
+    fake = FakeModel(store_blocks=store_blocks, next_of=next_of)
+    return Engine(LoadedModel(FakeTokenizer(), fake, frozenset([EOS]), 64, torch.float32), 4)  # type: ignore[arg-type]
+
+
+def weighted_sum(history: list[int]) -> int:
+    """Depends on every token and its place: a block restored wrong, or in the wrong order, shows."""
+    return sum(place * token for place, token in enumerate(history, 1))
+
+
+def test_a_prompt_that_starts_with_cached_blocks_prefills_only_the_rest() -> None:
+    """The next token depends on the whole history, so a wrong or misplaced block changes the
+    text; the fake also checks every chunk goes where the row's cached tokens end."""
+    block = model.PREFIX_BLOCK
+    shared = "".join(chr(ord("a") + i % 26) for i in range(2 * block))
+    first, second, exact = shared + "first!", shared + "second", shared[: 2 * block]
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    plain = prefix_engine(weighted_sum, store_blocks=0)
+    cached = prefix_engine(weighted_sum)
+    try:
+        assert cached.generate(first, params).cached_tokens == 0
+        prefills = len(cached.model.prefills)
+        result = cached.generate(second, params)
+        assert result.cached_tokens == 2 * block and cached.model.prefills[prefills:] == [len("second")]
+        assert result == plain.generate(second, params)
+        # A prompt of whole cached blocks still computes its last token: its logits give the first new one.
+        assert cached.generate(exact, params).cached_tokens == block
+        assert cached.generate(exact, params) == plain.generate(exact, params)
+    finally:
+        plain.close()
+        cached.close()
+
+
+def test_blocks_claimed_by_a_failed_prefill_are_given_back() -> None:
+    def fails(history: list[int]) -> int:
+        raise RuntimeError("device fell over")
+
+    eng = prefix_engine(fails)
+    try:
+        with pytest.raises(engine.GenerationFailed):
+            eng.generate("x" * 2 * model.PREFIX_BLOCK, SamplingParams(max_new_tokens=2))
+        assert eng.prefix.used == 0 and sorted(eng.prefix.free) == list(range(8))
+    finally:
+        eng.close()

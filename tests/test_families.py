@@ -8,7 +8,8 @@ and in a staggered batch; bfloat16 and int8 logits must stay close."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from starlette.testclient import TestClient
 
 import engine
 import model
+import server
 from engine import Engine, SamplingParams
+from tests.conftest import KEY
 from tests.test_engine_model import PROMPTS, open_engine, run_staggered
 
 pytestmark = pytest.mark.integration
@@ -156,6 +160,34 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
         "gemma3_text",
     ),
 }
+# Each family's chat template, in its shape (the released tokenizers' turn markers; SmolLM2's
+# tokenizer spells the markers it lacks as text, which is all a prompt needs).
+LLAMA3_CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MISTRAL_CHAT = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+PHI3_CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+GEMMA_CHAT = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
+    "\n{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+CHAT_TEMPLATES = {"llama3": LLAMA3_CHAT, "llama-dynamic": LLAMA3_CHAT, "qwen2": CHATML, "qwen2-window": CHATML,
+                  "qwen3": CHATML, "mistral": MISTRAL_CHAT, "phi3": PHI3_CHAT, "gemma2": GEMMA_CHAT,
+                  "gemma3": GEMMA_CHAT}  # fmt: skip
+CONVERSATION = [{"role": "user", "content": "A colour?"}, {"role": "assistant", "content": "Blue."},
+                {"role": "user", "content": "Another?"}]  # fmt: skip
 # The served context where it is not max_position_embeddings: longrope's short factors hold up to
 # original_max_position_embeddings; dynamic scaling is the plain rope up to max_position_embeddings.
 CONTEXT = {"phi3": 128, "llama-dynamic": 96}
@@ -186,6 +218,10 @@ def build(name: str, out: Path, tokenizer_dir: Path) -> Path:
 
     class_name, settings, _ = FAMILIES[name]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.chat_template = CHAT_TEMPLATES[name]
+    # Its turn markers as special tokens, as the family's own tokenizer has them (one id each).
+    markers = sorted(set(re.findall(r"<\|?[a-z_]+\|?>", CHAT_TEMPLATES[name])) - set(tokenizer.get_vocab()))
+    tokenizer.add_special_tokens({"additional_special_tokens": markers}, replace_extra_special_tokens=False)
     random_model(class_name, settings, tokenizer, seed=sum(map(ord, name))).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -217,10 +253,11 @@ def reference(path: Path) -> Any:
 
 
 @functools.cache
-def reference_tokens(path: Path, prompt: str, n: int = NEW_TOKENS) -> list[int]:
+def reference_tokens(path: Path, prompt: str | tuple[int, ...], n: int = NEW_TOKENS) -> list[int]:
+    """transformers' greedy tokens after a prompt given as text or as token ids."""
     from transformers import AutoTokenizer
 
-    ids = torch.tensor([AutoTokenizer.from_pretrained(path).encode(prompt)])
+    ids = torch.tensor([AutoTokenizer.from_pretrained(path).encode(prompt) if isinstance(prompt, str) else prompt])
     out = reference(path).generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False
     )
@@ -277,6 +314,21 @@ def test_greedy_tokens_equal_transformers_in_a_staggered_batch(
         assert result.text == tokenizer.decode(reference_tokens(family.path, prompt), skip_special_tokens=True), prompt
 
 
+def test_greedy_tokens_equal_transformers_after_a_prefix_cache_hit(family: Family) -> None:
+    """The long prompt's first blocks come from the prefix cache for the prompts that extend it
+    (windows crossed inside the cached part and after it)."""
+    shared = FAMILY_PROMPTS[-1]
+    other = open_engine(family.path, prefix_cache_tokens=512)
+    try:
+        assert token_ids(other, shared) == reference_tokens(family.path, shared)
+        for tail in (" Then", " And after that, the river"):
+            assert token_ids(other, shared + tail) == reference_tokens(family.path, shared + tail), tail
+        hit = other.generate(shared + " Then", SamplingParams(max_new_tokens=1)).cached_tokens
+        assert hit >= model.PREFIX_BLOCK and hit % model.PREFIX_BLOCK == 0
+    finally:
+        other.close()
+
+
 def filler(tokenizer: Any, tokens: int) -> str:
     """A prompt of exactly this many tokens."""
     text = "word" + " word" * (tokens - 1)
@@ -321,6 +373,27 @@ def test_bfloat16_and_int8_logits_stay_close(eng: Engine, family: Family, dtype:
             assert (similarity > 0.995).all(), (prompt, similarity)
     finally:
         other.close()
+
+
+def test_the_chat_route_renders_the_familys_own_template(family: Family) -> None:
+    """/v1/chat/completions through the app: the prompt is the checkpoint's template applied to
+    the conversation (its token count in `usage`), and the answer is transformers' continuation
+    of exactly those ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(family.path)
+    ids = tokenizer.apply_chat_template(CONVERSATION, tokenize=True, add_generation_prompt=True)
+    ids = list(ids["input_ids"] if isinstance(ids, Mapping) else ids)  # transformers 5: a BatchEncoding
+    config = engine.ModelConfig(str(family.path), dtype="float32", quantize="none")
+    settings = server.Settings(api_keys=(KEY,), model=config)
+    body = {"model": "any", "messages": CONVERSATION, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    with TestClient(server.create_app(settings, lazy=engine.LazyEngine()), headers={"x-api-key": KEY}) as client:
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["usage"]["prompt_tokens"] == len(ids)
+    expected = tokenizer.decode(reference_tokens(family.path, tuple(ids), 8), skip_special_tokens=True)
+    assert answer["choices"][0]["message"]["content"] == expected
 
 
 def test_an_unsupported_model_type_gets_the_503_naming_the_supported_ones(tmp_path: Path, smollm2_dir: Path) -> None:

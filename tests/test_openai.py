@@ -63,6 +63,26 @@ def test_chat_answers_with_usage(client: openai.OpenAI) -> None:
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+def test_a_shared_system_prompt_is_computed_once_and_counted_as_cached(server: Server, client: openai.OpenAI) -> None:
+    """Turns that repeat a long system prompt: from the second on, its whole blocks come from the
+    prefix cache, which `usage.prompt_tokens_details.cached_tokens` and /metrics report."""
+    from tests.test_metrics import scrape
+
+    system = {"role": "system", "content": "You answer questions about the harbour town of Port Ellen. " * 12}
+    before = scrape(server.url)
+    cached = []
+    for question in ("Who keeps the lighthouse?", "When does the ferry leave?", "Is there a bakery?"):
+        messages = [system, {"role": "user", "content": question}]
+        answer = client.chat.completions.create(model=SERVED, messages=messages, max_tokens=4)  # type: ignore[arg-type]
+        assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+        cached.append(answer.usage.prompt_tokens_details.cached_tokens or 0)
+    after = scrape(server.url)
+    assert cached[0] == 0 and min(cached[1:]) >= 128  # the system prompt is ~130 tokens: 8+ blocks of 16
+    assert after.value("llm_prompt_cached_tokens_total") - before.value("llm_prompt_cached_tokens_total") == sum(cached)
+    assert after.value("llm_prefix_cache_hits_total") - before.value("llm_prefix_cache_hits_total") == 2
+    assert 0 < after.value("llm_prefix_cache_blocks") <= after.value("llm_prefix_cache_capacity_blocks")
+
+
 def test_a_stream_adds_up_to_the_whole_answer_and_ends_with_usage(client: openai.OpenAI) -> None:
     whole = client.chat.completions.create(model=SERVED, messages=QUESTION, max_tokens=24)  # type: ignore[arg-type]
     chunks = list(client.chat.completions.create(model=SERVED, messages=QUESTION, max_tokens=24, stream=True,  # type: ignore[arg-type]

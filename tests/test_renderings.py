@@ -31,6 +31,7 @@ class FakeEngine:
 
     def __init__(self, error: Exception | None = None):
         self.error = error
+        self.prefix = engine.PrefixCache(0)  # /metrics reads it
         self.cancels: list[threading.Event] = []
 
     def stream(self, prompt: str, params: engine.SamplingParams, cancel: threading.Event,
