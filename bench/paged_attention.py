@@ -72,16 +72,22 @@ def gathered(q: torch.Tensor, pool: Pool) -> Attend:
     head-major here ([Hkv, P, bs, D]) so the gather is the only copy; rows stay [Hkv, B, L, D]."""
     batch, blocks = q.shape[0], max(len(ids) for ids in pool.table)
     table = torch.stack([torch.cat([ids, ids.new_zeros(blocks - len(ids))]) for ids in pool.table]).flatten()
-    pool_k, pool_v = pool.k.transpose(0, 1).contiguous(), pool.v.transpose(0, 1).contiguous()
+    per_head = pool.k.shape[0]  # index_select along dim 0 (its fast path): head h's block i is h P + i
+    table = (torch.arange(KV_HEADS)[:, None] * per_head + table).flatten()
+    pool_k, pool_v = (p.transpose(0, 1).reshape(-1, pool.size, DIM) for p in (pool.k, pool.v))
     length = blocks * pool.size
     lengths = torch.stack([pool.fill[ids].sum() for ids in pool.table])
     hidden = torch.arange(length)[None] >= lengths[:, None]
     mask = torch.zeros(batch, length, dtype=q.dtype).masked_fill_(hidden, -math.inf)
     mask = mask[None, :, None].expand(KV_HEADS, batch, GROUP, length).reshape(-1, GROUP, length)
 
+    # Reused buffers, as an engine would keep one a step: fresh ones cost page faults each call
+    # (1.5-10x slower, erratic, in a first run), not the copy this measures.
+    buffer_k, buffer_v = pool_k.new_empty(len(table), pool.size, DIM), pool_v.new_empty(len(table), pool.size, DIM)
+
     def run() -> torch.Tensor:
-        k = pool_k.index_select(1, table).view(-1, length, DIM)  # [Hkv B, L, D]
-        v = pool_v.index_select(1, table).view(-1, length, DIM)
+        k = torch.index_select(pool_k, 0, table, out=buffer_k).view(-1, length, DIM)  # [Hkv B, L, D]
+        v = torch.index_select(pool_v, 0, table, out=buffer_v).view(-1, length, DIM)
         grouped = q.transpose(0, 1).reshape(-1, GROUP, DIM)
         scores = torch.baddbmm(mask, grouped, k.transpose(1, 2), alpha=SCALE)
         out = torch.bmm(torch.softmax(scores, dim=-1), v)
