@@ -34,7 +34,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
-    eng = engine.create_engine(engine.ModelConfig(name=args.model, dtype=args.dtype, max_batch=len(PROMPTS)))
+    config = engine.ModelConfig(name=args.model, dtype=args.dtype, max_batch=len(PROMPTS), prefix_cache_tokens=0)
+    eng = engine.create_engine(config)  # no prefix cache: each prompt is prefilled the same way alone and batched
     params = engine.SamplingParams(max_new_tokens=args.tokens, ignore_eos=True)
     alone = [eng.generate(p, params).text for p in PROMPTS]
     batched = [""] * len(PROMPTS)

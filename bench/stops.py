@@ -5,6 +5,9 @@ Besides tokens/s it reports the engine thread's own time after each forward pass
 detokenizing, stop strings, who finished) per generated token: the cost stop strings add, measured
 where it is paid, so a busy or slow machine's noise in tokens/s does not hide it.
 
+It first times the text work alone (`TextStream.add` over 200 tokens of the model's own text, best
+of 20), the part of the cost that stop strings can change, with no forward pass to hide in.
+
 Run: python bench/stops.py [--model models/smollm2-135m-instruct] [--rounds 2] [--json bench/results/stops.json]
 Copied into another checkout's bench/, it measures that checkout's engine the same way.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import threading
 import time
@@ -49,6 +53,19 @@ def timed(step: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+def text_work_us(tokenizer: object, stops: tuple[str, ...]) -> float:
+    """Microseconds per token of `TextStream.add`, best of 20 passes over the same 200 tokens."""
+    ids = tokenizer.encode("The harbour keeper walked the quay at dusk, counting boats. " * 20)[:200]  # type: ignore[attr-defined]
+    best = math.inf
+    for _ in range(20):
+        text = engine.TextStream(tokenizer, ids[:4], stops)
+        start = time.perf_counter()
+        for token in ids:
+            text.add(token)
+        best = min(best, (time.perf_counter() - start) / len(ids))
+    return best * 1e6
+
+
 def run(eng: engine.Engine, texts: list[str], stops: tuple[str, ...], tokens: int) -> tuple[float, float]:
     """All prompts at once, one thread each; tokens/s over the whole batch, and the engine
     thread's microseconds after the forward passes per generated token."""
@@ -77,7 +94,12 @@ def main() -> None:
     args = parser.parse_args()
     engine.use_threads(0)
     engine.Engine._postprocess = timed(engine.Engine._postprocess)  # type: ignore[method-assign]
-    eng = engine.create_engine(engine.ModelConfig(name=args.model, max_batch=args.clients))
+    # No prefix cache: each round sends the same prompts again, and the later setting would find them cached.
+    eng = engine.create_engine(engine.ModelConfig(name=args.model, max_batch=args.clients, prefix_cache_tokens=0))
+    text_us = {
+        name: round(text_work_us(eng.loaded.tokenizer, stops), 1) for name, stops in (("none", ()), ("four", NEVER))
+    }
+    print(f"text work alone, us/token: {text_us}")
     texts = prompts(args.clients)
     lengths = [len(eng.loaded.tokenizer.encode(t)) for t in texts]
     run(eng, texts, (), 2)  # warm-up: first kernels, and the cache grown to these prompts once
@@ -87,15 +109,16 @@ def main() -> None:
             figures[name].append(run(eng, texts, NEVER if name == "four" else (), args.tokens))
     eng.close()
     best = {name: max(tps for tps, _ in values) for name, values in figures.items()}
-    text_us = {name: min(us for _, us in values) for name, values in figures.items()}
+    after_us = {name: min(us for _, us in values) for name, values in figures.items()}
     ratio = best["four"] / best["none"]
     print(f"{args.model}; prompts {min(lengths)}-{max(lengths)} tokens; {args.clients} clients; {cpu_description()}")
     print(f"(tok/s, engine-thread us after the pass per token): without stops {figures['none']}, with four stops "
-          f"{figures['four']}; tok/s best-of ratio {ratio:.3f}; after-pass us/token {text_us}")  # fmt: skip
+          f"{figures['four']}; tok/s best-of ratio {ratio:.3f}; after-pass us/token {after_us}")  # fmt: skip
     if args.json:
         record = {"model": args.model, "cpu": cpu_description(), "prompt_tokens": [min(lengths), max(lengths)],
                   "clients": args.clients, "tokens": args.tokens, "tok_s_and_after_pass_us_per_token": figures,
-                  "ratio": round(ratio, 3), "after_pass_us_per_token": text_us}  # fmt: skip
+                  "ratio": round(ratio, 3), "after_pass_us_per_token": after_us,
+                  "text_work_us_per_token": text_us}  # fmt: skip
         Path(args.json).write_text(json.dumps(record, indent=1))
 
 
