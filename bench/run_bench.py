@@ -184,7 +184,7 @@ def main() -> None:
                "cores": psutil.cpu_count(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
                "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}  # fmt: skip
     if "llamacpp" in args.servers:
-        machine["llama_server_build"] = llama_server.build_options(llama_server.build())
+        machine["llama_server_build"] = llama_server.reference(llama_server.build())
     if args.json:
         record = {"machine": machine, "args": vars(args), "runs": runs}
         Path(args.json).write_text(json.dumps(record, indent=1, default=str))  # default: --logs is a Path
