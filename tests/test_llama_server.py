@@ -1,5 +1,5 @@
 """Unit: bench/llama_server.py keeps only a build that answers one token, falling back from AMX (then
-AVX-512) when one dies, and says which build ran.
+AVX-512) when one dies, and says which build ran; bench/run_bench.py draws its figures.
 
 No llama.cpp is built here: the "builds" are tiny Python scripts standing in for `llama-server`,
 started by the real probe on loopback. One kills itself with SIGILL when its first product is asked
@@ -18,6 +18,7 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import llama_server
+import run_bench
 
 AMX = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 # A Xeon's flags: AVX2, AVX-512 and AMX all listed.
@@ -108,3 +109,22 @@ def test_on_an_avx2_cpu_a_dying_build_has_nothing_to_drop_and_is_not_rebuilt(tmp
     with pytest.raises(RuntimeError, match="build-1: died by SIGILL"):
         llama_server.first_that_runs(avx2, compile, tmp_path / "model.gguf")
     assert len(asked) == 1
+
+
+def test_the_picture_has_one_line_per_server_at_its_best_round(tmp_path: Path) -> None:
+    def run(server: str, round_: int, tps: list[float]) -> dict[str, object]:
+        levels = [{"clients": c, "tokens_per_s": t} for c, t in zip([1, 8, 32], tps, strict=True)]
+        return {"round": round_, "server": server, "model": "smollm2-135m-instruct", "levels": levels}
+
+    runs = [run("llamacpp", 1, [70, 150, 170]), run("ours", 1, [20, 70, 140]), run("ours", 2, [23, 99, 130])]
+    record = {"machine": {"cpu": "AMD EPYC (avx2)", "cores": 2, "date": "2026-12-02"}, "runs": runs,
+              "reference": {"build": "build-1", "isa_on": ["GGML_AVX2"], "fallback": True,
+                            "dropped": list(AMX)}}  # fmt: skip
+    png = tmp_path / "result.png"
+    figure = run_bench.plot(record, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = figure.axes[0]
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    assert lines == {"llama-server, smollm2-135m-instruct": ([1, 8, 32], [70, 150, 170]),
+                     "ours, smollm2-135m-instruct": ([1, 8, 32], [23, 99, 140])}  # fmt: skip
+    assert "build-1 (AVX2; fallback, GGML_AMX_TILE, GGML_AMX_INT8, GGML_AMX_BF16 off)" in ax.get_title()
