@@ -148,10 +148,13 @@ def probe(binary: Path, model: Path, timeout: float = 120) -> str | None:
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(serve_command(binary, model, port, parallel=1), stdout=log, stderr=log)
         try:
-            return one_token(proc, f"http://127.0.0.1:{port}/completion", timeout)
+            failure = one_token(proc, f"http://127.0.0.1:{port}/completion", timeout)
         finally:
             proc.kill()
             proc.wait()
+        log.seek(0)
+        last = log.read().decode(errors="replace").strip().splitlines()[-1:]  # what it did last, if anything
+    return f"{failure} (its log ends: {last[0][-160:]})" if failure and last else failure
 
 
 def one_token(proc: subprocess.Popen[bytes], url: str, timeout: float) -> str | None:

@@ -216,8 +216,8 @@ def main() -> None:
     if args.plot:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
         return
-    if "llamacpp" in args.servers:
-        llamacpp()  # a first build takes minutes: before any timing
+    # A first build takes minutes, so before any timing; the record says which build serves.
+    reference = llama_server.reference(llamacpp()[0]) if "llamacpp" in args.servers else None
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         logs = args.logs or Path(tmp)
@@ -234,8 +234,8 @@ def main() -> None:
     print("model load: " + ("LOAD_ON_START=1" if args.load_on_start else "lazy, on the warm-up request (as make run)"))
     print(table(runs, args.stream))
     print(ratios(runs))
-    reference = llama_server.reference(llamacpp()[0]) if "llamacpp" in args.servers else None
-    print(f"llama-server: {reference_label(reference)}")
+    if reference:
+        print(f"llama-server: {reference_label(reference)}")
     machine = {"cpu": cpu_name(cpu), "cpu_model": cpu["model"], "cpu_flags": cpu["flags"],
                "cores": psutil.cpu_count(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
                "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}  # fmt: skip
