@@ -1095,9 +1095,12 @@ def openai_fields(limits: Limits, chat: bool) -> dict[str, Field]:
         "ignore_eos": "ignore_eos",
     }  # the last two as vLLM
     fields = {name: dataclasses.replace(generate[ours], name=name) for name, ours in renamed.items()}
-    for name in ("presence_penalty", "frequency_penalty"):
-        fields[name] = Field(name, "number", "Lowers the odds of tokens already generated (per use, for frequency).",
-                             0.0, -2.0, 2.0)  # fmt: skip
+    fields["stream"] = dataclasses.replace(fields["stream"], meaning="Answer as text/event-stream: `data: {chunk}` "
+                                           "lines, then `data: [DONE]`.")  # fmt: skip
+    fields["presence_penalty"] = Field("presence_penalty", "number", "Subtracted from the logit of every token "
+                                       "generated so far.", 0.0, -2.0, 2.0)  # fmt: skip
+    fields["frequency_penalty"] = Field("frequency_penalty", "number", "Subtracted from a generated token's logit "
+                                        "once per time it was generated.", 0.0, -2.0, 2.0)  # fmt: skip
     if chat:
         fields["max_completion_tokens"] = dataclasses.replace(fields["max_tokens"], name="max_completion_tokens")
         fields["logprobs"] = Field("logprobs", "boolean", "Return each token's log-probability.", False)
@@ -1383,11 +1386,13 @@ def openai_schemas(limits: Limits) -> dict[str, Any]:
             content = {"anyOf": [{"type": "string"}, {"type": "array", "items": part}]}
             message = {"type": "object", "required": ["role", "content"],
                        "properties": {"role": {"enum": list(ROLES)}, "content": content}}  # fmt: skip
-            props["messages"] = {"type": "array", "minItems": 1, "items": message}
+            props["messages"] = {"type": "array", "minItems": 1, "items": message, "description": "The conversation, "
+                                 "rendered by the model's own chat template; the answer continues it."}  # fmt: skip
         else:
-            props["prompt"] = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}]}
+            props["prompt"] = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}],
+                               "description": "Text to continue (a list of one text is accepted)."}  # fmt: skip
         props["model"] = {"type": "string", "description": "Any name: the one served model answers."}
-        props["n"] = {"type": ["integer", "null"], "minimum": 1, "maximum": 1}
+        props["n"] = {"enum": [1, None], "description": "Choices: one (others get a 400)."}
         props["stream_options"] = {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}}
         description = "Unknown fields are ignored (OpenAI clients send extras); unsupported ones get a 400."
         return {"type": "object", "required": ["messages" if chat else "prompt"], "properties": props,
