@@ -5,13 +5,14 @@ the capacity limiter) calls `ENGINE.get()` (loads the model once) and then `Engi
 tokenizes the prompt, hands a `Sequence` to the `Scheduler` and reads the sequence's `Output`:
 pieces of text as they are made, then the `Result`, or an error. The engine thread runs
 `Engine.step` in a loop: the scheduler places waiting sequences in free cache rows (a prefill
-each), the model (model.py) advances every running sequence by one token in one batched forward
-pass, and `Scheduler.postprocess` appends each new token, detokenizes it once, sends the new text,
-decides who finished and frees their rows.
+each, after the prompt blocks the prefix cache already holds), the model (model.py) advances
+every running sequence by one token in one batched forward pass, and `Scheduler.postprocess`
+appends each new token, detokenizes it once, sends the new text, decides who finished and frees
+their rows.
 
 Reading order: requests, results and errors; settings; sampling; text work (incremental
-detokenizing, stop strings); the sequence and its output; the scheduler; the engine loop; the one
-module-level engine (`ENGINE`).
+detokenizing, stop strings); the sequence and its output; the prefix cache; the scheduler; the
+engine loop; the one module-level engine (`ENGINE`).
 
 Three words kept apart: the *model* is the network (model.py's `Model`), a *step* is one batched
 forward pass (`Model.run`), and *detokenizing* turns token ids back into text (`TextStream`).
