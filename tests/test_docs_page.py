@@ -273,7 +273,7 @@ def test_the_page_lists_the_openai_routes_and_the_chat_fields(server: Server, br
     limit = request["properties"]["max_tokens"]
     assert f"max_tokens\tinteger\t{limit['default']}\t1 to {limit['maximum']}\t" in chat
     assert "messages\tlist of object (role, content)\trequired\tat least 1 item" in chat
-    assert "usage\tobject (prompt_tokens, completion_tokens, total_tokens)" in chat
+    assert "usage\tobject (prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details)" in chat
     stream = spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]
     assert f"data\tstring\t{stream['schema']['properties']['data']['description']}" in chat  # how a stream reads
     assert 'event\tone of "token", "done", "error"' in page  # and /generate's
