@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from roofline import cpu_description
@@ -25,11 +26,12 @@ import engine
 WORDS = ["harbour", "lantern", "signal", "tide", "keeper", "rope", "island", "storm", "letter", "bottle"]
 
 
-def text_of(tokens: int, salt: int, eng: engine.Engine) -> str:
-    """Varied text of about this many tokens; `salt` makes it differ from the first word on."""
+def text_of(tokens: int, salt: int, tokenizer: Any) -> str:
+    """Varied text of at most this many tokens (by this tokenizer); `salt` makes it differ from the
+    first word on."""
     words = [f"{WORDS[(salt + i * 7) % 10]}{(salt * 31 + i) % 97}" for i in range(tokens)]
     text = " ".join(words)
-    while len(eng.loaded.tokenizer.encode(text)) > tokens:
+    while len(tokenizer.encode(text)) > tokens:
         text = text.rsplit(" ", 1)[0]
     return text
 
@@ -42,7 +44,7 @@ def first_token_seconds(eng: engine.Engine, prompt: str) -> tuple[float, int]:
 def shared_prefix(eng: engine.Engine, rounds: int) -> dict[str, object]:
     firsts, seconds = [], []
     for n in range(rounds):
-        prefix = text_of(512, 1000 + n, eng)
+        prefix = text_of(512, 1000 + n, eng.loaded.tokenizer)
         first, _ = first_token_seconds(eng, prefix + " And the first question is this.")
         second, cached = first_token_seconds(eng, prefix + " Then a second, other question.")
         assert cached >= 496, f"the second prompt should start with the cached prefix, got {cached} tokens"
@@ -55,7 +57,7 @@ def shared_prefix(eng: engine.Engine, rounds: int) -> dict[str, object]:
 
 def chat_run(eng: engine.Engine, clients: int, tokens: int, salt: int) -> float:
     """tokens/s of `clients` chats at once, each a shared system prompt and its own question."""
-    system = {"role": "system", "content": text_of(300, salt, eng)}
+    system = {"role": "system", "content": text_of(300, salt, eng.loaded.tokenizer)}
     prompts = [eng.chat_prompt([system, {"role": "user", "content": f"Question {i}: what of {WORDS[i % 10]}?"}])
                for i in range(clients)]  # fmt: skip
     params = engine.SamplingParams(max_new_tokens=tokens, ignore_eos=True)
@@ -87,7 +89,7 @@ def main() -> None:
     engines = {setting: engine.create_engine(engine.ModelConfig(name=args.model, max_batch=args.clients,
                                                                 prefix_cache_tokens=tokens))
                for setting, tokens in (("on", 4096), ("off", 0))}  # fmt: skip
-    first_token_seconds(engines["on"], text_of(64, 7, engines["on"]))  # warm-up: first kernels
+    first_token_seconds(engines["on"], text_of(64, 7, engines["on"].loaded.tokenizer))  # warm-up: first kernels
     ttft = shared_prefix(engines["on"], 1 + 2 * args.rounds)
     chat: dict[str, list[float]] = {"on": [], "off": []}
     chat_run(engines["off"], args.clients, 2, salt=0)  # warm-up: the cache grown to these prompts once

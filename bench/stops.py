@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from prefix import WORDS
 from roofline import cpu_description
 
 import engine
@@ -33,10 +34,9 @@ NEVER = ("<<never-1>>", "<<never-2>>", "@@@@", "\n\n\n\n\n\n")  # four stops the
 
 def prompts(count: int) -> list[str]:
     """Distinct prompts of ~600-700 tokens (SmolLM2's tokenizer): numbered lines of varied text."""
-    words = ["harbour", "lantern", "signal", "tide", "keeper", "rope", "island", "storm", "letter", "bottle"]
     out = []
     for n in range(count):
-        lines = [f"{n}.{i}: the {words[(n + i) % 10]} and the {words[(n * 7 + i) % 10]} at {i}." for i in range(42)]
+        lines = [f"{n}.{i}: the {WORDS[(n + i) % 10]} and the {WORDS[(n * 7 + i) % 10]} at {i}." for i in range(42)]
         out.append("\n".join(lines) + "\nContinue the log:")
     return out
 

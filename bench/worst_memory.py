@@ -18,28 +18,19 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from prefix import text_of
 from run_bench import KEY, free_port, start
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from roofline import cpu_description
 
 COMPOSE_LIMIT_MIB = 3072
-WORDS = ["harbour", "lantern", "signal", "tide", "keeper", "rope", "island", "storm", "letter", "bottle"]
 
 
 def peak_mib(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
     return int(line.split()[1]) / 1024
-
-
-def prompt(n: int, tokens: int, tokenizer: object) -> str:
-    """A distinct prompt of at most `tokens` tokens (checked with the model's own tokenizer)."""
-    words = [f"{WORDS[(n + i) % 10]}{(n * 13 + i) % 89}" for i in range(tokens)]
-    text = " ".join(words)
-    while len(tokenizer.encode(text)) > tokens:  # type: ignore[attr-defined]
-        text = text.rsplit(" ", 1)[0]
-    return text
 
 
 async def load(url: str, prompts: list[str], new_tokens: int) -> Counter[int]:
@@ -57,7 +48,7 @@ def measure(model: str, clients: int, queued: int, context: int, new_tokens: int
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts = [prompt(n, context - new_tokens, tokenizer) for n in range(clients + queued)]
+    prompts = [text_of(context - new_tokens, n, tokenizer) for n in range(clients + queued)]  # distinct prompts
     lengths = [len(tokenizer.encode(p)) for p in prompts]
     port = free_port()
     log = Path("/tmp") / f"worst-memory-{port}.log"
