@@ -4,11 +4,11 @@ A request's path through this file: the server's worker thread (`anyio.to_thread
 the capacity limiter) calls `ENGINE.get()` (loads the model once) and then `Engine.stream`, which
 tokenizes the prompt, hands a `Sequence` to the `Scheduler` and reads the sequence's `Output`:
 pieces of text as they are made, then the `Result`, or an error. The engine thread runs
-`Engine.step` in a loop: the scheduler places waiting sequences in free cache rows (a prefill
-each, after the prompt blocks the prefix cache already holds), the model (model.py) advances
-every running sequence by one token in one batched forward pass, and `Scheduler.postprocess`
-appends each new token, detokenizes it once, sends the new text, decides who finished and frees
-their rows.
+`Engine.step` in a loop: the scheduler admits waiting sequences while the KV pool has blocks
+for them (a prefill each, after the prompt blocks the prefix cache already holds), hands each
+sequence pool blocks as it grows, the model (model.py) advances every running sequence by one
+token in one batched forward pass, and `Scheduler.postprocess` appends each new token,
+detokenizes it once, sends the new text, decides who finished and takes their blocks back.
 
 Reading order: requests, results and errors; settings; sampling; text work (incremental
 detokenizing, stop strings); the sequence and its output; the prefix cache; the scheduler; the
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from model import PREFIX_BLOCK, LoadedModel, LoadError, Work, load_model
+from model import KV_BLOCK, PREFIX_BLOCK, LoadedModel, LoadError, Work, load_model
 
 log = logging.getLogger("llm.engine")
 
@@ -149,13 +149,15 @@ class ModelConfig:
     dtype: str = field(default="auto", metadata={"env": "DTYPE", "choices": ("auto", "float32", "bfloat16", "float16")})
     max_batch: int = field(default=32, metadata={"env": "MAX_BATCH_SIZE"})  # the capacity limiter's size
     retry_seconds: int = field(default=30, metadata={"env": "MODEL_RETRY_SECONDS"})  # after a failed load
-    max_context: int = field(default=1024, metadata={"env": "MAX_CONTEXT_TOKENS"})  # bounds each KV row
+    max_context: int = field(default=1024, metadata={"env": "MAX_CONTEXT_TOKENS"})  # bounds each sequence
     cache_dir: str | None = field(default=None, metadata={"env": "TRANSFORMERS_CACHE"})  # None: HF_HOME
     threads: int = field(default=0, metadata={"env": "THREADS", "minimum": 0})  # 0: the CPUs we may use
     quantize: str = field(default="auto", metadata={"env": "QUANTIZE", "choices": ("auto", "none", "int8")})
     memory_limit_mb: int = field(default=0, metadata={"env": "MEMORY_LIMIT_MB", "minimum": 0})  # 0: memory.max
     # Prompt tokens whose keys and values are kept for later prompts that start the same way; 0: off.
     prefix_cache_tokens: int = field(default=4096, metadata={"env": "PREFIX_CACHE_TOKENS", "minimum": 0})
+    # The KV pool every running sequence takes its blocks from; 0: MAX_BATCH_SIZE sequences of the whole context.
+    kv_cache_mb: int = field(default=0, metadata={"env": "KV_CACHE_MB", "minimum": 0})
 
 
 def use_threads(setting: int) -> int:
@@ -309,13 +311,18 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already in the cache (a long prompt joins in chunks)
     blocks: list[bytes] = field(default_factory=list)  # `block_digests` of the prompt
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache
-    row: int = -1  # its cache row while it runs (the scheduler's)
+    table: list[int] = field(default_factory=list)  # its KV pool blocks while it runs, in order (the scheduler's)
     admitted_at: float = 0.0  # time.monotonic() stamps, for the timing headers and metrics
     first_token_at: float = 0.0
 
     @property
     def prefilling(self) -> bool:
         return self.prefilled < len(self.prompt_ids)
+
+    @property
+    def blocks_needed(self) -> int:
+        """Pool blocks for the prompt and every token it may generate: reserved when it joins."""
+        return math.ceil((len(self.prompt_ids) + self.params.max_new_tokens) / KV_BLOCK)
 
     @property
     def cached(self) -> int:
@@ -363,7 +370,7 @@ def block_digests(ids: list[int]) -> list[bytes]:
 
 class PrefixCache:
     """Which store block holds which prompt block (by `block_digests`), least recently used first.
-    Blocks are copied in and out of rows (model.py's `PrefixStore`), so no running sequence holds
+    Blocks are copied in and out of the KV pool (model.py's `PrefixStore`), so no running sequence holds
     one and any may be evicted. Engine thread only."""
 
     BLOCK = PREFIX_BLOCK  # tokens a block
@@ -410,20 +417,26 @@ class PrefixCache:
 
 
 # ---------------------------------------------------------------------------------------------
-# The scheduler: the waiting queue, the cache rows, and who finished
+# The scheduler: the waiting queue, the KV pool's blocks, and who finished
 
 
 class Scheduler:
-    """Owns which sequence waits, which runs, and which cache row each holds: a sequence keeps
-    its row from its prefill to its end (the lowest free row when it joins), so nothing in the
-    cache ever moves. At most one running sequence is still being prefilled, in chunks.
-    Request threads add sequences; the engine thread does everything else."""
+    """Owns which sequence waits, which runs, and which KV pool blocks each holds. A sequence
+    joins only when the blocks not yet promised to others cover its prompt and all it may
+    generate; it then takes them one at a time as it grows (the lowest free first) and gives them
+    back when it ends. So a running sequence never runs out, nothing is ever preempted, and when
+    the pool is short the queue waits, first come first served (the head is not overtaken, so a
+    long request is not starved by short ones). At most one running sequence is still being
+    prefilled, in chunks. Request threads add sequences; the engine thread does everything else."""
 
-    def __init__(self, max_batch: int, eos_ids: frozenset[int] = frozenset()):
-        self.max_batch, self.eos_ids = max_batch, eos_ids
+    BLOCK = KV_BLOCK  # tokens a block
+
+    def __init__(self, max_batch: int, blocks: int, eos_ids: frozenset[int] = frozenset()):
+        self.max_batch, self.blocks, self.eos_ids = max_batch, blocks, eos_ids
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in the order they joined
-        self.free_rows = list(range(max_batch))  # a heap: the lowest free row first
+        self.free_blocks = list(range(blocks))  # a heap: the lowest free block first
+        self.promised = 0  # blocks the running sequences may still take, and hold: never more than `blocks`
         self.drain_deadline = math.inf  # time.monotonic() past which every sequence ends ("timeout")
         self.drained = False  # the drain's deadline has ended a sequence (logged once)
         self._live: set[Sequence] = set()  # added and not yet ended: failed together if the engine stops
@@ -456,26 +469,42 @@ class Scheduler:
     def decoding(self) -> list[Sequence]:
         return [seq for seq in self.running if not seq.prefilling]
 
+    @property
+    def blocks_used(self) -> int:
+        return self.blocks - len(self.free_blocks)
+
     def next_to_join(self) -> Sequence | None:
-        """The next waiting sequence, given the lowest free row, if a row is free and no other
-        prompt is still being prefilled. One whose client left (or whose drain time is up) while
-        it waited ends here, without running."""
+        """The next waiting sequence, if the batch has a place, the pool has its blocks and no
+        other prompt is still being prefilled. One whose client left (or whose drain time is up)
+        while it waited ends here, without running."""
         while self.waiting and len(self.running) < self.max_batch and not self.prefilling():
-            with self._wake:
-                seq = self.waiting.popleft()
+            seq = self.waiting[0]
             if seq.cancel.is_set() or time.monotonic() > self.drain_deadline:
+                with self._wake:
+                    self.waiting.popleft()
                 self._free(seq)
                 seq.finish(FinishReason.CANCELLED if seq.cancel.is_set() else FinishReason.TIMEOUT)
                 continue
-            seq.row = heapq.heappop(self.free_rows)
+            if seq.blocks_needed > self.blocks - self.promised:
+                return None  # it waits for running sequences to end and give their blocks back
+            with self._wake:
+                self.waiting.popleft()
+            self.promised += seq.blocks_needed
             self.running.append(seq)
             return seq
         return None
 
+    def grow(self, seq: Sequence, length: int) -> list[int]:
+        """Blocks for a running sequence's first `length` positions: those it lacks, from its
+        promise. Returns the new ones (for the model to zero)."""
+        fresh = [heapq.heappop(self.free_blocks) for _ in range(math.ceil(length / KV_BLOCK) - len(seq.table))]
+        seq.table.extend(fresh)
+        return fresh
+
     def postprocess(
         self, batch: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None] | None = None
     ) -> list[tuple[Sequence, FinishReason]]:
-        """Append each sequence's new token, take out those that are finished and free their rows;
+        """Append each sequence's new token, take out those that are finished and free their blocks;
         return them with their reasons, for the engine to end. A sequence whose text work fails
         fails alone."""
         ended = []
@@ -518,16 +547,19 @@ class Scheduler:
         """Every sequence not yet ended, running, waiting or mid-step (the engine stopped)."""
         with self._wake:
             live, self.running, self.waiting = list(self._live), [], collections.deque()
-            self.free_rows, self._live = list(range(self.max_batch)), set()
+            self.free_blocks, self.promised, self._live = list(range(self.blocks)), 0, set()
         for seq in live:
             seq.output.put(type(error)(str(error)))  # one exception each: they are raised in different threads
 
     def _free(self, seq: Sequence) -> None:
-        """Take an ending sequence out and free its row. Done before its last event is sent: a
-        request that reads its result may send the next one at once, and must find the row free."""
+        """Take an ending sequence out and take its blocks back. Done before its last event is
+        sent: a request that reads its result may send the next one at once, and must find them free."""
         if seq in self.running:
             self.running.remove(seq)
-            heapq.heappush(self.free_rows, seq.row)
+            self.promised -= seq.blocks_needed
+            for block in seq.table:
+                heapq.heappush(self.free_blocks, block)
+            seq.table = []
         with self._wake:
             self._live.discard(seq)
 
@@ -542,7 +574,7 @@ StepObserver = Callable[[str, float, int], None]  # (kind "prefill" or "decode",
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int, observe: StepObserver | None = None):
         self.loaded, self.model = loaded, loaded.model
-        self.scheduler = Scheduler(max_batch, loaded.eos_ids)
+        self.scheduler = Scheduler(max_batch, self.model.pool.blocks, loaded.eos_ids)
         self.prefix = PrefixCache(self.model.store.blocks)
         self.observe = observe or (lambda kind, seconds, size: None)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -609,13 +641,18 @@ class Engine:
         return self._thread.is_alive() and not self.scheduler.stopping
 
     def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        context = self.loaded.max_context
+        context, pool = self.loaded.max_context, self.scheduler.blocks * KV_BLOCK
         if prompt_tokens == 0:
             raise PromptTooLong("prompt encodes to no tokens")
         if prompt_tokens + max_new_tokens > context:
             raise PromptTooLong(
                 f"prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} at most "
                 f"{context - max_new_tokens} prompt tokens fit in the model's context of {context}"
+            )
+        if math.ceil((prompt_tokens + max_new_tokens) / KV_BLOCK) > self.scheduler.blocks:
+            raise PromptTooLong(
+                f"prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it needs more than the "
+                f"KV cache holds ({pool} tokens, KV_CACHE_MB)"
             )
 
     # -- the engine thread
@@ -649,17 +686,17 @@ class Engine:
         return True
 
     def _prefill(self, seq: Sequence, budget: int) -> int:
-        """Prefill the next chunk of a placed sequence's prompt; return the tokens it took. The
-        first chunk starts after the prompt's blocks the prefix cache holds (copied into its row)
-        and makes room for the whole prompt, so the cache grows (a copy) once, not every chunk; the
-        last chunk saves the prompt's whole blocks for the prompts after it."""
+        """Prefill the next chunk of an admitted sequence's prompt; return the tokens it took. The
+        first chunk starts after the prompt's blocks the prefix cache holds (copied into its pool
+        blocks); the last chunk saves the prompt's whole blocks for the prompts after it."""
         start, first = time.monotonic(), not seq.admitted_at
         seq.admitted_at = seq.admitted_at or start
         restore = self._cached_prefix(seq) if first else ()
         chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + budget]
         last = seq.prefilled + len(chunk) == len(seq.prompt_ids)
         save = self.prefix.claim(seq.blocks) if last else ()
-        work = Work([seq.row], [chunk], [seq.prefilled], len(seq.prompt_ids) if first else 0, restore, save)
+        fresh = tuple(self.scheduler.grow(seq, seq.prefilled + len(chunk)))
+        work = Work([seq.table], [chunk], [seq.prefilled], fresh, restore, save)
         try:
             logits = self.model.run(work)
         except Exception as exc:  # one bad sequence must not take the batch down
@@ -682,7 +719,8 @@ class Engine:
 
     def _decode(self, batch: list[Sequence]) -> None:
         start = time.monotonic()
-        work = Work([s.row for s in batch], [[s.generated[-1]] for s in batch], [s.cached for s in batch])
+        fresh = tuple(block for s in batch for block in self.scheduler.grow(s, s.cached + 1))
+        work = Work([s.table for s in batch], [[s.generated[-1]] for s in batch], [s.cached for s in batch], fresh)
         try:
             logits = self.model.run(work)
         except Exception as exc:
@@ -727,7 +765,7 @@ class Engine:
 
     def _clear_if_idle(self) -> None:
         if not self.scheduler.running:
-            self.model.clear()  # back to the smallest cache, so memory stays flat once the batch empties
+            self.model.clear()  # the pool's pages go back, so memory stays flat once the batch empties
 
 
 # ---------------------------------------------------------------------------------------------
@@ -747,23 +785,23 @@ def memory_budget(setting_mb: int, memory_max: Path = Path("/sys/fs/cgroup/memor
 
 
 def check_memory(loaded: LoadedModel, config: ModelConfig, limit: int) -> None:
-    """Refuse settings whose worst case cannot fit: MAX_BATCH_SIZE sequences of the whole context
-    each, their KV cache on top of what the process holds once the weights are in, and a margin for
-    the step's activations and one layer's copy while the cache grows. The paged cache will bound
-    this by construction; until then, a clear refusal beats the OOM killer mid-load."""
+    """Refuse settings whose worst case cannot fit: a full KV pool on top of what the process holds
+    once the weights are in, the prefix cache, and a margin for the step's activations. Pool and
+    store are made empty and fill as tokens come, so a clear refusal at load beats the OOM killer
+    later, under load."""
     if not limit:
         return
-    held, store = resident_bytes(), loaded.model.store.bytes  # the store is not resident until it fills
-    kv = loaded.model.cache.worst_case_bytes(config.max_batch, loaded.max_context)
-    worst = held + kv + store + max(256 * 2**20, kv // 8)
+    held, store = resident_bytes(), loaded.model.store.bytes
+    pool = loaded.model.pool
+    worst = held + pool.bytes + store + max(256 * 2**20, pool.bytes // 8)
     if worst > limit:
         mib = 2**20
         raise LoadError(
             f"the worst case of these settings needs ~{worst // mib} MiB (weights and runtime {held // mib} MiB, "
-            f"KV cache {kv // mib} MiB for MAX_BATCH_SIZE={config.max_batch} sequences of "
-            f"{loaded.max_context} tokens, prefix cache {store // mib} MiB), over the memory limit of "
-            f"{limit // mib} MiB; lower MAX_BATCH_SIZE, MAX_CONTEXT_TOKENS or PREFIX_CACHE_TOKENS, or raise the "
-            "limit (MEMORY_LIMIT_MB, or the container's memory limit)"
+            f"KV cache {pool.bytes // mib} MiB for {pool.blocks * KV_BLOCK} tokens (KV_CACHE_MB, or MAX_BATCH_SIZE="
+            f"{config.max_batch} sequences of {loaded.max_context} tokens), prefix cache {store // mib} MiB), over "
+            f"the memory limit of {limit // mib} MiB; lower KV_CACHE_MB, MAX_BATCH_SIZE, MAX_CONTEXT_TOKENS or "
+            "PREFIX_CACHE_TOKENS, or raise the limit (MEMORY_LIMIT_MB, or the container's memory limit)"
         )
 
 
@@ -777,9 +815,11 @@ def create_engine(config: ModelConfig, observe: StepObserver | None = None) -> E
     start = time.perf_counter()
     loaded = load_model(config, PREFILL_CHUNK)
     check_memory(loaded, config, memory_budget(config.memory_limit_mb))
+    pool = loaded.model.pool
     log.info(
-        "model %s (%s, context %d) loaded in %.1f s (activations %s, weights %s)",
-        config.name, loaded.family, loaded.max_context, time.perf_counter() - start, loaded.dtype, loaded.weights,
+        "model %s (%s, context %d) loaded in %.1f s (activations %s, weights %s); KV cache %d MiB: %d blocks of %d "
+        "tokens", config.name, loaded.family, loaded.max_context, time.perf_counter() - start, loaded.dtype,
+        loaded.weights, pool.bytes // 2**20, pool.blocks, KV_BLOCK,
     )  # fmt: skip
     return Engine(loaded, config.max_batch, observe)
 

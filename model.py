@@ -30,8 +30,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-CACHE_CHUNK = 64  # KV cache length grows (and shrinks back) in steps of this many tokens
-ROW_CHUNK = 8  # and its rows in steps of this many sequences
+KV_BLOCK = 64  # positions a block of the KV pool holds: sequences take blocks as they grow
 PREFIX_BLOCK = 16  # tokens a block of the prefix store holds: prompts share cached keys and values in whole blocks
 PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
 INT8_ALWAYS = 1 << 62  # `resolve_int8`'s answer when int8 weights win at every batch size: float ones are dropped
@@ -62,6 +61,8 @@ class LoadSettings(Protocol):
 
     @property
     def prefix_cache_tokens(self) -> int: ...
+    @property
+    def kv_cache_mb(self) -> int: ...  # the KV pool's size; 0: room for max_batch sequences of the whole context
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +230,15 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def kv_blocks(config: LoadSettings, model: Model, context: int) -> int:
+    """The KV pool's blocks: KV_CACHE_MB's worth, else every sequence of a full batch at the whole
+    context (so that setting alone never makes a request wait for blocks)."""
+    if config.kv_cache_mb:
+        block = KVPool(len(model.layers), 0, model.arch, model.dtype, model.device).block_bytes
+        return max(1, config.kv_cache_mb * 2**20 // block)
+    return config.max_batch * math.ceil(context / KV_BLOCK)
+
+
 def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     """Load tokenizer and weights (from the hub or a directory) and build our `Model`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -243,6 +253,8 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device, config.max_batch, width)
     int8_rows = resolve_int8(config.quantize, device, dtype, width, (1, 8, config.max_batch, prefill_chunk))
     model = build_model(hf_model, Convert(dtype, device, int8_rows, config.max_batch))
+    context = min(model.max_context, config.max_context)
+    model.pool = KVPool(len(model.layers), kv_blocks(config, model, context), model.arch, dtype, device)
     model.store = PrefixStore(len(model.layers), config.prefix_cache_tokens // PREFIX_BLOCK, model.arch, dtype, device)
     eos, family = hf_model.generation_config.eos_token_id, hf_model.config.model_type
     if eos is None:
@@ -251,7 +263,6 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     gc.collect()
     _return_freed_memory()
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-    context = min(model.max_context, config.max_context)
     return LoadedModel(tokenizer, model, eos_ids, context, dtype, int8_rows, family)
 
 
@@ -345,67 +356,69 @@ class Architecture:
         return self.head_dim**-0.5 if self.attn_scale is None else self.attn_scale
 
 
-class KVCache:
-    """Keys and values per layer, [rows, Hkv, length, D]; a sequence keeps one row (the
-    scheduler's choice) from its prefill to its end. Both rows and length grow in chunks as the
-    batch and its sequences need them, and shrink back when the batch empties: memory follows
-    the load instead of being sized for the worst case up front."""
+class KVPool:
+    """Keys and values of the running sequences in fixed-size blocks of KV_BLOCK positions, one
+    pool for all: per layer [blocks, Hkv, KV_BLOCK, D], block-major, so any run of blocks is a
+    batch of [KV_BLOCK, D] matrices as a view. The scheduler hands blocks out (a sequence's block
+    table lists its own, in order) and takes them back; nothing moves when a sequence grows or
+    ends, and memory follows the tokens held. Made empty, in one allocation: a block's pages
+    become resident when first written, and `clear` hands them all back once nothing runs."""
 
-    def __init__(self, layers: int, max_rows: int, arch: Architecture, dtype: torch.dtype, device: torch.device):
-        self.layers, self.max_rows, self.heads, self.dim = layers, max_rows, arch.kv_heads, arch.head_dim
+    def __init__(self, layers: int, blocks: int, arch: Architecture, dtype: torch.dtype, device: torch.device):
+        self.layers, self.blocks, self.heads, self.dim = layers, blocks, arch.kv_heads, arch.head_dim
         self.dtype, self.device = dtype, device
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self.reset()
+        self.touched = True
+        self.clear()
 
     @property
-    def rows(self) -> int:
-        return self.k[0].shape[0]
+    def block_bytes(self) -> int:
+        return 2 * self.layers * self.heads * KV_BLOCK * self.dim * torch.empty(0, dtype=self.dtype).element_size()
 
     @property
-    def capacity(self) -> int:
-        return self.k[0].shape[2]
+    def bytes(self) -> int:
+        return self.blocks * self.block_bytes
 
-    def _zeros(self, rows: int, length: int) -> torch.Tensor:
-        # Zeros, not empty: masked positions get weight 0, and 0 * NaN garbage would still be NaN.
-        return torch.zeros(rows, self.heads, length, self.dim, dtype=self.dtype, device=self.device)
-
-    def reset(self) -> None:
-        """Back to the smallest size, so memory stays flat once the batch empties."""
-        rows = min(ROW_CHUNK, self.max_rows)
-        if self.k and (self.rows, self.capacity) == (rows, CACHE_CHUNK):
-            return  # already: stale keys are finite and masked, so they need no zeroing
-        self.k, self.v = [], []  # drop the old tensors before making the new ones
-        self.k = [self._zeros(rows, CACHE_CHUNK) for _ in range(self.layers)]
-        self.v = [self._zeros(rows, CACHE_CHUNK) for _ in range(self.layers)]
-
-    def worst_case_bytes(self, rows: int, length: int) -> int:
-        """Keys and values of `rows` rows of `length` positions, as `reserve` would size them."""
-        positions = math.ceil(length / CACHE_CHUNK) * CACHE_CHUNK
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * self.layers * min(rows, self.max_rows) * self.heads * positions * self.dim * itemsize
-
-    def reserve(self, rows: int, length: int) -> None:
-        """Make room for `rows` rows of `length` positions, keeping what the rows hold."""
-        if rows <= self.rows and length <= self.capacity:
+    def clear(self) -> None:
+        """A fresh, untouched pool: the pages written so far go back to the system."""
+        if not self.touched:
             return
-        rows = min(self.max_rows, max(self.rows, math.ceil(rows / ROW_CHUNK) * ROW_CHUNK))
-        length = max(self.capacity, math.ceil(length / CACHE_CHUNK) * CACHE_CHUNK)
-        for cache in (self.k, self.v):
-            for i, old in enumerate(cache):  # one layer at a time, so the old and new never all coexist
-                new = self._zeros(rows, length)
-                new[: old.shape[0], :, : old.shape[2]] = old
-                cache[i] = new
+        self.k, self.v = [], []  # drop the old pool before making the new one
+        pool = torch.empty(self.layers, 2, self.blocks, self.heads, KV_BLOCK, self.dim, dtype=self.dtype,
+                           device=self.device)  # fmt: skip
+        self.k, self.v = list(pool[:, 0].unbind(0)), list(pool[:, 1].unbind(0))
+        self.touched = False
+
+    def zero(self, blocks: tuple[int, ...]) -> None:
+        """Zero blocks just handed out: masked positions get weight 0, and 0 * NaN would be NaN."""
+        index = torch.tensor(blocks, device=self.device)
+        for layer in self.k + self.v:
+            layer.index_fill_(0, index, 0)
+        self.touched = True
+
+    def slots(self, tables: list[list[int]], positions: list[int]) -> torch.Tensor:
+        """Where each (sequence's table, position) pair goes in a layer seen as [P Hkv KV_BLOCK, D]:
+        one row index per pair and head, in that order."""
+        blocks = torch.tensor([t[p // KV_BLOCK] for t, p in zip(tables, positions, strict=True)], device=self.device)
+        offsets = torch.tensor([p % KV_BLOCK for p in positions], device=self.device)
+        heads = torch.arange(self.heads, device=self.device)
+        return ((blocks[:, None] * self.heads + heads) * KV_BLOCK + offsets[:, None]).flatten()
+
+    def gather(self, layer: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
+        """A sequence's first `length` positions of a layer as [1, Hkv, length, D] (a copy)."""
+        blocks = layer.index_select(0, torch.tensor(table[: math.ceil(length / KV_BLOCK)], device=self.device))
+        return blocks.transpose(0, 1).reshape(1, self.heads, -1, self.dim)[:, :, :length]
 
 
 class PrefixStore:
-    """Keys and values of whole prompt blocks (PREFIX_BLOCK tokens each), kept apart from the rows
+    """Keys and values of whole prompt blocks (PREFIX_BLOCK tokens each), kept apart from the pool
     once their prompt is prefilled, so that a later prompt starting with the same tokens copies
-    them into its row instead of computing them again (the engine's `PrefixCache` says which block
-    holds what). Per layer [blocks, Hkv, PREFIX_BLOCK, D], made empty: a block's memory is touched,
-    and so resident, only once a prompt's block is written there. Copying a 512-token prefix in
-    costs a few milliseconds where its prefill costs a second; kept apart, the rows stay dense for
-    decode steps, which read them in place."""
+    them into its blocks instead of computing them again (the engine's `PrefixCache` says which
+    block holds what). Per layer [blocks, Hkv, PREFIX_BLOCK, D], made empty: a block's memory is
+    touched, and so resident, only once a prompt's block is written there. Copying a 512-token
+    prefix in costs a few milliseconds where its prefill costs a second; kept apart, the store's
+    blocks are never held by a running sequence, so any of them may be evicted."""
 
     def __init__(self, layers: int, blocks: int, arch: Architecture, dtype: torch.dtype, device: torch.device):
         self.blocks, self.heads, self.dim = blocks, arch.kv_heads, arch.head_dim
@@ -414,64 +427,77 @@ class PrefixStore:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers if blocks else 0)]
         self.bytes = 2 * layers * math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
 
-    def _blocks_of(self, layer: torch.Tensor, row: int, blocks: int) -> torch.Tensor:
-        """A row's first `blocks` blocks of a cache layer as [blocks, Hkv, PREFIX_BLOCK, D] (a view)."""
-        return layer[row, :, : blocks * PREFIX_BLOCK].view(self.heads, blocks, PREFIX_BLOCK, self.dim).transpose(0, 1)
+    def _in_pool(self, pool: KVPool, table: list[int], blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt block i lies in pool block table[i // per] at sub-block i % per: both as indices."""
+        per = KV_BLOCK // PREFIX_BLOCK
+        where = torch.tensor([(table[i // per], i % per) for i in blocks], device=pool.device)
+        return where[:, 0], where[:, 1]
 
-    def restore(self, cache: KVCache, row: int, slots: tuple[int, ...]) -> None:
-        """Copy these store blocks into the row's first positions, in order."""
-        index = torch.tensor(slots, device=cache.device)
-        for layer, stored in zip(cache.k + cache.v, self.k + self.v, strict=True):
-            self._blocks_of(layer, row, len(slots)).copy_(stored.index_select(0, index))
+    def _split(self, layer: torch.Tensor) -> torch.Tensor:
+        """A pool layer as [P, Hkv, KV_BLOCK / PREFIX_BLOCK, PREFIX_BLOCK, D] (a view)."""
+        return layer.view(layer.shape[0], self.heads, KV_BLOCK // PREFIX_BLOCK, PREFIX_BLOCK, self.dim)
 
-    def save(self, cache: KVCache, row: int, pairs: tuple[tuple[int, int], ...]) -> None:
-        """Copy the row's blocks into the store: (block of the row, store block) pairs."""
-        blocks = torch.tensor([block for block, _ in pairs], device=cache.device)
-        slots = torch.tensor([slot for _, slot in pairs], device=cache.device)
-        for layer, stored in zip(cache.k + cache.v, self.k + self.v, strict=True):
-            held = self._blocks_of(layer, row, int(blocks.max()) + 1)
-            stored.index_copy_(0, slots, held.index_select(0, blocks))
+    def restore(self, pool: KVPool, table: list[int], slots: tuple[int, ...]) -> None:
+        """Copy these store blocks into the sequence's first positions, in order."""
+        index = torch.tensor(slots, device=pool.device)
+        blocks, subs = self._in_pool(pool, table, list(range(len(slots))))
+        for layer, stored in zip(pool.k + pool.v, self.k + self.v, strict=True):
+            self._split(layer)[blocks, :, subs] = stored.index_select(0, index)
+
+    def save(self, pool: KVPool, table: list[int], pairs: tuple[tuple[int, int], ...]) -> None:
+        """Copy the sequence's prompt blocks into the store: (prompt block, store block) pairs."""
+        slots = torch.tensor([slot for _, slot in pairs], device=pool.device)
+        blocks, subs = self._in_pool(pool, table, [block for block, _ in pairs])
+        for layer, stored in zip(pool.k + pool.v, self.k + self.v, strict=True):
+            stored.index_copy_(0, slots, self._split(layer)[blocks, :, subs])
 
 
 @dataclass(frozen=True)
 class Work:
-    """One forward pass, as the engine asks for it: these tokens, at these positions, into these
-    cache rows. A decode step gives each row one token; a prefill gives one row a prompt chunk."""
+    """One forward pass, as the engine asks for it: these tokens, at these positions, of these
+    sequences (by their block tables). A decode step gives each sequence one token; a prefill
+    gives one sequence a prompt chunk."""
 
-    rows: list[int]  # the cache row of each sequence
-    tokens: list[list[int]]  # each row's new tokens
-    starts: list[int]  # each row's first new position: the tokens its cache row holds already
-    room: int = 0  # positions to make room for at once (a prompt's whole length, before its first chunk)
-    restore: tuple[int, ...] = ()  # prefix-store blocks copied into the row's first positions before the pass
-    save: tuple[tuple[int, int], ...] = ()  # (block of the row, store block) copied into the store after it
+    tables: list[list[int]]  # each sequence's pool blocks, in order, covering its new tokens too
+    tokens: list[list[int]]  # each sequence's new tokens
+    starts: list[int]  # each sequence's first new position: the tokens the pool holds for it already
+    fresh: tuple[int, ...] = ()  # pool blocks just handed out, zeroed before the pass
+    restore: tuple[int, ...] = ()  # prefix-store blocks copied into the sequence's first positions first
+    save: tuple[tuple[int, int], ...] = ()  # (prompt block, store block) copied into the store after it
 
 
 @dataclass(frozen=True)
 class Prefill:
-    """A prefill's inputs, made before the pass: one row's chunk at positions start.."""
+    """A prefill's inputs, made before the pass: one sequence's chunk at positions start.."""
 
     positions: torch.Tensor  # [1, T]
-    row: int
-    start: int  # positions already in the row's cache (a later chunk of a prompt)
-    mask: torch.Tensor | None  # later chunks: [1, 1, T, start + T] bool, causal within the chunk
+    table: list[int]
+    start: int  # positions already in the pool (a later chunk, or restored prompt blocks)
+    slots: torch.Tensor  # [real Hkv]: where the chunk's real tokens' keys go (not the bucket's padding)
+    mask: torch.Tensor | None  # past positions to attend: [1, 1, T, start + T] bool, causal within the chunk
     cos: torch.Tensor | None = None  # rotary tables for these positions: [1, T, 1, D]
     sin: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Decode:
-    """A decode step's inputs, made before the pass: one new token in each of B rows."""
+    """A decode step's inputs, made before the pass: one new token for each of B sequences.
+    Attention reads the pool's blocks lo..hi-1 in place, every one that a sequence of the batch
+    holds among them (blocks of no one in the batch are read too, and weighted zero)."""
 
     positions: torch.Tensor  # [B, 1]
-    rows: torch.Tensor | None  # [B] cache rows; None when they are rows 0..B-1 (read as views)
-    mask: torch.Tensor  # [B Hkv, Hq/Hkv, L] additive, laid out as `_attend` groups the heads
-    slots: torch.Tensor  # [B Hkv]: where each row's new key goes in a flat cache layer
+    slots: torch.Tensor  # [B Hkv]: where each new key goes in a flat pool layer
+    span: tuple[int, int]  # lo, hi
+    owner: torch.Tensor | None  # [N]: which sequence holds each block of the span, B for none; None: one holds all
+    keys: torch.Tensor  # [N, KV_BLOCK]: each span position's place in its sequence
+    queries: torch.Tensor  # [N, 1]: the position of the new token of the block's sequence; -1: none
+    mask: torch.Tensor  # [N Hkv, Hq/Hkv, KV_BLOCK] additive, laid out as `_attend_decode` groups the heads
     cos: torch.Tensor | None = None  # [B, 1, 1, D]
     sin: torch.Tensor | None = None
 
 
 class Model:
-    """The network: weights, KV cache, and one entry point, `run`."""
+    """The network: weights, the KV pool, and one entry point, `run`."""
 
     def __init__(
         self,
@@ -481,58 +507,58 @@ class Model:
         pos_embed: torch.Tensor | None,
         final_norm: tuple[torch.Tensor, torch.Tensor | None],
         lm_head: Linear,
-        max_batch: int,
     ):
         self.arch, self.layers, self.embed, self.pos_embed = arch, layers, embed, pos_embed
         self.final_norm, self.lm_head = final_norm, lm_head
         self.max_context = arch.max_context
         self.dtype, self.device = embed.dtype, embed.table.device
-        self.cache = KVCache(len(layers), max_batch, arch, self.dtype, self.device)
-        self.store = PrefixStore(len(layers), 0, arch, self.dtype, self.device)  # load_model sizes it
+        self.pool = KVPool(len(layers), 0, arch, self.dtype, self.device)  # load_model sizes both
+        self.store = PrefixStore(len(layers), 0, arch, self.dtype, self.device)
         # In the model's dtype, as transformers' Gemma multiplies (sqrt(3072) = 55.43 is 55.5 in bfloat16).
         self.embed_scale = torch.tensor(arch.embed_scale, dtype=self.dtype, device=self.device)
 
     def run(self, work: Work) -> torch.Tensor:
-        """Run the work's tokens into their cache rows; return each row's next-token logits [B, V].
-        A prefill may first restore cached prompt blocks into its row, and save blocks after."""
+        """Run the work's tokens into their sequences' blocks; return each one's next-token logits
+        [B, V]. A prefill may first restore cached prompt blocks, and save blocks after."""
         inputs: Prefill | Decode
+        if work.fresh:
+            self.pool.zero(work.fresh)
         if all(len(tokens) == 1 for tokens in work.tokens) and not work.restore:
             (ids, inputs), last = self._prepare_decode(work), -1
         else:
-            assert len(work.rows) == 1, "a prefill runs one sequence's chunk"
+            assert len(work.tables) == 1, "a prefill runs one sequence's chunk"
             (ids, inputs), last = self._prepare_prefill(work), len(work.tokens[0]) - 1
-        if work.restore:  # after _prepare_prefill made room
-            self.store.restore(self.cache, work.rows[0], work.restore)
+        if work.restore:
+            self.store.restore(self.pool, work.tables[0], work.restore)
         logits = self._forward(ids, inputs, self._windowed(inputs), last)
         if work.save:
-            self.store.save(self.cache, work.rows[0], work.save)
+            self.store.save(self.pool, work.tables[0], work.save)
         return logits
 
     def clear(self) -> None:
-        """Nothing runs: give the cache's memory back."""
-        self.cache.reset()
+        """Nothing runs: give the pool's memory back."""
+        self.pool.clear()
 
     def _prepare_prefill(self, work: Work) -> tuple[torch.Tensor, Prefill]:
         """The chunk is padded to a multiple of PREFILL_BUCKET: each new input shape costs the
         matrix libraries a kernel (and its memory) of its own. Causal attention keeps the padding
-        out of the real positions, and later chunks and steps overwrite its cache entries before
-        any position attends to them."""
-        (row,), (tokens,), (start,) = work.rows, work.tokens, work.starts
+        out of the real positions, and only the real tokens' keys are written to the pool."""
+        (table,), (tokens,), (start,) = work.tables, work.tokens, work.starts
         length = len(tokens)
         padded = min(math.ceil(length / PREFILL_BUCKET) * PREFILL_BUCKET, max(self.max_context - start, length))
         ids = torch.tensor([tokens + [tokens[-1]] * (padded - length)], device=self.device)  # [1, T]
         positions = torch.arange(start, start + padded, device=self.device)[None]  # [1, T]
-        self.cache.reserve(row + 1, max(start + padded, work.room))  # the one place the cache grows
         mask = None
-        # Attend to the cached chunks and causally within this one; Gemma 2's capped attention always
-        # takes a mask (no SDPA kernel caps).
+        # Attend to the earlier positions and causally within this chunk; Gemma 2's capped attention
+        # always takes a mask (no SDPA kernel caps).
         if start or self.arch.attn_softcap:
             mask = self._prefill_mask(positions, start + padded, None)
         cos, sin = self._rotary(positions, self.arch.inv_freq, self.arch.rope_scale)
-        return ids, Prefill(positions, row, start, mask, cos, sin)
+        slots = self.pool.slots([table] * length, list(range(start, start + length)))
+        return ids, Prefill(positions, table, start, slots, mask, cos, sin)
 
     def _prefill_mask(self, positions: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
-        """Which of the `length` cached positions each query sees: [1, 1, T, length] bool."""
+        """Which of the `length` positions each query sees: [1, 1, T, length] bool."""
         keys, queries = torch.arange(length, device=self.device)[None, :], positions[0, :, None]
         visible = keys <= queries
         if window is not None:
@@ -542,28 +568,31 @@ class Model:
     def _prepare_decode(self, work: Work) -> tuple[torch.Tensor, Decode]:
         ids = torch.tensor(work.tokens, device=self.device)  # [B, 1]
         pos = torch.tensor(work.starts, device=self.device)[:, None]  # [B, 1]
-        size, length = len(work.rows), max(work.starts) + 1
-        self.cache.reserve(max(work.rows) + 1, max(length, work.room))
-        heads = self.arch.kv_heads
-        # Row r's key for head h goes to cache[r, h, p]: in a layer seen as [R Hkv L, D], index
-        # (r Hkv + h) L + p. One index_copy_ per layer; indexing rows and positions together is slower.
-        rows = torch.tensor(work.rows, device=self.device)
-        rows_heads = rows[:, None] * heads + torch.arange(heads, device=self.device)[None, :]
-        slots = (rows_heads * self.cache.capacity + pos).flatten()  # [B Hkv]
-        compact = work.rows == list(range(size))
+        slots = self.pool.slots(work.tables, work.starts)
+        lo = min(min(table) for table in work.tables)
+        hi = max(max(table) for table in work.tables) + 1
+        # Each block of the span: the batch index of its sequence (B: none) and its place there.
+        owner, place = [len(work.tables)] * (hi - lo), [0] * (hi - lo)
+        for seq, table in enumerate(work.tables):
+            for i, block in enumerate(table):
+                owner[block - lo], place[block - lo] = seq, i
+        owners = torch.tensor(owner, device=self.device)
+        keys = torch.tensor(place, device=self.device)[:, None] * KV_BLOCK + torch.arange(KV_BLOCK, device=self.device)
+        queries = torch.cat([pos[:, 0], pos.new_full((1,), -1)])[owners][:, None]
+        alone = len(work.tables) == 1 and work.tables[0] == list(range(lo, hi))
         cos, sin = self._rotary(pos, self.arch.inv_freq, self.arch.rope_scale)
-        return ids, Decode(pos, None if compact else rows, self._decode_mask(pos, length, None), slots, cos, sin)
+        mask = self._decode_mask(keys, queries, None)
+        return ids, Decode(pos, slots, (lo, hi), None if alone else owners, keys, queries, mask, cos, sin)
 
-    def _decode_mask(self, pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    def _decode_mask(self, keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:
         """Additive, in the model's dtype, laid out as `_attend_decode` groups the heads, made once a
-        step: [B Hkv, Hq/Hkv, L]."""
-        keys = torch.arange(length, device=self.device)[None, :]
-        visible = keys <= pos  # [B, L]
+        step: [N Hkv, Hq/Hkv, KV_BLOCK]."""
+        visible = keys <= queries  # [N, KV_BLOCK]; a block of no one in the batch: none (-1)
         if window is not None:
-            visible &= keys > pos - window
+            visible &= keys > queries - window
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -math.inf)
-        size, heads, per_group = len(pos), self.arch.kv_heads, self.arch.heads // self.arch.kv_heads
-        return mask[:, None, None, :].expand(size, heads, per_group, length).reshape(size * heads, per_group, length)
+        blocks, heads, per_group = len(keys), self.arch.kv_heads, self.arch.heads // self.arch.kv_heads
+        return mask[:, None, None, :].expand(blocks, heads, per_group, KV_BLOCK).reshape(-1, per_group, KV_BLOCK)
 
     def _windowed(self, inputs: Prefill | Decode) -> Prefill | Decode:
         """The sliding-window layers' inputs: their own rotary tables (Gemma 3), and a mask that
@@ -576,8 +605,10 @@ class Model:
             changes["cos"], changes["sin"] = self._rotary(inputs.positions, a.local_inv_freq, a.local_rope_scale)
         length = int(inputs.positions.max()) + 1  # the positions this pass sees: 0..length-1
         if a.window is not None and length > a.window:
-            make_mask = self._prefill_mask if isinstance(inputs, Prefill) else self._decode_mask
-            changes["mask"] = make_mask(inputs.positions, length, a.window)
+            if isinstance(inputs, Prefill):
+                changes["mask"] = self._prefill_mask(inputs.positions, length, a.window)
+            else:
+                changes["mask"] = self._decode_mask(inputs.keys, inputs.queries, a.window)
         return replace(inputs, **changes) if changes else inputs
 
     def _forward(
@@ -622,40 +653,75 @@ class Model:
     def _attend_prefill(
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Prefill
     ) -> torch.Tensor:
-        keys, values = self.cache.k[index], self.cache.v[index]
-        gqa, end = self.arch.heads != self.arch.kv_heads, p.start + k.shape[2]
-        keys[p.row, :, p.start : end], values[p.row, :, p.start : end] = k[0], v[0]
+        keys, values = self.pool.k[index], self.pool.v[index]
+        gqa, real, dim = self.arch.heads != self.arch.kv_heads, len(p.slots) // k.shape[1], k.shape[-1]
+        keys.view(-1, dim).index_copy_(0, p.slots, k[0, :, :real].transpose(0, 1).reshape(-1, dim))
+        values.view(-1, dim).index_copy_(0, p.slots, v[0, :, :real].transpose(0, 1).reshape(-1, dim))
         scale, cap = self.arch.scale, self.arch.attn_softcap
         if p.mask is None:  # a prompt's first chunk, seeing only itself: plain causal attention
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        past_k, past_v = keys[p.row : p.row + 1, :, :end], values[p.row : p.row + 1, :, :end]
+        if p.start:  # the earlier positions, gathered from the sequence's blocks (a prefill's one copy)
+            k = torch.cat([self.pool.gather(keys, p.table, p.start), k], dim=2)
+            v = torch.cat([self.pool.gather(values, p.table, p.start), v], dim=2)
         if cap is not None:
-            return _softcapped_attention(q, past_k, past_v, p.mask, scale, cap)
-        return F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
+            return _softcapped_attention(q, k, v, p.mask, scale, cap)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
 
     def _attend_decode(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: Decode) -> torch.Tensor:
-        keys, values = self.cache.k[index], self.cache.v[index]
+        """One new token a sequence, against the pool's blocks in place (flash-decoding): the
+        query heads that share a key head stand where a prompt's positions would, so each key
+        head is read once and GQA copies nothing; each block of the span gets its owner's queries
+        (a small copy), one batched product scores every block, and the softmax runs across each
+        sequence's blocks. bench/paged_attention.py measured this against gathering the blocks."""
+        keys, values = self.pool.k[index], self.pool.v[index]
         size, heads, _, dim = q.shape
-        groups, per_group, length = d.mask.shape
         keys.view(-1, dim).index_copy_(0, d.slots, k[:, :, 0].reshape(-1, dim))
         values.view(-1, dim).index_copy_(0, d.slots, v[:, :, 0].reshape(-1, dim))
-        # One new token per row: the query heads that share a key head stand where a prompt's
-        # positions would ([B Hkv, Hq/Hkv, D]), so each key head is read once and GQA copies
-        # nothing. Two batched products (the mask added by the first) beat SDPA's flash kernel,
-        # made for long queries, by ~2x at batch 32 (bench/README.md). Rows 0..B-1 are read as
-        # views; other rows (a sequence left a hole below others) are gathered, a copy.
-        if d.rows is None:
-            past_k, past_v = keys[:size, :, :length], values[:size, :, :length]
+        (lo, hi), kv_heads = d.span, self.arch.kv_heads
+        past_k = keys[lo:hi].view(-1, KV_BLOCK, dim)  # [N Hkv, KV_BLOCK, D]
+        past_v = values[lo:hi].view(-1, KV_BLOCK, dim)
+        grouped = q.view(size, kv_heads, -1, dim)  # [B, Hkv, G, D]
+        if d.owner is not None:  # a zero row of queries for the blocks no one in the batch holds
+            grouped = torch.cat([grouped, grouped.new_zeros(1, *grouped.shape[1:])]).index_select(0, d.owner)
         else:
-            past_k, past_v = keys.index_select(0, d.rows)[:, :, :length], values.index_select(0, d.rows)[:, :, :length]
-        grouped = q.reshape(groups, per_group, dim)
-        past_k, past_v = past_k.reshape(groups, length, dim), past_v.reshape(groups, length, dim)
+            grouped = grouped.expand(hi - lo, -1, -1, -1)
+        grouped = grouped.reshape(d.mask.shape[0], -1, dim)  # [N Hkv, G, D]
+        scores = self._scores(grouped, past_k, d.mask)  # [N Hkv, G, KV_BLOCK]
+        if d.owner is None:
+            return self._one_sequence(scores, past_v, hi - lo).view(1, heads, 1, dim)
+        return self._segmented(scores, past_v, d.owner, size).view(size, heads, 1, dim)
+
+    def _scores(self, grouped: torch.Tensor, past_k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         scale, cap = self.arch.scale, self.arch.attn_softcap
         if cap is None:
-            scores = torch.baddbmm(d.mask, grouped, past_k.transpose(1, 2), alpha=scale)
-        else:  # Gemma 2: capped before the mask is added
-            scores = torch.tanh(torch.bmm(grouped, past_k.transpose(1, 2)) * scale / cap) * cap + d.mask
-        return torch.bmm(torch.softmax(scores, dim=-1), past_v).view(size, heads, 1, dim)
+            return torch.baddbmm(mask, grouped, past_k.transpose(1, 2), alpha=scale)
+        # Gemma 2: capped before the mask is added
+        return torch.tanh(torch.bmm(grouped, past_k.transpose(1, 2)) * scale / cap) * cap + mask
+
+    def _one_sequence(self, scores: torch.Tensor, past_v: torch.Tensor, blocks: int) -> torch.Tensor:
+        """One sequence whose blocks are the span, in order: a plain softmax over its positions
+        (the scores laid out by head, a small copy), then each block's share of the values."""
+        heads, group = self.arch.kv_heads, scores.shape[1]
+        by_head = scores.view(blocks, heads, group, KV_BLOCK).permute(1, 2, 0, 3).reshape(heads, group, -1)
+        weights = torch.softmax(by_head, dim=-1).view(heads, group, blocks, KV_BLOCK).permute(2, 0, 1, 3)
+        partial = torch.bmm(weights.reshape(-1, group, KV_BLOCK), past_v)  # [N Hkv, G, D]
+        return partial.view(blocks, heads, group, -1).sum(0)
+
+    def _segmented(self, scores: torch.Tensor, past_v: torch.Tensor, owner: torch.Tensor, size: int) -> torch.Tensor:
+        """The softmax of each sequence across its blocks, wherever they lie: each sequence's
+        highest score (scatter by owner), each block's weights and sums against it, and the
+        blocks' shares of the values added up by owner, in float32. Row `size` collects the
+        blocks no one in the batch holds (whatever they hold, NaN even) and is dropped."""
+        blocks, (heads, group) = len(owner), (self.arch.kv_heads, scores.shape[1])
+        top = scores.amax(-1).view(blocks, heads, group)
+        spread = owner[:, None, None].expand(-1, heads, group)
+        best = top.new_full((size + 1, heads, group), -math.inf).scatter_reduce_(0, spread, top, "amax")
+        weights = (scores - best.index_select(0, owner).view(-1, group, 1)).exp_()  # [N Hkv, G, KV_BLOCK]
+        total = weights.sum(-1, dtype=torch.float32).view(blocks, heads, group)
+        partial = torch.bmm(weights, past_v).view(blocks, heads, group, -1).float()
+        norm = total.new_zeros(size + 1, heads, group).index_add_(0, owner, total)
+        out = partial.new_zeros(size + 1, heads, group, partial.shape[-1]).index_add_(0, owner, partial)
+        return (out[:size] / norm[:size, ..., None]).to(scores.dtype)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.arch.rms_norm:
@@ -748,7 +814,7 @@ def _gpt2_model(model: Any, cast: Convert) -> Model:
                         rms_norm=False, gated_mlp=False, inv_freq=None, activation=_gelu_tanh)  # fmt: skip
     final = (cast(body.ln_f.weight), cast(body.ln_f.bias))
     embed, lm_head = _embedding_and_head(model, body.wte.weight, cast)
-    return Model(arch, layers, embed, cast(body.wpe.weight), final, lm_head, cast.max_batch)
+    return Model(arch, layers, embed, cast(body.wpe.weight), final, lm_head)
 
 
 def _llama_model(model: Any, cast: Convert) -> Model:
@@ -768,7 +834,7 @@ def _llama_model(model: Any, cast: Convert) -> Model:
     )  # fmt: skip
     layers = [_decoder_layer(b, arch, cast, cast) for b in body.layers]
     embed, lm_head = _embedding_and_head(model, body.embed_tokens.weight, cast)
-    return Model(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head, cast.max_batch)
+    return Model(arch, layers, embed, None, (cast(body.norm.weight), None), lm_head)
 
 
 def _gemma_model(model: Any, cast: Convert) -> Model:
@@ -805,7 +871,7 @@ def _gemma_model(model: Any, cast: Convert) -> Model:
 
     layers = [_decoder_layer(b, arch, cast, norm) for b in body.layers]
     embed, lm_head = _embedding_and_head(model, body.embed_tokens.weight, cast)
-    return Model(arch, layers, embed, None, (norm(body.norm.weight), None), lm_head, cast.max_batch)
+    return Model(arch, layers, embed, None, (norm(body.norm.weight), None), lm_head)
 
 
 def _decoder_layer(

@@ -117,8 +117,8 @@ def test_greedy_matches_transformers_after_a_prefix_cache_hit(
         eng.close()
 
 
-def test_long_prompt_grows_the_cache_correctly(eng: Engine, model_dir: Path) -> None:
-    prompt = "word " * (model.CACHE_CHUNK + 40)  # past the first cache chunk
+def test_a_long_prompt_spans_kv_blocks_correctly(eng: Engine, model_dir: Path) -> None:
+    prompt = "word " * (model.KV_BLOCK + 40)  # past its first block
     expected = reference_tokens(model_dir, prompt, 8)
     result = eng.generate(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert result.text == eng.loaded.tokenizer.decode(expected, skip_special_tokens=True)
@@ -170,8 +170,8 @@ def test_stop_string_is_cut_from_real_text(eng: Engine) -> None:
 
 def test_engine_empties_and_releases_cache(eng: Engine) -> None:
     eng.generate("word " * 300, SamplingParams(max_new_tokens=4))
-    assert eng.active == 0
-    assert eng.model.cache.capacity == model.CACHE_CHUNK
+    assert eng.active == 0 and eng.scheduler.blocks_used == 0
+    assert not eng.model.pool.touched  # a fresh pool: the written pages went back
 
 
 def test_resolve_dtype_auto_is_measured() -> None:
@@ -241,9 +241,10 @@ def test_more_rows_than_the_first_cache_chunk_and_a_long_prompt_in_chunks(gpt2_d
 def next_token_logits(eng: Engine, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits after the prompt (a prefill) and after one more token (a decode step)."""
     ids = eng.loaded.tokenizer.encode(prompt)
+    table = list(range(len(ids) // model.KV_BLOCK + 1))  # room for the prompt and one more token
     with torch.inference_mode():
-        first = eng.model.run(model.Work([0], [ids], [0]))[0].float()
-        second = eng.model.run(model.Work([0], [[int(first.argmax())]], [len(ids)]))[0].float()
+        first = eng.model.run(model.Work([table], [ids], [0], tuple(table)))[0].float()
+        second = eng.model.run(model.Work([table], [[int(first.argmax())]], [len(ids)]))[0].float()
     eng.model.clear()
     return first, second
 

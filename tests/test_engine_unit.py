@@ -1,11 +1,13 @@
 """Unit: the batching engine with a fake model (no weights, milliseconds).
 
-The fake model keeps each cache row's token history itself and predicts the next token from
-that history, not from its input, so a row mix-up in the engine's bookkeeping changes the text.
+The fake model keeps the tokens each KV pool block holds and predicts a sequence's next token
+from the history its block table reads back, not from its input, so a mix-up of blocks in the
+engine's bookkeeping changes the text.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -54,21 +56,30 @@ def last_plus_one(history: list[int]) -> int:
     return history[-1] + 1
 
 
+class FakePool:
+    def __init__(self, blocks: int):
+        self.blocks = blocks
+        self.held: dict[int, list[int | None]] = {}  # the token at each position of a block; None: zeroed
+
+
 class FakeModel:
-    """Next token = last token of the row's own history + 1 (mod VOCAB), or `next_of(history)`."""
+    """Next token = last token of the sequence's own history + 1 (mod VOCAB), or `next_of(history)`."""
 
     max_context = 64
 
     def __init__(
-        self, step_delay: float = 0.0, store_blocks: int = 0, next_of: Callable[[list[int]], int] = last_plus_one
+        self,
+        step_delay: float = 0.0,
+        store_blocks: int = 0,
+        next_of: Callable[[list[int]], int] = last_plus_one,
+        pool_blocks: int = 64,
     ):
-        self.rows: dict[int, list[int]] = {}  # its KV cache: each row's tokens
+        self.pool = FakePool(pool_blocks)
         self.store = FakeStore(store_blocks)
         self.next_of = next_of
         self.step_delay = step_delay
         self.batch_sizes: list[int] = []
         self.prefills: list[int] = []  # tokens in each prefill call
-        self.reserved: list[int] = []  # lengths asked of the cache ahead of a prompt
         self.fail_next_step = False
 
     def _logits(self, history: list[int]) -> torch.Tensor:
@@ -76,13 +87,22 @@ class FakeModel:
         logits[self.next_of(history) % VOCAB] = 1.0
         return logits
 
+    def _write(self, table: list[int], start: int, tokens: list[int]) -> None:
+        for position, token in enumerate(tokens, start):
+            self.pool.held[table[position // model.KV_BLOCK]][position % model.KV_BLOCK] = token
+
+    def _read(self, table: list[int], length: int) -> list[int]:
+        history = [self.pool.held[table[p // model.KV_BLOCK]][p % model.KV_BLOCK] for p in range(length)]
+        assert None not in history, "a sequence's earlier positions must hold its tokens"
+        return history  # type: ignore[return-value]
+
     def run(self, work: model.Work) -> torch.Tensor:
-        """Append each row's tokens to its history, where the row's cached length says they go."""
-        if work.room:
-            self.reserved.append(work.room)
+        """Write each sequence's tokens into its blocks where its cached length says they go."""
+        for block in work.fresh:
+            self.pool.held[block] = [None] * model.KV_BLOCK
         prefill = len(work.tokens[0]) > 1 or work.starts[0] == 0 or bool(work.restore)
-        if work.restore:  # the row starts with the store's blocks
-            self.rows[work.rows[0]] = [token for slot in work.restore for token in self.store.held[slot]]
+        if work.restore:  # the sequence starts with the store's blocks
+            self._write(work.tables[0], 0, [token for slot in work.restore for token in self.store.held[slot]])
         if prefill:
             self.prefills.append(len(work.tokens[0]))
         else:
@@ -90,20 +110,20 @@ class FakeModel:
                 self.fail_next_step = False
                 raise RuntimeError("device fell over")
             time.sleep(self.step_delay)
-            self.batch_sizes.append(len(work.rows))
-        assert len(set(work.rows)) == len(work.rows), "two sequences in one row"
-        for row, tokens, start in zip(work.rows, work.tokens, work.starts, strict=True):
-            history = self.rows.get(row, []) if start else []  # start 0: a new sequence in this row
-            assert start == len(history), "a row's new tokens must go where its cached ones end"
-            self.rows[row] = history + list(tokens)
+            self.batch_sizes.append(len(work.tables))
+        blocks = [block for table in work.tables for block in table]
+        assert len(set(blocks)) == len(blocks), "two sequences hold one block"
+        histories = []
+        for table, tokens, start in zip(work.tables, work.tokens, work.starts, strict=True):
+            assert len(table) * model.KV_BLOCK >= start + len(tokens), "the table must cover the new tokens"
+            self._write(table, start, tokens)
+            histories.append(self._read(table, start + len(tokens)))
         for block, slot in work.save:
-            self.store.held[slot] = self.rows[work.rows[0]][
-                block * model.PREFIX_BLOCK : (block + 1) * model.PREFIX_BLOCK
-            ]
-        return torch.stack([self._logits(self.rows[row]) for row in work.rows])
+            self.store.held[slot] = histories[0][block * model.PREFIX_BLOCK : (block + 1) * model.PREFIX_BLOCK]
+        return torch.stack([self._logits(history) for history in histories])
 
     def clear(self) -> None:
-        self.rows.clear()
+        self.pool.held.clear()
 
 
 def make_engine(max_batch: int = 4, step_delay: float = 0.0, tokenizer: FakeTokenizer | None = None) -> Engine:
@@ -332,31 +352,107 @@ def test_an_unreachable_hub_names_the_docker_users_way_out(tmp_path: Path, monke
     assert override["environment"]["MODEL_NAME"] == "/" + mounted
 
 
-def test_kv_cache_grows_in_rows_and_length_keeping_data_and_shrinks_back() -> None:
-    arch = model.Architecture(4, 2, 8, 1e-5, 4096, rms_norm=True, gated_mlp=True, inv_freq=None)
-    cache = model.KVCache(layers=2, max_rows=20, arch=arch, dtype=torch.float32, device=torch.device("cpu"))
-    assert (cache.rows, cache.capacity) == (model.ROW_CHUNK, model.CACHE_CHUNK)
-    for layer in cache.k:
-        layer[:3, :, :10] = torch.arange(3.0)[:, None, None, None] + 1  # rows 0..2 hold 1, 2, 3
-    cache.reserve(rows=9, length=model.CACHE_CHUNK + 1)
-    assert (cache.rows, cache.capacity) == (16, 2 * model.CACHE_CHUNK)
-    for layer in cache.k:
-        assert layer[:3, :, :10].flatten(1).unique(dim=1).flatten().tolist() == [1.0, 2.0, 3.0]
-        assert layer[3:].abs().sum() == 0  # new rows and positions are zeros, never garbage
-    cache.reserve(rows=30, length=10)
-    assert cache.rows == 20  # never past max_rows
-    cache.reset()
-    assert (cache.rows, cache.capacity) == (model.ROW_CHUNK, model.CACHE_CHUNK)
-    assert all(layer.abs().sum() == 0 for layer in cache.k)
+def _tiny_model(dtype: torch.dtype, blocks: int, softcap: float | None = None) -> model.Model:
+    """A Model with no layers: enough to drive its attention over a real pool."""
+    arch = model.Architecture(6, 2, 8, 1e-5, 4096, rms_norm=True, gated_mlp=True, inv_freq=None,
+                              attn_softcap=softcap)  # fmt: skip
+    embed = model.Embedding(torch.zeros(VOCAB, 48, dtype=dtype), dtype)
+    head = model.Linear(48, torch.zeros(VOCAB, 48, dtype=dtype), None)
+    network = model.Model(arch, [], embed, None, (torch.ones(48, dtype=dtype), None), head)
+    network.pool = model.KVPool(1, blocks, arch, dtype, torch.device("cpu"))
+    return network
 
 
-def test_a_kv_cache_of_fewer_rows_than_a_chunk_grows_in_length() -> None:
-    arch = model.Architecture(4, 2, 8, 1e-5, 4096, rms_norm=True, gated_mlp=True, inv_freq=None)
-    cache = model.KVCache(layers=1, max_rows=1, arch=arch, dtype=torch.float32, device=torch.device("cpu"))
-    cache.k[0][0, :, :3] = 7.0
-    cache.reserve(rows=1, length=model.CACHE_CHUNK + 1)  # MAX_BATCH_SIZE=1: one row, ever
-    assert (cache.rows, cache.capacity) == (1, 2 * model.CACHE_CHUNK)
-    assert cache.k[0][0, :, :3].eq(7.0).all()
+def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Plain attention of one new token over a sequence's positions: q [Hq, D]; keys [Hkv, L, D]."""
+    group = q.shape[0] // keys.shape[0]
+    keys, values = keys.repeat_interleave(group, 0).float(), values.repeat_interleave(group, 0).float()
+    scores = (q.float()[:, None] @ keys.transpose(1, 2))[:, 0] * q.shape[-1] ** -0.5
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    return (torch.softmax(scores, -1)[:, None] @ values)[:, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # both paths `auto` picks between CPUs
+@pytest.mark.parametrize("softcap", [None, 50.0])
+@pytest.mark.parametrize("tables", [[[0, 1, 2]], [[5, 1], [3], [0, 4, 7]], [[6, 2]]])
+def test_decode_attention_reads_each_sequences_own_blocks_in_place(
+    dtype: torch.dtype, softcap: float | None, tables: list[list[int]]
+) -> None:
+    """One sequence whose blocks are the span (the plain softmax), sequences scattered over the
+    pool (the softmax across each one's blocks), and one with a foreign block inside its span;
+    blocks no one in the batch holds hold NaN, and must not leak into anyone's answer."""
+    torch.manual_seed(0)
+    network = _tiny_model(dtype, blocks=8, softcap=softcap)
+    pool, kv = network.pool, network.arch.kv_heads
+    for layer in pool.k + pool.v:
+        layer.fill_(math.nan)
+    pool.zero(tuple(block for table in tables for block in table))  # as the scheduler hands them out
+    starts = [len(table) * model.KV_BLOCK - 1 - 17 * i for i, table in enumerate(tables)]  # last blocks part-full
+    for layer in pool.k + pool.v:
+        for table, start in zip(tables, starts, strict=True):
+            slots = pool.slots([table] * start, list(range(start)))
+            layer.view(-1, 8).index_copy_(0, slots, torch.randn(len(slots), 8).to(dtype))
+    work = model.Work(tables, [[1]] * len(tables), starts)
+    _, decode = network._prepare_decode(work)
+    assert (decode.owner is None) == (tables == [[0, 1, 2]])
+    q = torch.randn(len(tables), 6, 1, 8).to(dtype)
+    k, v = torch.randn(len(tables), kv, 1, 8).to(dtype), torch.randn(len(tables), kv, 1, 8).to(dtype)
+    out = network._attend_decode(0, q, k, v, decode)
+    for seq, (table, start) in enumerate(zip(tables, starts, strict=True)):
+        keys, values = pool.gather(pool.k[0], table, start + 1), pool.gather(pool.v[0], table, start + 1)
+        assert keys[0, :, start].equal(k[seq, :, 0])  # the new token's key went to its place
+        expected = _reference(q[seq, :, 0], keys[0], values[0], softcap)
+        tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(out[seq, :, 0].float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_the_kv_pool_is_made_empty_and_handed_back_once_idle() -> None:
+    network = _tiny_model(torch.float32, blocks=4)
+    first = network.pool.k[0]
+    network.clear()
+    assert network.pool.k[0] is first  # untouched: nothing to hand back
+    network.pool.zero((2,))
+    assert network.pool.k[0][2].abs().sum() == 0
+    network.clear()
+    assert network.pool.k[0] is not first  # a fresh pool: the written pages went back
+    assert network.pool.bytes == 4 * network.pool.block_bytes == 4 * 2 * 2 * model.KV_BLOCK * 8 * 4
+
+
+def _long(tokens: int, max_new_tokens: int) -> engine.Sequence:
+    text = engine.TextStream(FakeTokenizer(), [1] * tokens, ())
+    return engine.Sequence([1] * tokens, SamplingParams(max_new_tokens=max_new_tokens), torch.Generator(), text)
+
+
+def test_a_sequence_waits_for_blocks_and_joins_when_one_ends() -> None:
+    """Admission by free blocks: a sequence joins when the blocks no running one may still take
+    cover its prompt and all its new tokens; otherwise it waits (first come, first served: a
+    short one behind it waits too), and joins when a running one ends and gives its blocks back."""
+    scheduler = engine.Scheduler(max_batch=8, blocks=5)
+    first, second, short = _long(100, 100), _long(150, 20), _long(5, 5)  # 4, 3 and 1 blocks
+    for seq in (first, second, short):
+        scheduler.add(seq)
+    assert scheduler.next_to_join() is first and scheduler.promised == 4
+    assert scheduler.grow(first, 100) == [0, 1] and scheduler.blocks_used == 2  # taken as it grows
+    first.prefilled = 100
+    assert scheduler.next_to_join() is None  # 1 block unpromised: the 3 it needs are not there
+    assert list(scheduler.waiting) == [second, short]  # and the short one does not overtake it
+    assert scheduler.grow(first, 129) == [2] and scheduler.grow(first, 150) == []
+    first.generated = list(range(99))
+    scheduler.postprocess([first], [7])  # its 100th token: it ends, and its blocks come back
+    assert scheduler.blocks_used == 0 and scheduler.promised == 0 and first.table == []
+    assert scheduler.next_to_join() is second and scheduler.grow(second, 150) == [0, 1, 2]
+    second.prefilled = 150
+    assert scheduler.next_to_join() is short and scheduler.grow(short, 5) == [3]
+
+
+def test_a_request_larger_than_the_whole_pool_is_refused_naming_the_setting() -> None:
+    loaded = LoadedModel(FakeTokenizer(), FakeModel(pool_blocks=1), frozenset([EOS]), 1024, torch.float32)
+    eng = Engine(loaded, max_batch=2)
+    assert eng.generate("a" * 30, SamplingParams(max_new_tokens=30)).tokens == 30  # 60 positions: one block
+    with pytest.raises(PromptTooLong, match=r"needs more than the KV cache holds \(64 tokens, KV_CACHE_MB\)"):
+        eng.generate("a" * 40, SamplingParams(max_new_tokens=30))
+    eng.close()
 
 
 class SentencePieceLike(FakeTokenizer):
@@ -494,7 +590,7 @@ def test_engine_stream_pieces_add_up_to_the_result() -> None:
 
 def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of PREFILL_CHUNK tokens, one per step: the running sequences advance between them,
-    and sequences that finish mid-prefill move rows without mixing anyone's history up."""
+    and sequences that finish mid-prefill give their blocks back without mixing anyone's history up."""
     monkeypatch.setattr(engine, "PREFILL_CHUNK", 8)
     eng = make_engine(max_batch=4, step_delay=0.003)
     fake: FakeModel = eng.model  # type: ignore[assignment]
@@ -512,7 +608,6 @@ def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(monkeypatc
     assert long_result == engine.Result(expected, 5, "length")
     assert max(fake.prefills) <= 8
     assert fake.prefills.count(8) >= 5  # 45 tokens: five full chunks and a rest
-    assert fake.reserved.count(45) == 1  # room for the whole prompt, once, before its first chunk
     eng.close()
 
 
@@ -521,25 +616,26 @@ def _sequence(prompt: list[int]) -> engine.Sequence:
     return engine.Sequence(prompt, SamplingParams(max_new_tokens=1), torch.Generator(), text)
 
 
-def test_a_sequence_keeps_its_row_and_the_lowest_free_row_goes_to_the_next() -> None:
-    scheduler = engine.Scheduler(max_batch=4)
+def test_a_sequence_keeps_its_blocks_and_the_lowest_free_block_goes_to_the_next() -> None:
+    scheduler = engine.Scheduler(max_batch=4, blocks=8)
     seqs = [_sequence([1, 2]) for _ in range(3)]
     for seq in seqs:
         scheduler.add(seq)
         assert scheduler.next_to_join() is seq
+        scheduler.grow(seq, 2)
         seq.prefilled = 2  # fully prefilled: decoding
-    assert [seq.row for seq in seqs] == [0, 1, 2]
+    assert [seq.table for seq in seqs] == [[0], [1], [2]]
     pending = _sequence([1, 2, 3, 4])
     scheduler.add(pending)
-    assert scheduler.next_to_join() is pending and pending.row == 3
+    assert scheduler.next_to_join() is pending and scheduler.grow(pending, 4) == [3]
     later = _sequence([5])
     scheduler.add(later)
     assert scheduler.next_to_join() is None  # one prompt in chunks at a time
-    scheduler.postprocess([seqs[1]], [7])  # max_new_tokens=1: it ends, and row 1 is free
-    assert [seq.row for seq in scheduler.running] == [0, 2, 3]  # nobody moved
+    scheduler.postprocess([seqs[1]], [7])  # max_new_tokens=1: it ends, and block 1 is free
+    assert [seq.table for seq in scheduler.running] == [[0], [2], [3]]  # nobody moved
     assert scheduler.decoding() == [seqs[0], seqs[2]]
     pending.prefilled = 4
-    assert scheduler.next_to_join() is later and later.row == 1
+    assert scheduler.next_to_join() is later and scheduler.grow(later, 1) == [1]
 
 
 # --- weight formats -----------------------------------------------------------------------------
@@ -625,16 +721,16 @@ def test_the_memory_budget_is_the_setting_or_the_cgroups_limit(tmp_path: Path) -
 
 def test_settings_whose_worst_case_cannot_fit_are_refused_with_the_figures() -> None:
     arch = model.Architecture(12, 12, 64, 1e-5, 1024, rms_norm=False, gated_mlp=False, inv_freq=None)
-    cache = model.KVCache(layers=6, max_rows=32, arch=arch, dtype=torch.float32, device=torch.device("cpu"))
+    pool = model.KVPool(layers=6, blocks=32 * 1024 // model.KV_BLOCK, arch=arch, dtype=torch.float32,
+                        device=torch.device("cpu"))  # fmt: skip
     loaded = LoadedModel(FakeTokenizer(), FakeModel(), frozenset([EOS]), 1024, torch.float32)
-    loaded.model.cache = cache  # type: ignore[attr-defined]
-    kv = cache.worst_case_bytes(32, 1024)
-    assert kv == 2 * 6 * 32 * 12 * 1024 * 64 * 4  # distilgpt2's shape: 1.125 GiB of keys and values
+    loaded.model.pool = pool  # type: ignore[assignment]
+    assert pool.bytes == 2 * 6 * 32 * 12 * 1024 * 64 * 4  # distilgpt2's shape: 1.125 GiB of keys and values
     config = engine.ModelConfig(max_batch=32)
     engine.check_memory(loaded, config, limit=0)  # no limit known: nothing to check
     engine.check_memory(loaded, config, limit=64 * 2**30)
-    with pytest.raises(model.LoadError, match=r"KV cache 1152 MiB for MAX_BATCH_SIZE=32 .* over the memory limit"):
-        engine.check_memory(loaded, config, limit=kv)
+    with pytest.raises(model.LoadError, match=r"KV cache 1152 MiB for 32768 tokens .* over the memory limit"):
+        engine.check_memory(loaded, config, limit=pool.bytes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -273,9 +273,10 @@ def token_ids(eng: Engine, prompt: str, n: int = NEW_TOKENS) -> list[int]:
 def logits(eng: Engine, ids: list[int], token: int) -> torch.Tensor:
     """The logits after the prompt `ids` (a prefill) and after `token` (a decode step) [2, V]:
     the same token for every engine compared, so a near tie cannot send them different ways."""
+    table = list(range(len(ids) // model.KV_BLOCK + 1))  # room for the prompt and one more token
     with torch.inference_mode():
-        first = eng.model.run(model.Work([0], [ids], [0]))[0]
-        second = eng.model.run(model.Work([0], [[token]], [len(ids)]))[0]
+        first = eng.model.run(model.Work([table], [ids], [0], tuple(table)))[0]
+        second = eng.model.run(model.Work([table], [[token]], [len(ids)]))[0]
     eng.model.clear()
     return torch.stack([first, second]).float()
 

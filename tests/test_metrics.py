@@ -45,6 +45,8 @@ FAMILIES = {  # every family the issue asks for, with its type
     "llm_prefix_cache_hits_total": "counter",
     "llm_prefix_cache_blocks": "gauge",
     "llm_prefix_cache_capacity_blocks": "gauge",
+    "llm_kv_cache_blocks": "gauge",
+    "llm_kv_cache_capacity_blocks": "gauge",
     "llm_generated_tokens_total": "counter",
     "llm_running_sequences": "gauge",
     "llm_waiting_sequences": "gauge",
@@ -223,11 +225,16 @@ def test_metrics_answers_at_once_while_the_engine_is_busy(server: Server) -> Non
             busy = scrape(server.url)
             times.append(time.monotonic() - start)
             assert busy.value("llm_running_sequences") == BATCH
+        # The KV pool's use follows the tokens held: a block each now, a second each past 64 tokens.
+        assert busy.value("llm_kv_cache_capacity_blocks") == BATCH * 1024 // 64  # MAX_CONTEXT_TOKENS' default
+        assert busy.value("llm_kv_cache_blocks") >= BATCH
+        wait_for(lambda: scrape(server.url).value("llm_kv_cache_blocks") >= 2 * BATCH, 30, "the streams grew")
         stack.close()  # the long streams leave; the queued request runs
         queued.join(timeout=30)
     print(f"\n/metrics under a full batch: slowest of 20 scrapes {max(times) * 1000:.0f} ms")
     assert max(times) < SLOWEST_SCRAPE
     wait_for(lambda: scrape(server.url).value("llm_running_sequences") == 0, 5, "the batch emptied")
+    assert scrape(server.url).value("llm_kv_cache_blocks") == 0  # every block given back
 
 
 def test_tokens_of_a_stream_whose_client_left_are_counted(server: Server) -> None:
