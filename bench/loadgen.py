@@ -5,14 +5,20 @@ Targets any server by URL: this service or the baseline (`--api generate`), or l
 request latency p50/p99, and the server's peak memory when given its pid. With `--stream` (this
 service only) each request streams, and the time to its first token event is reported too.
 
+With `--prompt-tokens LO HI` every request sends a prompt of its own, LO to HI tokens long by
+`--tokenizer`'s count (differing from its first word on, so no two share a prefix).
+
 Run: python bench/loadgen.py --url http://127.0.0.1:8000 --clients 1 8 32 [--stream] [--pid PID] [--json out.json]
+     [--prompt-tokens 600 700 --tokenizer models/smollm2-135m-instruct]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import random
 import statistics
 import threading
 import time
@@ -41,10 +47,28 @@ class Level:
     ttft_p99_s: float | None = None
 
 
-def request_for(api: str, max_new_tokens: int) -> tuple[str, dict[str, Any]]:
+def request_for(api: str, max_new_tokens: int, prompt: str = PROMPT) -> tuple[str, dict[str, Any]]:
     if api == "llamacpp":
-        return "/completion", {"prompt": PROMPT, "n_predict": max_new_tokens, "ignore_eos": True}
-    return "/generate", {"prompt": PROMPT, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+        return "/completion", {"prompt": prompt, "n_predict": max_new_tokens, "ignore_eos": True}
+    return "/generate", {"prompt": prompt, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+
+
+def distinct_prompts(count: int, low: int, high: int, tokenizer_path: str) -> list[str]:
+    """`count` prompts of low..high tokens each (by this tokenizer), no two alike from the first word."""
+    from prefix import WORDS  # the benchmarks' one word list
+    from transformers import AutoTokenizer
+
+    tokenizer, rng, prompts = AutoTokenizer.from_pretrained(tokenizer_path), random.Random(0), []
+    for salt in range(count):
+        words = [f"{WORDS[(salt + i * 7) % len(WORDS)]}{(salt * 31 + i) % 97}" for i in range(2 * high)]
+        target, fewest, most = rng.randint(low, high), 1, len(words)
+        while fewest < most:  # the most words whose text stays within the target
+            middle = (fewest + most + 1) // 2
+            fewest, most = (
+                (middle, most) if len(tokenizer.encode(" ".join(words[:middle]))) <= target else (fewest, middle - 1)
+            )
+        prompts.append(" ".join(words[:fewest]))
+    return prompts
 
 
 def tokens_of(api: str, body: dict[str, Any]) -> int:
@@ -78,7 +102,7 @@ async def post_streaming(http: httpx.AsyncClient, path: str, body: dict[str, Any
 
 async def one_request(args: argparse.Namespace, http: httpx.AsyncClient) -> tuple[int, int, float | None]:
     """(status, tokens, seconds to the first token when streaming)."""
-    path, body = request_for(args.api, args.max_new_tokens)
+    path, body = request_for(args.api, args.max_new_tokens, next(args.prompts))
     if args.stream:
         return await post_streaming(http, path, body)
     response = await http.post(path, json=body)
@@ -166,7 +190,16 @@ def main() -> None:
     parser.add_argument("--pid", type=int, help="server process to watch for peak memory")
     parser.add_argument("--stream", action="store_true", help="stream each answer; report time to first token")
     parser.add_argument("--json", help="write the levels here")
+    parser.add_argument(
+        "--prompt-tokens", type=int, nargs=2, metavar=("LO", "HI"), help="a distinct prompt each request"
+    )
+    parser.add_argument("--tokenizer", default="models/smollm2-135m-instruct", help="counts --prompt-tokens")
     args = parser.parse_args()
+    if args.prompt_tokens:
+        low, high = args.prompt_tokens
+        args.prompts = itertools.cycle(distinct_prompts(400, low, high, args.tokenizer))  # more than a run sends
+    else:
+        args.prompts = itertools.repeat(PROMPT)
     if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         parser.error("load is only ever sent to loopback")
     if args.stream and args.api != "generate":
@@ -174,7 +207,8 @@ def main() -> None:
     levels = asyncio.run(run(args))
     if args.json:
         with open(args.json, "w") as out:
-            summary = {"url": args.url, "api": args.api, "stream": args.stream, "levels": [asdict(lv) for lv in levels]}
+            summary = {"url": args.url, "api": args.api, "stream": args.stream, "prompt_tokens": args.prompt_tokens,
+                       "levels": [asdict(lv) for lv in levels]}  # fmt: skip
             json.dump(summary, out, indent=1)
 
 

@@ -42,7 +42,7 @@ from matplotlib.figure import Figure
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key"
 COMMANDS = {"ours": [sys.executable, "server.py"], "baseline": [sys.executable, "bench/baseline_server.py"]}
-SERVERS = [*COMMANDS, "llamacpp"]
+SERVERS = [*COMMANDS, "llamacpp", "before"]  # before: our server.py from the --before checkout
 # The only model llama-server is run with: the GGUF it loads is this model's source.
 LLAMACPP_MODEL = "smollm2-135m-instruct"
 # /proc/cpuinfo flags that decide which weight formats and kernels are fast on this CPU.
@@ -63,6 +63,8 @@ def llamacpp() -> tuple[Path, Path]:
 
 
 def command(server: str, port: int) -> list[str]:
+    if server == "before":
+        return COMMANDS["ours"]
     if server != "llamacpp":
         return COMMANDS[server]
     binary, gguf = llamacpp()
@@ -70,14 +72,20 @@ def command(server: str, port: int) -> list[str]:
 
 
 def start(
-    server: str, model: str, port: int, log: Path, extra: dict[str, str] | None = None, load_on_start: bool = False
+    server: str,
+    model: str,
+    port: int,
+    log: Path,
+    extra: dict[str, str] | None = None,
+    load_on_start: bool = False,
+    cwd: Path = ROOT,
 ) -> subprocess.Popen[bytes]:
     env = {**os.environ, "API_KEY": KEY, "MODEL_NAME": model, "PORT": str(port), "MAX_BATCH_SIZE": "32",
            "LOAD_ON_START": "1" if load_on_start else "0"}  # fmt: skip
     env.update(extra or {})
     cmd = command(server, port)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=out)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -92,7 +100,9 @@ def start(
 def measure(server: str, model: str, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     port = free_port()
     log = workdir / f"{server}-{Path(model).name}-{int(time.time())}.log"
-    proc = start(server, model, port, log, load_on_start=args.load_on_start)
+    extra = dict(pair.split("=", 1) for pair in args.server_env)
+    cwd = args.before.resolve() if server == "before" else ROOT
+    proc = start(server, str(Path(model).resolve()), port, log, extra, args.load_on_start, cwd)
     out = workdir / f"levels-{port}.json"
     load_before = os.getloadavg()[0]  # others share this machine: how busy it was, beside each figure
     try:
@@ -100,7 +110,8 @@ def measure(server: str, model: str, args: argparse.Namespace, workdir: Path) ->
         cmd = [sys.executable, "bench/loadgen.py", "--url", f"http://127.0.0.1:{port}", "--key", KEY, "--api", api,
                "--pid", str(proc.pid), "--json", str(out), "--duration", str(args.duration),
                "--max-new-tokens", str(args.max_new_tokens), "--clients", *map(str, args.clients),
-               *(["--stream"] if args.stream else [])]  # fmt: skip
+               *(["--stream"] if args.stream else []),
+               *(["--prompt-tokens", *map(str, args.prompt_tokens)] if args.prompt_tokens else [])]  # fmt: skip
         subprocess.run(cmd, cwd=ROOT, check=True)
     finally:
         proc.terminate()
@@ -209,6 +220,10 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="streaming requests; adds time to first token")
     parser.add_argument("--rounds", type=int, default=1, help="run every server this many times, alternating")
     parser.add_argument("--load-on-start", action="store_true", help="LOAD_ON_START=1 (default: lazy, as make run)")
+    parser.add_argument("--prompt-tokens", type=int, nargs=2, metavar=("LO", "HI"),
+                        help="a distinct prompt of LO-HI tokens each request (loadgen.py)")  # fmt: skip
+    parser.add_argument("--server-env", nargs="*", default=[], metavar="NAME=VALUE", help="settings for our servers")
+    parser.add_argument("--before", type=Path, help="a checkout (e.g. the previous commit) whose server.py is `before`")
     parser.add_argument("--json")
     parser.add_argument("--logs", type=Path, help="keep each server's log here (e.g. to see the dtype ours chose)")
     parser.add_argument("--plot", type=Path, metavar="RESULT_JSON", help="only draw RESULT_JSON's PNG beside it")
@@ -234,6 +249,7 @@ def main() -> None:
     print("model load: " + ("LOAD_ON_START=1" if args.load_on_start else "lazy, on the warm-up request (as make run)"))
     print(table(runs, args.stream))
     print(ratios(runs))
+    print(ratios(runs, over="before"))
     if reference:
         print(f"llama-server: {reference_label(reference)}")
     machine = {"cpu": cpu_name(cpu), "cpu_model": cpu["model"], "cpu_flags": cpu["flags"],
