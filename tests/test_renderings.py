@@ -31,7 +31,8 @@ class FakeEngine:
 
     def __init__(self, error: Exception | None = None):
         self.error = error
-        self.prefix = engine.PrefixCache(0)  # /metrics reads it
+        self.prefix = engine.PrefixCache(0)  # /metrics reads it, and the pool's blocks
+        self.scheduler = engine.Scheduler(max_batch=1, blocks=0)
         self.cancels: list[threading.Event] = []
 
     def stream(self, prompt: str, params: engine.SamplingParams, cancel: threading.Event,
