@@ -117,16 +117,19 @@ def test_disconnect_storm_empties_the_batch(small: Server) -> None:
 
 @pytest.fixture(scope="module")
 def slow(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = {"MODEL_NAME": str(gpt2_dir), "MAX_BATCH_SIZE": "1", "QUEUE_TIMEOUT": "1", "REQUEST_TIMEOUT": "2"}
+    env = {"MODEL_NAME": str(gpt2_dir), "MAX_BATCH_SIZE": "1", "QUEUE_TIMEOUT": "1", "REQUEST_TIMEOUT": "2",
+           "MAX_NEW_TOKENS_LIMIT": "1000"}  # fmt: skip
     with run_server(tmp_path_factory.mktemp("slow"), **env) as server:
         yield server
 
 
 def test_request_deadline_ends_with_timeout_and_the_text_so_far(slow: Server) -> None:
     post(slow, {"prompt": "load", "max_new_tokens": 1})
-    body = post(slow, {**LONG, "max_new_tokens": 200}).json()
+    # 1000 tokens: ~10 s at batch 1 on these CPUs, so the 2 s deadline comes first however fast a
+    # step gets (200 tokens once took ~2 s and made this a race).
+    body = post(slow, {**LONG, "max_new_tokens": 1000}).json()
     assert body["finish_reason"] == "timeout"
-    assert 0 < body["generated_tokens"] < 200
+    assert 0 < body["generated_tokens"] < 1000
     assert body["generated_text"].startswith("long")
 
 
