@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from model import KV_BLOCK, PREFIX_BLOCK, LoadedModel, LoadError, Work, load_model
+from model import KV_BLOCK, PREFIX_BLOCK, LoadedModel, LoadError, Work, blocks_for, load_model
 
 log = logging.getLogger("llm.engine")
 
@@ -322,7 +322,7 @@ class Sequence:
     @property
     def blocks_needed(self) -> int:
         """Pool blocks for the prompt and every token it may generate: reserved when it joins."""
-        return math.ceil((len(self.prompt_ids) + self.params.max_new_tokens) / KV_BLOCK)
+        return blocks_for(len(self.prompt_ids) + self.params.max_new_tokens)
 
     @property
     def cached(self) -> int:
@@ -497,7 +497,7 @@ class Scheduler:
     def grow(self, seq: Sequence, length: int) -> list[int]:
         """Blocks for a running sequence's first `length` positions: those it lacks, from its
         promise. Returns the new ones (for the model to zero)."""
-        fresh = [heapq.heappop(self.free_blocks) for _ in range(math.ceil(length / KV_BLOCK) - len(seq.table))]
+        fresh = [heapq.heappop(self.free_blocks) for _ in range(blocks_for(length) - len(seq.table))]
         seq.table.extend(fresh)
         return fresh
 
@@ -641,7 +641,7 @@ class Engine:
         return self._thread.is_alive() and not self.scheduler.stopping
 
     def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        context, pool = self.loaded.max_context, self.scheduler.blocks * KV_BLOCK
+        context = self.loaded.max_context
         if prompt_tokens == 0:
             raise PromptTooLong("prompt encodes to no tokens")
         if prompt_tokens + max_new_tokens > context:
@@ -649,10 +649,10 @@ class Engine:
                 f"prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} at most "
                 f"{context - max_new_tokens} prompt tokens fit in the model's context of {context}"
             )
-        if math.ceil((prompt_tokens + max_new_tokens) / KV_BLOCK) > self.scheduler.blocks:
+        if blocks_for(prompt_tokens + max_new_tokens) > self.scheduler.blocks:
             raise PromptTooLong(
                 f"prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it needs more than the "
-                f"KV cache holds ({pool} tokens, KV_CACHE_MB)"
+                f"KV cache holds ({self.scheduler.blocks * KV_BLOCK} tokens, KV_CACHE_MB)"
             )
 
     # -- the engine thread

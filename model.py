@@ -230,13 +230,18 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def blocks_for(positions: int) -> int:
+    """KV pool blocks that hold this many positions."""
+    return math.ceil(positions / KV_BLOCK)
+
+
 def kv_blocks(config: LoadSettings, model: Model, context: int) -> int:
     """The KV pool's blocks: KV_CACHE_MB's worth, else every sequence of a full batch at the whole
     context (so that setting alone never makes a request wait for blocks)."""
     if config.kv_cache_mb:
         block = KVPool(len(model.layers), 0, model.arch, model.dtype, model.device).block_bytes
         return max(1, config.kv_cache_mb * 2**20 // block)
-    return config.max_batch * math.ceil(context / KV_BLOCK)
+    return config.max_batch * blocks_for(context)
 
 
 def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
@@ -407,7 +412,7 @@ class KVPool:
 
     def gather(self, layer: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
         """A sequence's first `length` positions of a layer as [1, Hkv, length, D] (a copy)."""
-        blocks = layer.index_select(0, torch.tensor(table[: math.ceil(length / KV_BLOCK)], device=self.device))
+        blocks = layer.index_select(0, torch.tensor(table[: blocks_for(length)], device=self.device))
         return blocks.transpose(0, 1).reshape(1, self.heads, -1, self.dim)[:, :, :length]
 
 

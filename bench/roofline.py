@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -62,7 +61,7 @@ def bare_products(network: model.Model, batch: int) -> Callable[[], object]:
 def full_step(network: model.Model, batch: int, cached: int) -> Callable[[], object]:
     """One decode step of `batch` sequences that each hold `cached` tokens (the pool's contents do
     not change the cost), their blocks interleaved in the pool as sequences growing together get them."""
-    blocks = math.ceil((cached + 1) / model.KV_BLOCK)
+    blocks = model.blocks_for(cached + 1)
     tables = [[b * batch + seq for b in range(blocks)] for seq in range(batch)]
     network.pool.zero(tuple(range(batch * blocks)))
     work = Work(tables, [[1]] * batch, [cached] * batch)
