@@ -436,7 +436,6 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in the order they joined
         self.free_blocks = list(range(blocks))  # a heap: the lowest free block first
-        self.promised = 0  # blocks the running sequences may still take, and hold: never more than `blocks`
         self.drain_deadline = math.inf  # time.monotonic() past which every sequence ends ("timeout")
         self.drained = False  # the drain's deadline has ended a sequence (logged once)
         self._live: set[Sequence] = set()  # added and not yet ended: failed together if the engine stops
@@ -470,6 +469,11 @@ class Scheduler:
         return [seq for seq in self.running if not seq.prefilling]
 
     @property
+    def promised(self) -> int:
+        """Blocks the running sequences hold or may still take: never more than `blocks`."""
+        return sum(seq.blocks_needed for seq in self.running)
+
+    @property
     def blocks_used(self) -> int:
         return self.blocks - len(self.free_blocks)
 
@@ -489,7 +493,6 @@ class Scheduler:
                 return None  # it waits for running sequences to end and give their blocks back
             with self._wake:
                 self.waiting.popleft()
-            self.promised += seq.blocks_needed
             self.running.append(seq)
             return seq
         return None
@@ -547,7 +550,7 @@ class Scheduler:
         """Every sequence not yet ended, running, waiting or mid-step (the engine stopped)."""
         with self._wake:
             live, self.running, self.waiting = list(self._live), [], collections.deque()
-            self.free_blocks, self.promised, self._live = list(range(self.blocks)), 0, set()
+            self.free_blocks, self._live = list(range(self.blocks)), set()
         for seq in live:
             seq.output.put(type(error)(str(error)))  # one exception each: they are raised in different threads
 
@@ -556,7 +559,6 @@ class Scheduler:
         sent: a request that reads its result may send the next one at once, and must find them free."""
         if seq in self.running:
             self.running.remove(seq)
-            self.promised -= seq.blocks_needed
             for block in seq.table:
                 heapq.heappush(self.free_blocks, block)
             seq.table = []
