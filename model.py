@@ -239,8 +239,7 @@ def kv_blocks(config: LoadSettings, model: Model, context: int) -> int:
     """The KV pool's blocks: KV_CACHE_MB's worth, else every sequence of a full batch at the whole
     context (so that setting alone never makes a request wait for blocks)."""
     if config.kv_cache_mb:
-        block = KVPool(len(model.layers), 0, model.arch, model.dtype, model.device).block_bytes
-        return max(1, config.kv_cache_mb * 2**20 // block)
+        return max(1, config.kv_cache_mb * 2**20 // KVPool.bytes_a_block(len(model.layers), model.arch, model.dtype))
     return config.max_batch * blocks_for(context)
 
 
@@ -371,15 +370,20 @@ class KVPool:
 
     def __init__(self, layers: int, blocks: int, arch: Architecture, dtype: torch.dtype, device: torch.device):
         self.layers, self.blocks, self.heads, self.dim = layers, blocks, arch.kv_heads, arch.head_dim
-        self.dtype, self.device = dtype, device
+        self.arch, self.dtype, self.device = arch, dtype, device
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.touched = True
         self.clear()
 
+    @staticmethod
+    def bytes_a_block(layers: int, arch: Architecture, dtype: torch.dtype) -> int:
+        """Keys and values of KV_BLOCK positions in every layer."""
+        return 2 * layers * arch.kv_heads * KV_BLOCK * arch.head_dim * torch.empty(0, dtype=dtype).element_size()
+
     @property
     def block_bytes(self) -> int:
-        return 2 * self.layers * self.heads * KV_BLOCK * self.dim * torch.empty(0, dtype=self.dtype).element_size()
+        return self.bytes_a_block(self.layers, self.arch, self.dtype)
 
     @property
     def bytes(self) -> int:
