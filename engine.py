@@ -41,11 +41,12 @@ from typing import Any
 
 import torch
 
-from model import KV_BLOCK, PREFIX_BLOCK, LoadedModel, LoadError, Work, blocks_for, load_model
+from model import KV_BLOCK, PREFILL_BUCKET, PREFIX_BLOCK, LoadedModel, LoadError, Work, blocks_for, load_model
 
 log = logging.getLogger("llm.engine")
 
-PREFILL_CHUNK = 64  # prompt tokens prefilled per engine step: a long prompt joins over several steps
+PREFILL_CHUNK = 64  # the most prompt tokens prefilled per engine step: a long prompt joins over several steps
+PREFILL_CHUNK_LEAST = 16  # the fewest while sequences decode (one PREFILL_BUCKET: smaller chunks only add padding)
 DETOKENIZE_CONTEXT = 4  # prompt tokens detokenized ahead of the continuation (see `TextStream`)
 
 
@@ -579,6 +580,8 @@ class Engine:
         self.scheduler = Scheduler(max_batch, self.model.pool.blocks, loaded.eos_ids)
         self.prefix = PrefixCache(self.model.store.blocks)
         self.observe = observe or (lambda kind, seconds, size: None)
+        self._decode_seconds = 0.0  # the last decode step's time
+        self._token_seconds = 0.0  # the last prefill chunk's time per token (it grows with the prompt's position)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -671,13 +674,13 @@ class Engine:
             self.scheduler.fail_all(EngineStopped(f"the engine stopped: {exc}"))
 
     def step(self) -> bool:
-        """One round: prefill up to PREFILL_CHUNK prompt tokens (finishing a long prompt's chunks
-        first, then joining waiting sequences), then advance the decoding sequences by one token.
-        A long prompt thus never stalls the batch for more than one chunk. Returns False once the
-        engine is stopping."""
+        """One round: prefill a chunk of prompt tokens (`_chunk_budget`; finishing a long prompt's
+        chunks first, then joining waiting sequences), then advance the decoding sequences by one
+        token. A long prompt thus never stalls the batch for more than one chunk. Returns False
+        once the engine is stopping."""
         if not self.scheduler.wait_for_work():
             return False
-        budget = PREFILL_CHUNK
+        budget = self._chunk_budget()
         while budget > 0 and (seq := self.scheduler.prefilling() or self.scheduler.next_to_join()):
             budget -= self._prefill(seq, budget)
             if seq.prefilling:
@@ -686,6 +689,16 @@ class Engine:
             self._decode(batch)
         self._clear_if_idle()  # also after a failed pass
         return True
+
+    def _chunk_budget(self) -> int:
+        """While sequences decode, each of them waits for the chunk before its next token, so a
+        chunk is sized to cost about one decode step (from the last step's and the last chunk's
+        times): the gap between tokens stays near twice a step however slow this CPU's prefill
+        is, or however far into a long prompt. With no one decoding, PREFILL_CHUNK."""
+        if not self._token_seconds or not self.scheduler.decoding():
+            return PREFILL_CHUNK
+        fits = int(self._decode_seconds / self._token_seconds) // PREFILL_BUCKET * PREFILL_BUCKET
+        return min(PREFILL_CHUNK, max(PREFILL_CHUNK_LEAST, fits))
 
     def _prefill(self, seq: Sequence, budget: int) -> int:
         """Prefill the next chunk of an admitted sequence's prompt; return the tokens it took. The
@@ -707,7 +720,10 @@ class Engine:
             self.scheduler.fail(seq, GenerationFailed(f"generation failed: {exc}"))
             return len(chunk)
         seq.prefilled += len(chunk)
-        self.observe("prefill", time.monotonic() - start, 1)
+        seconds = time.monotonic() - start
+        if len(chunk) >= PREFILL_CHUNK_LEAST:  # a short prompt's time is mostly the pass's fixed cost
+            self._token_seconds = seconds / len(chunk)
+        self.observe("prefill", seconds, 1)
         if not seq.prefilling:
             self._postprocess([seq], logits)  # the prompt is in: its first token
         return len(chunk)
@@ -730,7 +746,8 @@ class Engine:
             for seq in list(self.scheduler.running):
                 self.scheduler.fail(seq, GenerationFailed(f"generation failed: {exc}"))
             return
-        self.observe("decode", time.monotonic() - start, len(batch))
+        self._decode_seconds = time.monotonic() - start
+        self.observe("decode", self._decode_seconds, len(batch))
         self._postprocess(batch, logits)
 
     def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> None:

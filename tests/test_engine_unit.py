@@ -611,6 +611,41 @@ def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(monkeypatc
     eng.close()
 
 
+class TimedModel(FakeModel):
+    """A prefill takes `token_delay` a token, a decode step `step_delay`."""
+
+    max_context = 256
+
+    def __init__(self, step_delay: float, token_delay: float):
+        super().__init__(step_delay, pool_blocks=16)
+        self.token_delay = token_delay
+
+    def run(self, work: model.Work) -> torch.Tensor:
+        if len(work.tokens[0]) > 1:
+            time.sleep(self.token_delay * len(work.tokens[0]))
+        return super().run(work)
+
+
+def test_while_sequences_decode_a_chunk_costs_about_one_decode_step() -> None:
+    """Every decoding sequence waits for the chunk before its next token: a chunk is sized from the
+    last decode step's time over the last chunk's time a token (50 ms / 2 ms: 16 tokens), while a
+    prompt no one waits for goes in whole PREFILL_CHUNKs."""
+    fake = TimedModel(step_delay=0.05, token_delay=0.002)
+    eng = Engine(LoadedModel(FakeTokenizer(), fake, frozenset([EOS]), 256, torch.float32), 4)  # type: ignore[arg-type]
+    prompt = "".join(chr(33 + i % 90) for i in range(200))
+    eng.generate(prompt, SamplingParams(max_new_tokens=1))
+    assert fake.prefills == [64, 64, 64, 8]
+    fake.prefills.clear()
+
+    def late_long() -> object:
+        time.sleep(0.1)  # the short one is decoding by now (40 steps of 50 ms)
+        return eng.generate(prompt[::-1], SamplingParams(max_new_tokens=1))
+
+    in_threads([lambda: eng.generate("A", SamplingParams(max_new_tokens=40)), late_long])
+    assert fake.prefills == [1] + [16] * 12 + [8]
+    eng.close()
+
+
 def _sequence(prompt: list[int]) -> engine.Sequence:
     text = engine.TextStream(FakeTokenizer(), prompt, ())
     return engine.Sequence(prompt, SamplingParams(max_new_tokens=1), torch.Generator(), text)
