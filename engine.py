@@ -691,11 +691,13 @@ class Engine:
         return True
 
     def _chunk_budget(self) -> int:
-        """While sequences decode, each of them waits for the chunk before its next token, so a
-        chunk is sized to cost about one decode step (from the last step's and the last chunk's
-        times): the gap between tokens stays near twice a step however slow this CPU's prefill
-        is, or however far into a long prompt. With no one decoding, PREFILL_CHUNK."""
-        if not self._token_seconds or not self.scheduler.decoding():
+        """While sequences decode and no other prompt waits, each of them waits for the chunk
+        before its next token, so a chunk is sized to cost about one decode step (from the last
+        step's and the last chunk's times): the gap between tokens stays near twice a step however
+        slow this CPU's prefill is, or however far into a long prompt. While prompts wait, whole
+        PREFILL_CHUNKs: sized by a small batch's cheap step, chunks would shrink the batch that
+        prefill can keep fed, and with it the throughput (bench/README.md, the chunk budget)."""
+        if not self._token_seconds or not self.scheduler.decoding() or self.scheduler.waiting:
             return PREFILL_CHUNK
         fits = int(self._decode_seconds / self._token_seconds) // PREFILL_BUCKET * PREFILL_BUCKET
         return min(PREFILL_CHUNK, max(PREFILL_CHUNK_LEAST, fits))

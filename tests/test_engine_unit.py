@@ -628,8 +628,8 @@ class TimedModel(FakeModel):
 
 def test_while_sequences_decode_a_chunk_costs_about_one_decode_step() -> None:
     """Every decoding sequence waits for the chunk before its next token: a chunk is sized from the
-    last decode step's time over the last chunk's time a token (50 ms / 2 ms: 16 tokens), while a
-    prompt no one waits for goes in whole PREFILL_CHUNKs."""
+    last decode step's time over the last chunk's time a token (50 ms / 2 ms: 16 tokens), once no
+    prompt waits; a prompt no one waits for goes in whole PREFILL_CHUNKs."""
     fake = TimedModel(step_delay=0.05, token_delay=0.002)
     eng = Engine(LoadedModel(FakeTokenizer(), fake, frozenset([EOS]), 256, torch.float32), 4)  # type: ignore[arg-type]
     prompt = "".join(chr(33 + i % 90) for i in range(200))
@@ -642,7 +642,7 @@ def test_while_sequences_decode_a_chunk_costs_about_one_decode_step() -> None:
         return eng.generate(prompt[::-1], SamplingParams(max_new_tokens=1))
 
     in_threads([lambda: eng.generate("A", SamplingParams(max_new_tokens=40)), late_long])
-    assert fake.prefills == [1] + [16] * 12 + [8]
+    assert fake.prefills == [1, 64] + [16] * 8 + [8]  # the first chunk while the prompt itself waited: whole
     eng.close()
 
 
