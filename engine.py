@@ -46,7 +46,7 @@ from model import KV_BLOCK, PREFILL_BUCKET, PREFIX_BLOCK, LoadedModel, LoadError
 log = logging.getLogger("llm.engine")
 
 PREFILL_CHUNK = 64  # the most prompt tokens prefilled per engine step: a long prompt joins over several steps
-PREFILL_CHUNK_LEAST = 16  # the fewest while sequences decode (one PREFILL_BUCKET: smaller chunks only add padding)
+PREFILL_CHUNK_LEAST = PREFILL_BUCKET  # the fewest while sequences decode: smaller chunks only add padding
 DETOKENIZE_CONTEXT = 4  # prompt tokens detokenized ahead of the continuation (see `TextStream`)
 
 
