@@ -47,6 +47,7 @@ log = logging.getLogger("llm.engine")
 
 PREFILL_CHUNK = 64  # the most prompt tokens prefilled per engine step: a long prompt joins over several steps
 PREFILL_CHUNK_LEAST = PREFILL_BUCKET  # the fewest while sequences decode: smaller chunks only add padding
+PREFILL_QUEUED = 2 * PREFILL_CHUNK  # prompt tokens a step, in chunks, while prompts queue for free places
 DETOKENIZE_CONTEXT = 4  # prompt tokens detokenized ahead of the continuation (see `TextStream`)
 
 
@@ -674,31 +675,34 @@ class Engine:
             self.scheduler.fail_all(EngineStopped(f"the engine stopped: {exc}"))
 
     def step(self) -> bool:
-        """One round: prefill a chunk of prompt tokens (`_chunk_budget`; finishing a long prompt's
-        chunks first, then joining waiting sequences), then advance the decoding sequences by one
-        token. A long prompt thus never stalls the batch for more than one chunk. Returns False
-        once the engine is stopping."""
+        """One round: prefill the step's prompt tokens (`_chunk_budget`) in chunks of at most
+        PREFILL_CHUNK (finishing a long prompt's chunks first, then joining waiting sequences),
+        then advance the decoding sequences by one token. A long prompt thus never stalls the
+        batch for more than about a step. Returns False once the engine is stopping."""
         if not self.scheduler.wait_for_work():
             return False
         budget = self._chunk_budget()
         while budget > 0 and (seq := self.scheduler.prefilling() or self.scheduler.next_to_join()):
-            budget -= self._prefill(seq, budget)
-            if seq.prefilling:
-                break  # the rest of this prompt in the next steps
+            budget -= self._prefill(seq, min(budget, PREFILL_CHUNK))
         if batch := self.scheduler.decoding():
             self._decode(batch)
         self._clear_if_idle()  # also after a failed pass
         return True
 
     def _chunk_budget(self) -> int:
-        """While sequences decode and no other prompt waits, each of them waits for the chunk
-        before its next token, so a chunk is sized to cost about one decode step (from the last
-        step's and the last chunk's times): the gap between tokens stays near twice a step however
-        slow this CPU's prefill is, or however far into a long prompt. While prompts wait, whole
-        PREFILL_CHUNKs: sized by a small batch's cheap step, chunks would shrink the batch that
-        prefill can keep fed, and with it the throughput (bench/README.md, the chunk budget)."""
-        if not self._token_seconds or not self.scheduler.decoding() or self.scheduler.waiting:
+        """The prompt tokens this step prefills. Every decoding sequence waits for them before its
+        next token, so while sequences decode they are sized to cost about one decode step (the
+        last step's time over the last chunk's time a token): the gap between tokens stays near
+        twice a step however slow this CPU's prefill is, or however far into a long prompt. But
+        while more than one prompt queues for a free place, the batch is starved, not stalled:
+        each request needs all its prompt tokens for its generated ones (~650 for 200 in the
+        long-prompt benchmark), so prefill takes PREFILL_QUEUED tokens a step, else the batch
+        settles well below its places (bench/README.md, the chunk budget)."""
+        scheduler = self.scheduler
+        if not self._token_seconds or not scheduler.decoding():
             return PREFILL_CHUNK
+        if min(len(scheduler.waiting), scheduler.max_batch - len(scheduler.running)) > 1:
+            return PREFILL_QUEUED
         fits = int(self._decode_seconds / self._token_seconds) // PREFILL_BUCKET * PREFILL_BUCKET
         return min(PREFILL_CHUNK, max(PREFILL_CHUNK_LEAST, fits))
 

@@ -619,17 +619,23 @@ class TimedModel(FakeModel):
     def __init__(self, step_delay: float, token_delay: float):
         super().__init__(step_delay, pool_blocks=16)
         self.token_delay = token_delay
+        self.steps: list[list[int]] = [[]]  # the prefill chunks before each decode step, and after the last
 
     def run(self, work: model.Work) -> torch.Tensor:
         if len(work.tokens[0]) > 1:
             time.sleep(self.token_delay * len(work.tokens[0]))
-        return super().run(work)
+        logits = super().run(work)
+        if len(work.tokens[0]) > 1 or work.starts[0] == 0:
+            self.steps[-1].append(len(work.tokens[0]))
+        else:
+            self.steps.append([])
+        return logits
 
 
 def test_while_sequences_decode_a_chunk_costs_about_one_decode_step() -> None:
     """Every decoding sequence waits for the chunk before its next token: a chunk is sized from the
-    last decode step's time over the last chunk's time a token (50 ms / 2 ms: 16 tokens), once no
-    prompt waits; a prompt no one waits for goes in whole PREFILL_CHUNKs."""
+    last decode step's time over the last chunk's time a token (50 ms / 2 ms: 16 tokens), from the
+    first chunk of the prompt that joins; a prompt no one waits for goes in whole PREFILL_CHUNKs."""
     fake = TimedModel(step_delay=0.05, token_delay=0.002)
     eng = Engine(LoadedModel(FakeTokenizer(), fake, frozenset([EOS]), 256, torch.float32), 4)  # type: ignore[arg-type]
     prompt = "".join(chr(33 + i % 90) for i in range(200))
@@ -642,7 +648,27 @@ def test_while_sequences_decode_a_chunk_costs_about_one_decode_step() -> None:
         return eng.generate(prompt[::-1], SamplingParams(max_new_tokens=1))
 
     in_threads([lambda: eng.generate("A", SamplingParams(max_new_tokens=40)), late_long])
-    assert fake.prefills == [1, 64] + [16] * 8 + [8]  # the first chunk while the prompt itself waited: whole
+    assert fake.prefills == [1] + [16] * 12 + [8]
+    eng.close()
+
+
+def test_while_prompts_queue_for_places_a_step_prefills_two_whole_chunks() -> None:
+    """Three prompts arrive at once beside a decoding sequence: while two or more queue for free
+    places the batch is starved, not stalled, so a step prefills PREFILL_QUEUED tokens in whole
+    chunks (a chunk's rest, then the next prompt's start); once one waits, chunks cost about a
+    decode step again (25 ms / 1 ms: 16 tokens)."""
+    fake = TimedModel(step_delay=0.025, token_delay=0.001)
+    eng = Engine(LoadedModel(FakeTokenizer(), fake, frozenset([EOS]), 256, torch.float32), 4)  # type: ignore[arg-type]
+    prompt = "".join(chr(33 + i % 90) for i in range(200))
+    eng.generate(prompt, SamplingParams(max_new_tokens=1))  # times a chunk
+    first = eng.stream("A", SamplingParams(max_new_tokens=60))
+    time.sleep(0.1)  # "A" is decoding by now, in a 25 ms step: the three below join at the next one
+    fake.steps = [[]]
+    streams = [eng.stream(prompt[k:] + prompt[:k], SamplingParams(max_new_tokens=20)) for k in (1, 2, 3)]
+    for stream in [first, *streams]:
+        list(stream)
+    chunks = [step for step in fake.steps if step]
+    assert chunks == [[64, 64], [64, 8, 56]] + [[16]] * 9 + [[16]] * 12 + [[8]]
     eng.close()
 
 
