@@ -62,7 +62,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import anyio
 import anyio.from_thread
@@ -1600,6 +1600,7 @@ def guarded_protocol(head_timeout: float, max_connections: int) -> type[H11Proto
                 transport.write(refusal)
                 transport.close()
                 return
+            self.transport = cast(asyncio.Transport, WholeWrites(transport, self.loop))  # requests' cycles write here
             self.arm_head_timer()
 
         def on_response_complete(self) -> None:
@@ -1622,6 +1623,35 @@ def guarded_protocol(head_timeout: float, max_connections: int) -> type[H11Proto
                 self.transport.close()  # still no complete request head
 
     return GuardedH11Protocol
+
+
+class WholeWrites:
+    """A connection's transport that sends what is written in one turn of the event loop as one
+    write. uvicorn writes an answer's head, body and end apart, and the engine thread can take
+    the interpreter between them; a replica killed there (kill -9, the OOM killer) has sent a
+    head without its body, which a proxy cannot use and, having passed it on, cannot replay
+    elsewhere either (deploy/haproxy.cfg's retries). In one write, a plain answer is sent whole
+    or not at all. A stream's events are each their own turn, so nothing waits for a later one."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        self.inner, self.loop, self.pending = transport, loop, list[bytes]()
+
+    def write(self, data: bytes) -> None:
+        if not self.pending:
+            self.loop.call_soon(self.flush)
+        self.pending.append(data)
+
+    def flush(self) -> None:
+        data, self.pending = b"".join(self.pending), []
+        if data and not self.inner.is_closing():
+            self.inner.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:  # the rest (is_closing, resume_reading...) is the transport's own
+        return getattr(self.inner, name)
 
 
 # ---------------------------------------------------------------------------------------------
