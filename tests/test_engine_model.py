@@ -117,6 +117,41 @@ def test_greedy_matches_transformers_after_a_prefix_cache_hit(
         eng.close()
 
 
+def prompt_logits(eng: Engine, ids: list[int], table: list[int], cached: int = 0) -> tuple[torch.Tensor, ...]:
+    """The logits after a prompt whose first `cached` tokens come from the prefix store (its
+    first blocks, in order), and after one decode step more."""
+    restore = tuple(range(cached // model.PREFIX_BLOCK))
+    with torch.inference_mode():
+        first = eng.model.run(model.Work([table], [ids[cached:]], [cached], tuple(table), restore))[0].float()
+        second = eng.model.run(model.Work([table], [[int(first.argmax())]], [len(ids)]))[0].float()
+    return first, second
+
+
+def test_bfloat16_logits_after_a_prefix_hit_follow_the_uncached_run(model_dir: Path) -> None:
+    """DTYPE=bfloat16 (what `auto` picks on AMX CPUs): the store keeps bfloat16 blocks, and a
+    prompt that restores them gets the logits of the same prompt prefilled whole, up to the
+    rounding of a prefill cut in two (cosine > 0.99, the same top token). A missing or misplaced
+    restore leaves zeros or another prompt's keys there and fails this."""
+    eng = open_engine(model_dir, dtype="bfloat16", prefix_cache_tokens=1024)
+    try:
+        assert eng.model.store.k[0].dtype == torch.bfloat16
+        tokenizer = eng.loaded.tokenizer
+        one, two = (tokenizer.encode(SHARED + tail) for tail in TAILS[:2])
+        common = next(i for i, (a, b) in enumerate(zip(one, two, strict=False)) if a != b)
+        cached = common // model.PREFIX_BLOCK * model.PREFIX_BLOCK
+        assert cached >= 4 * model.PREFIX_BLOCK
+        saves = tuple((i, i) for i in range(cached // model.PREFIX_BLOCK))
+        with torch.inference_mode():  # the first prompt's whole blocks go into the store
+            eng.model.run(model.Work([[0, 1]], [one], [0], (0, 1), save=saves))
+        whole = prompt_logits(eng, two, [2, 3])
+        restored = prompt_logits(eng, two, [5, 4], cached)  # other blocks, in another order
+        for expected, got in zip(whole, restored, strict=True):
+            assert F.cosine_similarity(expected, got, dim=0) > 0.99
+            assert expected.argmax() == got.argmax()
+    finally:
+        eng.close()
+
+
 def test_a_long_prompt_spans_kv_blocks_correctly(eng: Engine, model_dir: Path) -> None:
     prompt = "word " * (model.KV_BLOCK + 40)  # past its first block
     expected = reference_tokens(model_dir, prompt, 8)
