@@ -77,11 +77,16 @@ def main() -> None:
     parser.add_argument("--cached", type=int, default=160, help="tokens already in each row's cache")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: the CPUs we may use, as the server")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the forward pass (a trial)")
     parser.add_argument("--json")
     args = parser.parse_args()
     engine.use_threads(args.threads)
+    if args.compile:  # a trial of the lever, not a setting: plain weights (Inductor cannot read oneDNN's packed ones)
+        model.pack_float = lambda weight, max_batch: weight
     config = engine.ModelConfig(name=args.model, dtype=args.dtype, max_batch=max(args.batches), quantize=args.quantize)
     loaded = model.load_model(config, engine.PREFILL_CHUNK)
+    if args.compile:
+        loaded.model._forward = torch.compile(loaded.model._forward, dynamic=False)  # type: ignore[method-assign]
     rows = []
     with torch.inference_mode():
         for batch in args.batches:
@@ -90,13 +95,14 @@ def main() -> None:
             rows.append({"batch": batch, "step_ms": round(step, 2), "products_ms": round(bare, 2),
                          "ratio": round(step / bare, 2)})  # fmt: skip
     cpu = cpu_description()
-    print(f"{args.model}, activations {loaded.dtype}, weights {loaded.weights}, {args.cached} cached tokens; {cpu}\n")
+    weights = f"{loaded.weights}{', forward compiled by torch.compile' if args.compile else ''}"
+    print(f"{args.model}, activations {loaded.dtype}, weights {weights}, {args.cached} cached tokens; {cpu}\n")
     print("| batch | decode step (ms) | bare matrix products (ms) | ratio |\n|---|---|---|---|")
     for row in rows:
         print(f"| {row['batch']} | {row['step_ms']} | {row['products_ms']} | {row['ratio']} |")
     if args.json:
         out = {"model": args.model, "dtype": str(loaded.dtype), "weights": loaded.weights, "cpu": cpu,
-               "cached": args.cached, "rows": rows}  # fmt: skip
+               "cached": args.cached, "compiled": args.compile, "rows": rows}  # fmt: skip
         Path(args.json).write_text(json.dumps(out, indent=1))
 
 
