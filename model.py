@@ -34,6 +34,8 @@ KV_BLOCK = 64  # positions a block of the KV pool holds: sequences take blocks a
 PREFIX_BLOCK = 16  # tokens a block of the prefix store holds: prompts share cached keys and values in whole blocks
 PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
 INT8_ALWAYS = 1 << 62  # `resolve_int8`'s answer when int8 weights win at every batch size: float ones are dropped
+INT4_GROUP = 32  # inputs sharing one int4 scale and offset: llama.cpp's Q4_0 and Q4_1 blocks
+INT4_EXACT = 0.01  # a weight runs on int4 only if int4 holds it this well (relative error): a 4-bit checkpoint's do
 HUB, HUB_PROBE_SECONDS = "https://huggingface.co", 5  # where hub ids come from; how long to try reaching it
 
 
@@ -164,6 +166,62 @@ def resolve_int8(setting: str, device: torch.device, dtype: torch.dtype, width: 
     return INT8_ALWAYS if rows == sizes[-1] else rows
 
 
+def int4_kernel() -> bool:
+    """Whether this torch has its CPU kernel for int4 weights in groups (bfloat16 activations)."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def pack_int4(
+    weight: torch.Tensor, group: int = INT4_GROUP, exact: float | None = INT4_EXACT
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """int4 weight-only, asymmetric in groups of `group` inputs, w = (q - 8) * scale + offset with
+    q in 0..15, in the CPU kernel's packed layout with its [in / group, out, 2] bfloat16 scales and
+    offsets; None unless that holds the weight within `exact` (relative error). A checkpoint that
+    was 4-bit blocks of 32 (the offline SmolLM2, from Q4_1) gives back its own codes, so it loses
+    only the rounding of its scales to bfloat16 (bench/quality.py: +0.2% perplexity, where int4
+    over float weights costs +5% on SmolLM2, its head's share); a float checkpoint's weights stay
+    as they were. `exact=None` packs whatever the error (bench/quality.py measures it)."""
+    out_features, in_features = weight.shape
+    if in_features % group:
+        return None
+    groups = weight.detach().float().reshape(out_features, in_features // group, group)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((groups - low) / scale).clamp(0, 15)
+    error = torch.linalg.vector_norm(q * scale + low - groups)
+    if exact is not None and float(error) > exact * float(torch.linalg.vector_norm(groups)):
+        return None
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).reshape(weight.shape), 1)
+    scales = torch.stack([scale[..., 0], (low + 8 * scale)[..., 0]], -1).transpose(0, 1).to(torch.bfloat16)
+    return packed, scales.contiguous()
+
+
+def resolve_int4(setting: str, device: torch.device, dtype: torch.dtype, width: int, batches: Iterable[int],
+                 int8_rows: int) -> int:  # fmt: skip
+    """Up to how many rows a product runs on int4 weights, for the weights that int4 holds
+    exactly (`pack_int4`); 0: never. Only `auto`, on a CPU with the kernel: time 4-bit MLP-sized
+    weights against the formats those rows would run otherwise (int8 up to `int8_rows`, else
+    float), as `resolve_int8` does. Reading a quarter of bfloat16's bytes wins where a product
+    reads weights, at a few rows (bench/README.md: 6.2 against int8's 12.1 ms at one row, AMX)."""
+    if setting != "auto" or device.type != "cpu" or not int4_kernel() or width % INT4_GROUP:
+        return 0
+    sizes, convert = sorted(set(batches)), Convert(dtype, device, int8_rows, max(batches))
+    codes = [torch.randint(0, 16, (4 * width, width // INT4_GROUP, INT4_GROUP)) for _ in range(8)]
+    for c in codes:  # each group spans 0..15, as a Q4_1 block spans its minimum to its maximum
+        c[..., :2] = torch.tensor([0, 15])
+    weights = [((c - 8) * torch.rand(4 * width, width // INT4_GROUP, 1) / 100).reshape(4 * width, width) for c in codes]
+    others = [convert.linear(w, None) for w in weights]
+    int4s = [Linear(width, None, None, int4=pack_int4(w), int4_rows=INT8_ALWAYS) for w in weights]
+    rows = 0
+    for batch in sizes:
+        x = torch.randn(batch, width, dtype=dtype)
+        int4_pass, other_pass = (lambda x=x: [f(x) for f in int4s]), (lambda x=x: [f(x) for f in others])
+        if not _first_is_faster(int4_pass, other_pass, rounds=3, repeats=3):
+            break
+        rows = batch
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -187,14 +245,18 @@ class LoadedModel:
     dtype: torch.dtype
     int8_rows: int = 0  # `resolve_int8`'s choice
     family: str = ""  # the checkpoint's model type (`BUILDERS` lists those we run): gpt2, llama, qwen2...
+    int4_rows: int = 0  # `resolve_int4`'s choice, for the weights int4 holds exactly
 
     @property
     def weights(self) -> str:
-        """The weight format in words, for the load log line."""
+        """The weight formats in words, for the load log line."""
+        linears = [self.model.lm_head, *(lin for w in self.model.layers for lin in (w.qkv, w.out, w.up, w.down))]
+        int4 = sum(lin.int4 is not None for lin in linears)
+        four = f"int4 up to {self.int4_rows} rows for {int4} of {len(linears)} weights, " if int4 else ""
         if self.int8_rows == INT8_ALWAYS:
-            return "int8"
+            return f"{four}int8"
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"int8 up to {self.int8_rows} rows, else {dtype}" if self.int8_rows else dtype
+        return f"{four}int8 up to {self.int8_rows} rows, else {dtype}" if self.int8_rows else f"{four}{dtype}"
 
 
 def _offline(config: LoadSettings) -> bool:
@@ -255,8 +317,10 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     hf_model = AutoModelForCausalLM.from_pretrained(config.name, dtype=torch.float32, **where)
     width = hf_model.config.hidden_size
     dtype = resolve_dtype(config.dtype, device, config.max_batch, width)
-    int8_rows = resolve_int8(config.quantize, device, dtype, width, (1, 8, config.max_batch, prefill_chunk))
-    model = build_model(hf_model, Convert(dtype, device, int8_rows, config.max_batch))
+    sizes = (1, 8, config.max_batch, prefill_chunk)
+    int8_rows = resolve_int8(config.quantize, device, dtype, width, sizes)
+    int4_rows = resolve_int4(config.quantize, device, dtype, width, sizes, int8_rows)
+    model = build_model(hf_model, Convert(dtype, device, int8_rows, config.max_batch, int4_rows))
     context = min(model.max_context, config.max_context)
     model.pool = KVPool(len(model.layers), kv_blocks(config, model, context), model.arch, dtype, device)
     model.store = PrefixStore(len(model.layers), config.prefix_cache_tokens // PREFIX_BLOCK, model.arch, dtype, device)
@@ -267,7 +331,7 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     gc.collect()
     _return_freed_memory()
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-    return LoadedModel(tokenizer, model, eos_ids, context, dtype, int8_rows, family)
+    return LoadedModel(tokenizer, model, eos_ids, context, dtype, int8_rows, family, int4_rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,20 +340,29 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
 
 @dataclass
 class Linear:
-    """One projection, x W^T + b, in the weight formats `resolve_int8` chose at load: float
-    (`pack_float`'s layout, in the model's dtype), int8 weight-only (`pack_int8`), or both, with
-    int8 for inputs of at most `int8_rows` rows."""
+    """One projection, x W^T + b, in the weight formats `resolve_int8` and `resolve_int4` chose at
+    load: float (`pack_float`'s layout, in the model's dtype), int8 weight-only (`pack_int8`),
+    int4 in groups (`pack_int4`, for weights it holds exactly), each for inputs of at most its
+    rows: int4 up to `int4_rows`, else int8 up to `int8_rows`, else float."""
 
     in_features: int
     weight: torch.Tensor | None  # float; None when int8 wins at every batch size
     bias: torch.Tensor | None
     int8: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 weight [out, in], bfloat16 scales [out]
     int8_rows: int = 0
+    int4: tuple[torch.Tensor, torch.Tensor] | None = None  # the kernel's packed weight, its scales and offsets
+    int4_rows: int = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor
-        if self.int8 is not None and (self.weight is None or x.numel() <= self.int8_rows * self.in_features):
+        rows = x.numel() // self.in_features
+        if self.int4 is not None and rows <= self.int4_rows:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # the kernel's activation dtype
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.int4[0], INT4_GROUP, self.int4[1])
+            out = out.to(x.dtype).view(*x.shape[:-1], -1)
+            return out if self.bias is None else out + self.bias
+        if self.int8 is not None and (self.weight is None or rows <= self.int8_rows):
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(flat, *self.int8).to(x.dtype).view(*x.shape[:-1], -1)
             return out if self.bias is None else out + self.bias
         assert self.weight is not None
@@ -779,16 +852,18 @@ class Convert:
     device: torch.device
     int8_rows: int
     max_batch: int  # the model's rows; oneDNN packs float weights for products of this size
+    int4_rows: int = 0
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to(device=self.device, dtype=self.dtype, copy=True).contiguous()
 
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
-        int8 = pack_int8(weight) if self.int8_rows else None
+        int4 = pack_int4(weight) if self.int4_rows else None
+        int8_rows = 0 if int4 is not None and self.int4_rows >= self.int8_rows else self.int8_rows  # int4 serves them
+        int8 = pack_int8(weight) if int8_rows else None
         bias = None if bias is None else self(bias)
-        if self.int8_rows == INT8_ALWAYS:
-            return Linear(weight.shape[1], None, bias, int8, self.int8_rows)
-        return Linear(weight.shape[1], pack_float(self(weight), self.max_batch), bias, int8, self.int8_rows)
+        floats = None if int8_rows == INT8_ALWAYS else pack_float(self(weight), self.max_batch)
+        return Linear(weight.shape[1], floats, bias, int8, int8_rows, int4, self.int4_rows)
 
 
 def build_model(hf_model: Any, convert: Convert) -> Model:

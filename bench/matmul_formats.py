@@ -13,7 +13,7 @@ Formats:
   bfloat16    F.linear, bfloat16 weights and activations
   int8-bf16   int8 weight-only, per-output-channel scales, `aten._weight_int8pack_mm`, bfloat16 activations
   int8-f32    the same kernel with float32 activations (not by default: a slow path here)
-  int4-g32, int4-g64  int4 weight-only in groups of 32 or 64 inputs (bench/quality.py's `int4_pack`),
+  int4-g32, int4-g64  int4 weight-only in groups of 32 or 64 inputs (the engine's `model.pack_int4`),
               `aten._weight_int4pack_mm_for_cpu`, bfloat16 activations
 
 Run: python bench/matmul_formats.py [--model models/smollm2-135m-instruct] [--json out.json]
@@ -25,14 +25,17 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from quality import int4_pack
 from run_bench import cpu_info, cpu_name
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import model
 
 FORMATS = ("float32", "float32-packed", "bfloat16", "int8-bf16", "int8-f32", "int8-dynamic", "int4-g32", "int4-g64")
 # int8-f32 measured 5-20x slower than int8-bf16 here, so it is not run unless asked
@@ -63,7 +66,7 @@ def product(out_f: int, in_f: int, fmt: str) -> tuple[Product, torch.dtype]:
         return (lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")), torch.float32
     if fmt.startswith("int4-g"):
         group = int(fmt.removeprefix("int4-g"))
-        packed, scales = int4_pack(weight, group)
+        packed, scales = model.pack_int4(weight, group, exact=None)  # type: ignore[misc]  # never None here
         return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales)), torch.bfloat16
     scale = weight.abs().amax(dim=1) / 127
     if fmt == "int8-dynamic":

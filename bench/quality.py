@@ -17,10 +17,12 @@ Formats:
   int8-dynamic  the same int8 weights through fbgemm's dynamic-quantization kernel
              (`quantized.linear_dynamic`): activations quantized to 7-bit per call, integer dot
              products, float32 out: 3-4x faster than float32 here, but see its perplexity
-  int4-g32, int4-g64  int4 weight-only, asymmetric, one scale and offset per group of 32 or 64
-             inputs (as llama.cpp's Q4_1 blocks of 32), through torch's CPU kernel
-             `aten._weight_int4pack_mm_for_cpu` with bfloat16 activations; every nn.Linear and
-             the lm_head (a tied input embedding stays float: a lookup, not a product)
+  int4       what the engine runs for one row where int4 is faster: int4 weight-only (asymmetric,
+             one scale and offset per group of 32 inputs, `model.pack_int4`, torch's CPU kernel
+             `aten._weight_int4pack_mm_for_cpu`, bfloat16 activations) for the weights it holds
+             exactly (a checkpoint made of 4-bit blocks), int8-bf16 for the others
+  int4-g32-all, int4-g64-all  every nn.Linear and the lm_head on int4, groups of 32 or 64, whatever
+             the error (a tied input embedding stays float: a lookup, not a product)
 
 The issue's rule: int8 weight-only must stay within 1% of float32 perplexity to be a default.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,8 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import model
+
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
-FORMATS = ("float32", "bfloat16", "int8", "int8-bf16", "int8-dynamic", "int4-g32", "int4-g64")
+FORMATS = ("float32", "bfloat16", "int8", "int8-bf16", "int8-dynamic", "int4", "int4-g32-all", "int4-g64-all")
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,28 +99,13 @@ class DynamicInt8Linear(nn.Module):
         return torch.ops.quantized.linear_dynamic(x, self.packed, True)  # type: ignore[no-any-return]
 
 
-def int4_pack(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 per group of `group` inputs: w ~= (q - 8) * scale + offset, q in 0..15, the
-    group's minimum and maximum exact (a Q4_1 block of 32 requantized gives back its own codes).
-    Returns the CPU kernel's packed weight and its [in / group, out, 2] bfloat16 scales and offsets."""
-    out_f, in_f = weight.shape
-    groups = weight.float().reshape(out_f, in_f // group, group)
-    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-    scale = ((high - low) / 15).clamp(min=1e-6)
-    q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    scales_and_offsets = torch.stack([scale[..., 0], (low + 8 * scale)[..., 0]], -1).transpose(0, 1)
-    return packed, scales_and_offsets.contiguous().to(torch.bfloat16)
-
-
 class Int4Linear(nn.Module):
-    """A Linear whose weight is int4 in groups (`int4_pack`), run by the CPU kernel in bfloat16."""
+    """A Linear whose weight is int4 in groups (the engine's `model.pack_int4`), run by the CPU
+    kernel in bfloat16."""
 
-    def __init__(self, linear: nn.Linear, group: int):
+    def __init__(self, packed: tuple[torch.Tensor, torch.Tensor], group: int, bias: torch.Tensor | None):
         super().__init__()
-        self.group = group
-        self.packed, self.scales = int4_pack(linear.weight.detach(), group)
-        self.bias = linear.bias
+        self.group, (self.packed, self.scales), self.bias = group, packed, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
@@ -125,8 +116,14 @@ class Int4Linear(nn.Module):
 
 
 def quantized(linear: nn.Linear, kind: str) -> nn.Module:
-    if kind.startswith("int4-g"):
-        return Int4Linear(linear, int(kind.removeprefix("int4-g")))
+    """`int4`: as the engine runs one row on the offline SmolLM2 (int4 where it holds a weight
+    exactly, int8 elsewhere); `int4-gN-all`: every weight on int4 in groups of N."""
+    if kind.startswith("int4"):
+        group = int(kind.split("-")[1].removeprefix("g")) if kind != "int4" else model.INT4_GROUP
+        packed = model.pack_int4(linear.weight, group, None if kind.endswith("-all") else model.INT4_EXACT)
+        if packed is not None:
+            return Int4Linear(packed, group, linear.bias)
+        return Int8Linear(linear, True)
     return DynamicInt8Linear(linear) if kind == "int8-dynamic" else Int8Linear(linear, kind == "int8-bf16")
 
 

@@ -754,6 +754,55 @@ def test_packed_float_weights_compute_what_f_linear_does() -> None:
         assert torch.allclose(linear(x), F.linear(x, weight, bias), atol=1e-5)
 
 
+def four_bit_weight(rows: int, width: int) -> torch.Tensor:
+    """A weight made of 4-bit groups as a Q4_1 checkpoint's are: codes 0..15 spanning each group
+    (its minimum and maximum among them) times the group's scale, plus its offset."""
+    torch.manual_seed(0)
+    groups = (rows, width // model.INT4_GROUP)
+    codes = torch.randint(0, 16, (*groups, model.INT4_GROUP)).float()
+    codes[..., :2] = torch.tensor([0.0, 15.0])
+    scale, offset = torch.rand(*groups, 1) / 50, torch.randn(*groups, 1) / 10
+    return (codes * scale + offset).reshape(rows, width)
+
+
+def test_pack_int4_takes_only_weights_it_holds_exactly() -> None:
+    weight = four_bit_weight(48, 64)
+    packed = model.pack_int4(weight)
+    assert packed is not None and packed[1].shape == (64 // model.INT4_GROUP, 48, 2)
+    assert model.pack_int4(torch.randn(48, 64)) is None  # a float weight: int4 would lose ~9% of it
+    assert model.pack_int4(torch.randn(48, 64), exact=None) is not None  # unless told to take it anyway
+    assert model.pack_int4(four_bit_weight(48, 64)[:, :48]) is None  # widths that are no whole groups
+
+
+def test_linear_uses_int4_up_to_its_rows_then_the_other_formats() -> None:
+    """int4 for at most `int4_rows` rows, computing x W^T from the packed codes (bfloat16
+    activations); beyond, the float weight. A float weight that differs shows which one ran."""
+    weight, bias = four_bit_weight(48, 64), torch.randn(48)
+    other = torch.randn(48, 64)
+    linear = model.Linear(64, model.pack_float(other, max_batch=8), bias, int4=model.pack_int4(weight), int4_rows=2)
+    for rows in (1, 2, 3, 8):
+        x = torch.randn(rows, 1, 64)
+        expected = F.linear(x, weight if rows <= 2 else other, bias)
+        assert (linear(x) - expected).norm() / expected.norm() < 0.02  # bfloat16 activations and scales: ~0.5%
+
+
+def test_int4_serves_the_rows_int8_would_so_the_int8_copy_is_not_kept() -> None:
+    convert = model.Convert(torch.float32, torch.device("cpu"), int8_rows=1, max_batch=8, int4_rows=1)
+    four = convert.linear(four_bit_weight(48, 64), None)
+    assert four.int4 is not None and four.int8 is None and four.weight is not None
+    floats = convert.linear(torch.randn(48, 64), None)  # int4 would not hold it: int8 as before
+    assert floats.int4 is None and floats.int8 is not None and floats.int8_rows == 1
+
+
+def test_resolve_int4_settings_and_a_measured_answer() -> None:
+    cpu = torch.device("cpu")
+    for setting in ("none", "int8"):  # only auto may pick int4: it is chosen for speed, per weight
+        assert model.resolve_int4(setting, cpu, torch.float32, 64, (1, 8), 0) == 0
+    assert model.resolve_int4("auto", torch.device("cuda"), torch.float32, 64, (1, 8), 0) == 0
+    assert model.resolve_int4("auto", cpu, torch.float32, 48, (1, 8), 0) == 0  # no whole groups
+    assert model.resolve_int4("auto", cpu, torch.bfloat16, 64, (1, 8, 32), 1) in (0, 1, 8, 32)
+
+
 def test_resolve_int8_settings() -> None:
     cpu = torch.device("cpu")
     assert model.resolve_int8("none", cpu, torch.float32, 64, (1, 8)) == 0
