@@ -156,14 +156,21 @@ def resolve_int8(setting: str, device: torch.device, dtype: torch.dtype, width: 
     weights = [torch.randn(4 * width, width) * width**-0.5 for _ in range(8)]
     floats = [Linear(width, pack_float(w.to(dtype), sizes[-1]), None) for w in weights]
     int8s = [Linear(width, None, None, pack_int8(w), INT8_ALWAYS) for w in weights]
-    rows = 0
+    rows = _wins_up_to(int8s, floats, sizes, dtype)
+    return INT8_ALWAYS if rows == sizes[-1] else rows
+
+
+def _wins_up_to(fast: list[Linear], other: list[Linear], sizes: list[int], dtype: torch.dtype) -> int:
+    """The largest of `sizes` (ascending) up to which a pass over the `fast` linears beats one over
+    the `other` ones at every size (best of three, interleaved); 0 if it loses at the first."""
+    rows, width = 0, fast[0].in_features
     for batch in sizes:
         x = torch.randn(batch, width, dtype=dtype)
-        int8_pass, float_pass = (lambda x=x: [f(x) for f in int8s]), (lambda x=x: [f(x) for f in floats])
-        if not _first_is_faster(int8_pass, float_pass, rounds=3, repeats=3):
+        fast_pass, other_pass = (lambda x=x: [f(x) for f in fast]), (lambda x=x: [f(x) for f in other])
+        if not _first_is_faster(fast_pass, other_pass, rounds=3, repeats=3):
             break
         rows = batch
-    return INT8_ALWAYS if rows == sizes[-1] else rows
+    return rows
 
 
 def int4_kernel() -> bool:
@@ -210,16 +217,8 @@ def resolve_int4(setting: str, device: torch.device, dtype: torch.dtype, width: 
     for c in codes:  # each group spans 0..15, as a Q4_1 block spans its minimum to its maximum
         c[..., :2] = torch.tensor([0, 15])
     weights = [((c - 8) * torch.rand(4 * width, width // INT4_GROUP, 1) / 100).reshape(4 * width, width) for c in codes]
-    others = [convert.linear(w, None) for w in weights]
     int4s = [Linear(width, None, None, int4=pack_int4(w), int4_rows=INT8_ALWAYS) for w in weights]
-    rows = 0
-    for batch in sizes:
-        x = torch.randn(batch, width, dtype=dtype)
-        int4_pass, other_pass = (lambda x=x: [f(x) for f in int4s]), (lambda x=x: [f(x) for f in others])
-        if not _first_is_faster(int4_pass, other_pass, rounds=3, repeats=3):
-            break
-        rows = batch
-    return rows
+    return _wins_up_to(int4s, [convert.linear(w, None) for w in weights], sizes, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
