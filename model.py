@@ -34,8 +34,10 @@ KV_BLOCK = 64  # positions a block of the KV pool holds: sequences take blocks a
 PREFIX_BLOCK = 16  # tokens a block of the prefix store holds: prompts share cached keys and values in whole blocks
 PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
 INT8_ALWAYS = 1 << 62  # `resolve_int8`'s answer when int8 weights win at every batch size: float ones are dropped
-INT4_GROUP = 32  # inputs sharing one int4 scale and offset: llama.cpp's Q4_0 and Q4_1 blocks
-INT4_EXACT = 0.01  # a weight runs on int4 only if int4 holds it this well (relative error): a 4-bit checkpoint's do
+INT4_GROUP = 32  # inputs sharing one int4 scale and offset, as in llama.cpp's Q4_1 blocks
+# A weight runs on int4 only if int4 holds each of its rows this well (relative error). The offline
+# SmolLM2's Q4_1 rows: at most 1.1% (their scales rounded to bfloat16); float rows: 7% or more.
+INT4_EXACT = 0.02
 HUB, HUB_PROBE_SECONDS = "https://huggingface.co", 5  # where hub ids come from; how long to try reaching it
 
 
@@ -182,43 +184,57 @@ def pack_int4(
     weight: torch.Tensor, group: int = INT4_GROUP, exact: float | None = INT4_EXACT
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """int4 weight-only, asymmetric in groups of `group` inputs, w = (q - 8) * scale + offset with
-    q in 0..15, in the CPU kernel's packed layout with its [in / group, out, 2] bfloat16 scales and
-    offsets; None unless that holds the weight within `exact` (relative error). A checkpoint that
-    was 4-bit blocks of 32 (the offline SmolLM2, from Q4_1) gives back its own codes, so it loses
-    only the rounding of its scales to bfloat16 (bench/quality.py: +0.2% perplexity, where int4
-    over float weights costs +5% on SmolLM2, its head's share); a float checkpoint's weights stay
-    as they were. `exact=None` packs whatever the error (bench/quality.py measures it)."""
+    q in 0..15 spanning each group's minimum to its maximum, in the CPU kernel's packed layout with
+    its [in / group, out, 2] bfloat16 scales and offsets; None unless that holds every row of the
+    weight within `exact` (relative error, with the scales as the kernel reads them), or where the
+    kernel cannot take the shape. A checkpoint of Q4_1 blocks of 32 (the offline SmolLM2) gives back
+    its own codes and loses only the rounding of its scales (bench/quality.py: +0.2% perplexity,
+    where int4 over SmolLM2's float head costs +5%); a float checkpoint's weights stay as they
+    were. `exact=None` packs whatever the error (bench/quality.py measures it)."""
     out_features, in_features = weight.shape
-    if in_features % group:
+    if in_features % group or out_features % 16:  # the kernel packs rows in 16s
         return None
     groups = weight.detach().float().reshape(out_features, in_features // group, group)
     low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
     scale = ((high - low) / 15).clamp(min=1e-12)
     q = torch.round((groups - low) / scale).clamp(0, 15)
-    error = torch.linalg.vector_norm(q * scale + low - groups)
-    if exact is not None and float(error) > exact * float(torch.linalg.vector_norm(groups)):
-        return None
+    scale16, offset16 = scale.bfloat16(), (low + 8 * scale).bfloat16()
+    if exact is not None:
+        error = ((q - 8) * scale16.float() + offset16.float() - groups).flatten(1).norm(dim=1)
+        if bool((error > exact * groups.flatten(1).norm(dim=1)).any()):
+            return None
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).reshape(weight.shape), 1)
-    scales = torch.stack([scale[..., 0], (low + 8 * scale)[..., 0]], -1).transpose(0, 1).to(torch.bfloat16)
-    return packed, scales.contiguous()
+    return packed, torch.stack([scale16[..., 0], offset16[..., 0]], -1).transpose(0, 1).contiguous()
 
 
-def resolve_int4(setting: str, device: torch.device, dtype: torch.dtype, width: int, batches: Iterable[int],
-                 int8_rows: int) -> int:  # fmt: skip
-    """Up to how many rows a product runs on int4 weights, for the weights that int4 holds
-    exactly (`pack_int4`); 0: never. Only `auto`, on a CPU with the kernel: time 4-bit MLP-sized
-    weights against the formats those rows would run otherwise (int8 up to `int8_rows`, else
-    float), as `resolve_int8` does. Reading a quarter of bfloat16's bytes wins where a product
-    reads weights, at a few rows (bench/README.md: 6.2 against int8's 12.1 ms at one row, AMX)."""
-    if setting != "auto" or device.type != "cpu" or not int4_kernel() or width % INT4_GROUP:
+def resolve_int4(setting: str, device: torch.device, dtype: torch.dtype, sizes: Iterable[int], int8_rows: int,
+                 sample: torch.Tensor | None) -> int:  # fmt: skip
+    """Up to how many rows a product runs on int4 weights, for the weights int4 holds exactly
+    (`pack_int4`); 0: never. Only `auto`, on a CPU with the kernel, for a checkpoint whose `sample`
+    weight (its largest projection) int4 holds: time 4-bit weights of its shape against the
+    formats those rows would run otherwise (int8 up to `int8_rows`, else float), as `resolve_int8`
+    does. Reading a quarter of bfloat16's bytes wins where a product reads weights, at a few rows
+    (bench/README.md: 6.2 against int8's 12.1 ms at one row, AMX)."""
+    if setting != "auto" or device.type != "cpu" or not int4_kernel() or sample is None or not pack_int4(sample):
         return 0
-    sizes, convert = sorted(set(batches)), Convert(dtype, device, int8_rows, max(batches))
-    codes = [torch.randint(0, 16, (4 * width, width // INT4_GROUP, INT4_GROUP)) for _ in range(8)]
-    for c in codes:  # each group spans 0..15, as a Q4_1 block spans its minimum to its maximum
-        c[..., :2] = torch.tensor([0, 15])
-    weights = [((c - 8) * torch.rand(4 * width, width // INT4_GROUP, 1) / 100).reshape(4 * width, width) for c in codes]
-    int4s = [Linear(width, None, None, int4=pack_int4(w), int4_rows=INT8_ALWAYS) for w in weights]
-    return _wins_up_to(int4s, [convert.linear(w, None) for w in weights], sizes, dtype)
+    convert, weights = Convert(dtype, device, int8_rows, max(sizes)), []
+    for _ in range(8):  # each group spans its codes 0..15, as a Q4_1 block spans its minimum to its maximum
+        codes = torch.randint(0, 16, (sample.shape[0], sample.shape[1] // INT4_GROUP, INT4_GROUP), dtype=torch.uint8)
+        codes[..., :2] = torch.tensor([0, 15], dtype=torch.uint8)
+        weights.append(((codes.float() - 8) * torch.rand(*codes.shape[:2], 1) / 100).reshape(sample.shape))
+    int4s = [Linear(sample.shape[1], None, None, int4=pack_int4(w), int4_rows=INT8_ALWAYS) for w in weights]
+    return _wins_up_to(int4s, [convert.linear(w, None) for w in weights], sorted(set(sizes)), dtype)
+
+
+def largest_projection(hf_model: Any) -> torch.Tensor | None:
+    """The checkpoint's largest projection but its output head, as [out, in] (GPT-2's Conv1D
+    stores [in, out]): the weight `resolve_int4` asks int4 to hold."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = hf_model.get_output_embeddings()
+    weights = [m.weight.detach().t() if isinstance(m, Conv1D) else m.weight.detach()
+               for m in hf_model.modules() if isinstance(m, torch.nn.Linear | Conv1D) and m is not head]  # fmt: skip
+    return max(weights, key=lambda w: w.numel()) if weights else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +334,7 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device, config.max_batch, width)
     sizes = (1, 8, config.max_batch, prefill_chunk)
     int8_rows = resolve_int8(config.quantize, device, dtype, width, sizes)
-    int4_rows = resolve_int4(config.quantize, device, dtype, width, sizes, int8_rows)
+    int4_rows = resolve_int4(config.quantize, device, dtype, sizes, int8_rows, largest_projection(hf_model))
     model = build_model(hf_model, Convert(dtype, device, int8_rows, config.max_batch, int4_rows))
     context = min(model.max_context, config.max_context)
     model.pool = KVPool(len(model.layers), kv_blocks(config, model, context), model.arch, dtype, device)
@@ -356,7 +372,7 @@ class Linear:
         out: torch.Tensor
         rows = x.numel() // self.in_features
         if self.int4 is not None and rows <= self.int4_rows:
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # the kernel's activation dtype
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # as the kernel takes them
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.int4[0], INT4_GROUP, self.int4[1])
             out = out.to(x.dtype).view(*x.shape[:-1], -1)
             return out if self.bias is None else out + self.bias

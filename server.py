@@ -57,7 +57,7 @@ import time
 import typing
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1630,25 +1630,46 @@ class WholeWrites:
     write. uvicorn writes an answer's head, body and end apart, and the engine thread can take
     the interpreter between them; a replica killed there (kill -9, the OOM killer) has sent a
     head without its body, which a proxy cannot use and, having passed it on, cannot replay
-    elsewhere either (deploy/haproxy.cfg's retries). In one write, a plain answer is sent whole
-    or not at all. A stream's events are each their own turn, so nothing waits for a later one."""
+    elsewhere either (deploy/haproxy.cfg's retries). In one write, a plain answer that fits the
+    socket's buffer is sent whole or not at all. A stream's events are each their own turn, so
+    nothing waits for a later one; past WRITE_THROUGH bytes a turn's writes go at once, so the
+    transport's flow control still sees them."""
+
+    WRITE_THROUGH = 64 * 1024
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
-        self.inner, self.loop, self.pending = transport, loop, list[bytes]()
+        self.inner, self.loop, self.pending, self.size = transport, loop, list[bytes](), 0
 
     def write(self, data: bytes) -> None:
         if not self.pending:
             self.loop.call_soon(self.flush)
         self.pending.append(data)
+        self.size += len(data)
+        if self.size >= self.WRITE_THROUGH:
+            self.flush()
+
+    def writelines(self, lines: Iterable[bytes]) -> None:
+        self.write(b"".join(lines))
 
     def flush(self) -> None:
-        data, self.pending = b"".join(self.pending), []
+        data, self.pending, self.size = b"".join(self.pending), [], 0
         if data and not self.inner.is_closing():
             self.inner.write(data)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self.inner.write_eof()
 
     def close(self) -> None:
         self.flush()
         self.inner.close()
+
+    def abort(self) -> None:
+        self.pending, self.size = [], 0
+        self.inner.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self.inner.get_write_buffer_size() + self.size
 
     def __getattr__(self, name: str) -> Any:  # the rest (is_closing, resume_reading...) is the transport's own
         return getattr(self.inner, name)

@@ -771,7 +771,15 @@ def test_pack_int4_takes_only_weights_it_holds_exactly() -> None:
     assert packed is not None and packed[1].shape == (64 // model.INT4_GROUP, 48, 2)
     assert model.pack_int4(torch.randn(48, 64)) is None  # a float weight: int4 would lose ~9% of it
     assert model.pack_int4(torch.randn(48, 64), exact=None) is not None  # unless told to take it anyway
-    assert model.pack_int4(four_bit_weight(48, 64)[:, :48]) is None  # widths that are no whole groups
+    assert model.pack_int4(weight[:, :48]) is None  # widths that are no whole groups
+    assert model.pack_int4(weight[:40]) is None  # rows the kernel cannot pack (it takes them in 16s)
+    assert model.pack_int4(weight.t().contiguous().t()) is not None  # a transposed view, as GPT-2's
+
+
+def test_pack_int4_refuses_a_weight_with_one_row_it_does_not_hold() -> None:
+    weight = four_bit_weight(160, 64)
+    weight[5] = torch.randn(64) * weight.std()  # one float row among 4-bit ones: the whole is held within 0.6%
+    assert model.pack_int4(weight) is None
 
 
 def test_linear_uses_int4_up_to_its_rows_then_the_other_formats() -> None:
@@ -794,13 +802,24 @@ def test_int4_serves_the_rows_int8_would_so_the_int8_copy_is_not_kept() -> None:
     assert floats.int4 is None and floats.int8 is not None and floats.int8_rows == 1
 
 
+def test_int4_for_fewer_rows_than_int8_keeps_int8_for_the_rows_between() -> None:
+    convert = model.Convert(torch.float32, torch.device("cpu"), int8_rows=8, max_batch=16, int4_rows=1)
+    linear, weight = convert.linear(four_bit_weight(48, 64), None), four_bit_weight(48, 64)
+    assert linear.int4 is not None and linear.int8 is not None and linear.weight is not None
+    q, scale = linear.int8
+    x = torch.randn(4, 64)
+    assert torch.equal(linear(x), torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, scale).float())
+    assert (linear(x[:1]) - F.linear(x[:1], weight)).norm() / F.linear(x[:1], weight).norm() < 0.02
+
+
 def test_resolve_int4_settings_and_a_measured_answer() -> None:
-    cpu = torch.device("cpu")
+    cpu, four = torch.device("cpu"), four_bit_weight(64, 64)
     for setting in ("none", "int8"):  # only auto may pick int4: it is chosen for speed, per weight
-        assert model.resolve_int4(setting, cpu, torch.float32, 64, (1, 8), 0) == 0
-    assert model.resolve_int4("auto", torch.device("cuda"), torch.float32, 64, (1, 8), 0) == 0
-    assert model.resolve_int4("auto", cpu, torch.float32, 48, (1, 8), 0) == 0  # no whole groups
-    assert model.resolve_int4("auto", cpu, torch.bfloat16, 64, (1, 8, 32), 1) in (0, 1, 8, 32)
+        assert model.resolve_int4(setting, cpu, torch.float32, (1, 8), 0, four) == 0
+    assert model.resolve_int4("auto", torch.device("cuda"), torch.float32, (1, 8), 0, four) == 0
+    assert model.resolve_int4("auto", cpu, torch.float32, (1, 8), 0, torch.randn(64, 64)) == 0  # a float checkpoint
+    assert model.resolve_int4("auto", cpu, torch.float32, (1, 8), 0, None) == 0
+    assert model.resolve_int4("auto", cpu, torch.bfloat16, (1, 8, 32), 1, four) in (0, 1, 8, 32)
 
 
 def test_resolve_int8_settings() -> None:
