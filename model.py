@@ -372,19 +372,22 @@ class Linear:
         out: torch.Tensor
         rows = x.numel() // self.in_features
         if self.int4 is not None and rows <= self.int4_rows:
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # as the kernel takes them
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.int4[0], INT4_GROUP, self.int4[1])
-            out = out.to(x.dtype).view(*x.shape[:-1], -1)
-            return out if self.bias is None else out + self.bias
+            packed, scales = self.int4
+            return self._weight_only(x, torch.ops.aten._weight_int4pack_mm_for_cpu, packed, INT4_GROUP, scales)
         if self.int8 is not None and (self.weight is None or rows <= self.int8_rows):
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            out = torch.ops.aten._weight_int8pack_mm(flat, *self.int8).to(x.dtype).view(*x.shape[:-1], -1)
-            return out if self.bias is None else out + self.bias
+            return self._weight_only(x, torch.ops.aten._weight_int8pack_mm, *self.int8)
         assert self.weight is not None
         if self.weight.is_mkldnn:
             out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
             return out
         return F.linear(x, self.weight, self.bias)
+
+    def _weight_only(self, x: torch.Tensor, kernel: Callable[..., torch.Tensor], *weights: Any) -> torch.Tensor:
+        """An int8 or int4 kernel's product: it takes [rows, in] contiguous bfloat16 activations and
+        its weights; the answer goes back to x's dtype and shape, plus the bias."""
+        out = kernel(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), *weights)
+        out = out.to(x.dtype).view(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias
 
 
 @dataclass
