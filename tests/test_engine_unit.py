@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -833,9 +834,31 @@ def test_resolve_int8_settings() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_resolve_int8_auto_answers_a_measured_batch_size(dtype: torch.dtype) -> None:
-    """Which sizes win is the machine's business; the answer is one of the sizes tried, 0 or always."""
+    """Which sizes win is the machine's business; the answer is 0, below the largest size, or always."""
     rows = model.resolve_int8("auto", torch.device("cpu"), dtype, 64, (1, 8, 32))
-    assert rows in (0, 1, 8, model.INT8_ALWAYS)
+    assert 0 <= rows < 32 or rows == model.INT8_ALWAYS
+
+
+class _Sleeper:
+    """A stand-in for a Linear whose pass takes `per_row` seconds a row, plus `fixed`."""
+
+    in_features = 4
+
+    def __init__(self, per_row: float, fixed: float = 0.0):
+        self.per_row, self.fixed = per_row, fixed
+
+    def __call__(self, x: torch.Tensor) -> None:
+        time.sleep(self.fixed + self.per_row * x.shape[0])
+
+
+@pytest.mark.parametrize(
+    ("sizes", "edge"), [((1, 8, 32), 4), ((1, 2, 3, 4, 5), 4), ((1, 4), 4), ((1, 2), 2), ((8, 32), 0)]
+)
+def test_wins_up_to_finds_the_edge_between_the_sizes_tried(sizes: tuple[int, ...], edge: int) -> None:
+    """A format that costs 1 ms a row against one that costs 4.5 ms whatever the rows wins up to 4
+    rows: found between the sizes tried as well as at one of them; 0 when it loses at the first."""
+    fast, other = cast(list[model.Linear], [_Sleeper(0.001)]), cast(list[model.Linear], [_Sleeper(0.0, 0.0045)])
+    assert model._wins_up_to(fast, other, list(sizes), torch.float32) == edge
 
 
 def test_the_memory_budget_is_the_setting_or_the_cgroups_limit(tmp_path: Path) -> None:
