@@ -380,9 +380,9 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, softca
 def test_decode_attention_reads_each_sequences_own_blocks_in_place(
     dtype: torch.dtype, softcap: float | None, tables: list[list[int]]
 ) -> None:
-    """One sequence whose blocks are the span (the plain softmax), sequences scattered over the
-    pool (the softmax across each one's blocks), and one with a foreign block inside its span;
-    blocks no one in the batch holds hold NaN, and must not leak into anyone's answer."""
+    """Lone sequences (their blocks gathered; Gemma 2's capped scores: the batch's path), sequences
+    scattered over the pool (the softmax across each one's blocks), and one with a foreign block
+    inside its span; blocks no one in the batch holds hold NaN, and must not leak into anyone's answer."""
     torch.manual_seed(0)
     network = _tiny_model(dtype, blocks=8, softcap=softcap)
     pool, kv = network.pool, network.arch.kv_heads
@@ -396,7 +396,7 @@ def test_decode_attention_reads_each_sequences_own_blocks_in_place(
             layer.view(-1, 8).index_copy_(0, slots, torch.randn(len(slots), 8).to(dtype))
     work = model.Work(tables, [[1]] * len(tables), starts)
     _, decode = network._prepare_decode(work)
-    assert (decode.owner is None) == (tables == [[0, 1, 2]])
+    assert decode.table == (tables[0] if len(tables) == 1 else None)  # a lone sequence's: gathered
     q = torch.randn(len(tables), 6, 1, 8).to(dtype)
     k, v = torch.randn(len(tables), kv, 1, 8).to(dtype), torch.randn(len(tables), kv, 1, 8).to(dtype)
     out = network._attend_decode(0, q, k, v, decode)
@@ -406,6 +406,17 @@ def test_decode_attention_reads_each_sequences_own_blocks_in_place(
         expected = _reference(q[seq, :, 0], keys[0], values[0], softcap)
         tolerance = 1e-5 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(out[seq, :, 0].float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("table", [[2, 3, 4], [4, 2, 3], [5]])
+def test_gather_reads_a_sequences_blocks_in_order_in_a_row_or_not(table: list[int]) -> None:
+    """Blocks in a row are sliced, others indexed: both give the table's positions in order."""
+    pool = _tiny_model(torch.float32, blocks=8).pool
+    layer = pool.k[0].copy_(torch.randn(pool.k[0].shape))
+    length = (len(table) - 1) * model.KV_BLOCK + 5
+    expected = torch.cat([layer[block] for block in table], dim=1)[None, :, :length]  # [1, Hkv, length, D]
+    assert pool.gather(layer, table, length).equal(expected)
+    assert pool.gather(layer, [*table, 7], length).equal(expected)  # blocks past the length: not read
 
 
 def test_the_kv_pool_is_made_empty_and_handed_back_once_idle() -> None:
