@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -191,8 +192,9 @@ def plot(record: dict[str, object], png: Path) -> Figure:
     machine = record["machine"]
     assert isinstance(machine, dict)
     reference = record.get("reference") or machine.get("llama_server_build")
-    ax.set_title(f"{machine['cpu']}, {machine['cores']} cores, {machine['date']}\n"
-                 f"llama-server: {reference_label(reference)}", fontsize=9)  # fmt: skip
+    cpu = f"{machine['cpu']}, {machine['cores']} cores, {machine['date']}"
+    parts = (cpu, f"llama-server: {reference_label(reference)}")
+    ax.set_title("\n".join(textwrap.fill(part, 90) for part in parts), fontsize=8)  # the flags' lines run wide
     ax.legend()
     ax.grid(alpha=0.3)
     fig.savefig(png, dpi=100)
