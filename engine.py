@@ -160,6 +160,7 @@ class ModelConfig:
     prefix_cache_tokens: int = field(default=4096, metadata={"env": "PREFIX_CACHE_TOKENS", "minimum": 0})
     # The KV pool every running sequence takes its blocks from; 0: MAX_BATCH_SIZE sequences of the whole context.
     kv_cache_mb: int = field(default=0, metadata={"env": "KV_CACHE_MB", "minimum": 0})
+    compile: bool = field(default=False, metadata={"env": "COMPILE"})  # torch.compile a lone sequence's decode pass
 
 
 def use_threads(setting: int) -> int:
@@ -843,8 +844,8 @@ def create_engine(config: ModelConfig, observe: StepObserver | None = None) -> E
     pool = loaded.model.pool
     log.info(
         "model %s (%s, context %d) loaded in %.1f s (activations %s, weights %s); KV cache %d MiB: %d blocks of %d "
-        "tokens", config.name, loaded.family, loaded.max_context, time.perf_counter() - start, loaded.dtype,
-        loaded.weights, pool.bytes // 2**20, pool.blocks, KV_BLOCK,
+        "tokens%s", config.name, loaded.family, loaded.max_context, time.perf_counter() - start, loaded.dtype,
+        loaded.weights, pool.bytes // 2**20, pool.blocks, KV_BLOCK, f"; {loaded.compiled}" if loaded.compiled else "",
     )  # fmt: skip
     return Engine(loaded, config.max_batch, observe)
 

@@ -19,6 +19,7 @@ import gc
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 import urllib.parse
@@ -67,6 +68,8 @@ class LoadSettings(Protocol):
     def prefix_cache_tokens(self) -> int: ...
     @property
     def kv_cache_mb(self) -> int: ...  # the KV pool's size; 0: room for max_batch sequences of the whole context
+    @property
+    def compile(self) -> bool: ...  # torch.compile a lone sequence's decode pass at load
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +277,7 @@ class LoadedModel:
     int8_rows: int = 0  # `resolve_int8`'s choice
     family: str = ""  # the checkpoint's model type (`BUILDERS` lists those we run): gpt2, llama, qwen2...
     int4_rows: int = 0  # `resolve_int4`'s choice, for the weights int4 holds exactly
+    compiled: str = ""  # COMPILE=1: what `compile_decode` did, in words for the load log
 
     @property
     def weights(self) -> str:
@@ -352,6 +356,7 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     context = min(model.max_context, config.max_context)
     model.pool = KVPool(len(model.layers), kv_blocks(config, model, context), model.arch, dtype, device)
     model.store = PrefixStore(len(model.layers), config.prefix_cache_tokens // PREFIX_BLOCK, model.arch, dtype, device)
+    compiled = compile_decode(model, device) if config.compile else ""
     eos, family = hf_model.generation_config.eos_token_id, hf_model.config.model_type
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -359,7 +364,19 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     gc.collect()
     _return_freed_memory()
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-    return LoadedModel(tokenizer, model, eos_ids, context, dtype, int8_rows, family, int4_rows)
+    return LoadedModel(tokenizer, model, eos_ids, context, dtype, int8_rows, family, int4_rows, compiled)
+
+
+def compile_decode(model: Model, device: torch.device) -> str:
+    """COMPILE=1: `Model.compile`, timed; what it did, in words."""
+    if device.type == "cpu" and not shutil.which(os.environ.get("CXX") or "g++"):
+        raise LoadError("COMPILE=1 needs a C++ compiler for torch.compile's CPU code (g++, or $CXX); "
+                        "install one, or unset COMPILE")  # fmt: skip
+    start = time.monotonic()
+    why_not = model.compile()
+    if why_not:
+        return f"decode not compiled: {why_not}"
+    return f"a lone sequence's decode pass compiled in {time.monotonic() - start:.0f} s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +411,12 @@ class Linear:
             out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
             return out
         return F.linear(x, self.weight, self.bias)
+
+    def weight_only_at(self, rows: int) -> bool:
+        """Whether a product of this many rows runs an int8 or int4 kernel."""
+        return (self.int4 is not None and rows <= self.int4_rows) or (
+            self.int8 is not None and (self.weight is None or rows <= self.int8_rows)
+        )
 
     def _weight_only(self, x: torch.Tensor, kernel: Callable[..., torch.Tensor], *weights: Any) -> torch.Tensor:
         """An int8 or int4 kernel's product: it takes [rows, in] contiguous bfloat16 activations and
@@ -469,8 +492,10 @@ class KVPool:
     pool for all: per layer [blocks, Hkv, KV_BLOCK, D], block-major, so any run of blocks is a
     batch of [KV_BLOCK, D] matrices as a view. The scheduler hands blocks out (a sequence's block
     table lists its own, in order) and takes them back; nothing moves when a sequence grows or
-    ends, and memory follows the tokens held. Made empty, in one allocation: a block's pages
-    become resident when first written, and `clear` hands them all back once nothing runs."""
+    ends, and memory follows the tokens held. Made empty: a block's pages become resident when
+    first written, and `clear` hands them all back once nothing runs. Each layer's keys and values
+    are an allocation of their own: the compiler (COMPILE=1) copies a written input whole when it
+    is a view of a larger one (97 against 8 ms a step, bench/README.md)."""
 
     def __init__(self, layers: int, blocks: int, arch: Architecture, dtype: torch.dtype, device: torch.device):
         self.layers, self.blocks, self.heads, self.dim = layers, blocks, arch.kv_heads, arch.head_dim
@@ -498,9 +523,9 @@ class KVPool:
         if not self.touched:
             return
         self.k, self.v = [], []  # drop the old pool before making the new one
-        pool = torch.empty(self.layers, 2, self.blocks, self.heads, KV_BLOCK, self.dim, dtype=self.dtype,
-                           device=self.device)  # fmt: skip
-        self.k, self.v = list(pool[:, 0].unbind(0)), list(pool[:, 1].unbind(0))
+        shape = (self.blocks, self.heads, KV_BLOCK, self.dim)
+        self.k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        self.v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
         self.touched = False
 
     def zero(self, blocks: tuple[int, ...]) -> None:
@@ -617,6 +642,19 @@ class Decode:
     sin: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class LoneDecode:
+    """One sequence's decode step for the compiled pass (COMPILE=1), in tensors only: the compiler
+    takes a list or a number as a constant, and would compile again for each new one."""
+
+    positions: torch.Tensor  # [1, 1]
+    slots: torch.Tensor  # [Hkv]: where the new key goes in a flat pool layer
+    blocks: torch.Tensor  # [N]: the sequence's blocks, in order
+    visible: torch.Tensor  # [1, 1, 1, N KV_BLOCK] bool: the positions it holds, the new one's included
+    cos: torch.Tensor | None = None  # [1, 1, 1, D]
+    sin: torch.Tensor | None = None
+
+
 class Model:
     """The network: weights, the KV pool, and one entry point, `run`."""
 
@@ -637,6 +675,7 @@ class Model:
         self.store = PrefixStore(len(layers), 0, arch, self.dtype, self.device)
         # In the model's dtype, as transformers' Gemma multiplies (sqrt(3072) = 55.43 is 55.5 in bfloat16).
         self.embed_scale = torch.tensor(arch.embed_scale, dtype=self.dtype, device=self.device)
+        self.compiled: Callable[..., torch.Tensor] | None = None  # a lone sequence's decode pass (`compile`)
 
     def run(self, work: Work) -> torch.Tensor:
         """Run the work's tokens into their sequences' blocks; return each one's next-token logits
@@ -644,6 +683,9 @@ class Model:
         inputs: Prefill | Decode
         if work.fresh:
             self.pool.zero(work.fresh)
+        if self.compiled is not None and len(work.tables) == 1 and len(work.tokens[0]) == 1 and not work.restore:
+            ids, lone = self._prepare_lone(work)
+            return self.compiled(ids, lone, lone, -1)
         if all(len(tokens) == 1 for tokens in work.tokens) and not work.restore:
             (ids, inputs), last = self._prepare_decode(work), -1
         else:
@@ -659,6 +701,32 @@ class Model:
     def clear(self) -> None:
         """Nothing runs: give the pool's memory back."""
         self.pool.clear()
+
+    def compile(self) -> str | None:
+        """COMPILE=1: compile a lone sequence's decode pass with torch.compile, which fuses the
+        small operations around the products into loops of its own (AMX Xeon, SmolLM2 on int4: a
+        batch-1 step 7.9 against 11.3 ms, bench/README.md). Only where every product at one row
+        runs an int8 or int4 kernel (oneDNN's packed float weights cannot be compiled) and no
+        layer slides a window or caps its scores; else why not. Compiled here, at load, for one,
+        two and three blocks (the compiler treats a size of 1 apart, and makes a size dynamic once
+        it changes), so nothing compiles while requests run."""
+        a, linears = self.arch, [self.lm_head, *(lin for w in self.layers for lin in (w.qkv, w.out, w.up, w.down))]
+        if a.windowed or a.attn_softcap is not None:
+            return "a sliding window or capped attention scores"
+        if not all(lin.weight_only_at(1) or (lin.weight is not None and not lin.weight.is_mkldnn) for lin in linears):
+            return "float weights in oneDNN's packed layout (QUANTIZE=none, or a format int8 does not beat)"
+        import torch._inductor.config
+
+        torch._inductor.config.compile_threads = 1  # in this process: no pool of compiler processes left holding memory
+        self.compiled = torch.compile(self._forward)  # sizes that change between calls become dynamic
+        with torch.inference_mode():
+            # a pool made as the engine makes it, in inference mode: the compiled pass checks how its tensors were made
+            self.pool = KVPool(self.pool.layers, self.pool.blocks, self.arch, self.dtype, self.device)
+            for blocks in (1, 2, 3):
+                table = list(range(blocks))
+                self.run(Work([table], [[0]], [blocks * KV_BLOCK - 2], fresh=tuple(table)))
+            self.clear()
+        return None
 
     def _prepare_prefill(self, work: Work) -> tuple[torch.Tensor, Prefill]:
         """The chunk is padded to a multiple of PREFILL_BUCKET: each new input shape costs the
@@ -685,6 +753,15 @@ class Model:
         if window is not None:
             visible &= keys > queries - window
         return visible[None, None]
+
+    def _prepare_lone(self, work: Work) -> tuple[torch.Tensor, LoneDecode]:
+        (table,), (tokens,), (start,) = work.tables, work.tokens, work.starts
+        ids = torch.tensor([tokens], device=self.device)  # [1, 1]
+        positions = torch.tensor([[start]], device=self.device)
+        blocks = torch.tensor(table[: blocks_for(start + 1)], device=self.device)
+        visible = (torch.arange(len(blocks) * KV_BLOCK, device=self.device) <= start)[None, None, None]
+        cos, sin = self._rotary(positions, self.arch.inv_freq, self.arch.rope_scale)
+        return ids, LoneDecode(positions, self.pool.slots([table], [start]), blocks, visible, cos, sin)
 
     def _prepare_decode(self, work: Work) -> tuple[torch.Tensor, Decode]:
         ids = torch.tensor(work.tokens, device=self.device)  # [B, 1]
@@ -733,7 +810,11 @@ class Model:
         return replace(inputs, **changes) if changes else inputs
 
     def _forward(
-        self, ids: torch.Tensor, inputs: Prefill | Decode, windowed: Prefill | Decode, last: int
+        self,
+        ids: torch.Tensor,
+        inputs: Prefill | Decode | LoneDecode,
+        windowed: Prefill | Decode | LoneDecode,
+        last: int,
     ) -> torch.Tensor:
         x = self.embed(ids)  # [B, T, C]
         if self.arch.embed_scale != 1.0:
@@ -747,7 +828,9 @@ class Model:
         cap = self.arch.logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def _layer(self, index: int, w: LayerWeights, x: torch.Tensor, inputs: Prefill | Decode) -> torch.Tensor:
+    def _layer(
+        self, index: int, w: LayerWeights, x: torch.Tensor, inputs: Prefill | Decode | LoneDecode
+    ) -> torch.Tensor:
         size, length, _ = x.shape
         a = self.arch
         qkv = w.qkv(self._norm(x, w.norm1, w.norm1_b)).view(size, length, a.heads + 2 * a.kv_heads, a.head_dim)
@@ -760,6 +843,8 @@ class Model:
         v = v.transpose(1, 2)
         if isinstance(inputs, Prefill):
             attn = self._attend_prefill(index, q, k, v, inputs)
+        elif isinstance(inputs, LoneDecode):
+            attn = self._attend_lone_compiled(index, q, k, v, inputs)
         else:
             attn = self._attend_decode(index, q, k, v, inputs)
         x = x + self._post_norm(w.out(attn.transpose(1, 2).reshape(size, length, -1)), w.post_attn_norm)
@@ -820,6 +905,19 @@ class Model:
         k = self.pool.gather(self.pool.k[index], table, length)[:, :, first:]
         v = self.pool.gather(self.pool.v[index], table, length)[:, :, first:]
         return F.scaled_dot_product_attention(q, k, v, scale=a.scale, enable_gqa=a.heads != a.kv_heads)
+
+    def _attend_lone_compiled(
+        self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: LoneDecode
+    ) -> torch.Tensor:
+        """`_attend_one` as the compiler takes it: the blocks by index and the positions by mask,
+        and the new key written with index_put_, which it writes in place (index_copy_ it copies)."""
+        keys, values = self.pool.k[index], self.pool.v[index]
+        a, dim = self.arch, q.shape[-1]
+        keys.view(-1, dim).index_put_((d.slots,), k[:, :, 0].reshape(-1, dim))
+        values.view(-1, dim).index_put_((d.slots,), v[:, :, 0].reshape(-1, dim))
+        k = keys.index_select(0, d.blocks).transpose(0, 1).reshape(1, a.kv_heads, -1, dim)
+        v = values.index_select(0, d.blocks).transpose(0, 1).reshape(1, a.kv_heads, -1, dim)
+        return F.scaled_dot_product_attention(q, k, v, d.visible, scale=a.scale, enable_gqa=a.heads != a.kv_heads)
 
     def _scores(self, grouped: torch.Tensor, past_k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         scale, cap = self.arch.scale, self.arch.attn_softcap

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -333,6 +334,41 @@ def test_int4_runs_the_4bit_weights_and_follows_float32_logits(
     finally:
         reference.close()
         int4.close()
+
+
+NO_COMPILER = not shutil.which(os.environ.get("CXX") or "g++")
+
+
+@pytest.mark.skipif(NO_COMPILER, reason="torch.compile's CPU code needs a C++ compiler")
+def test_the_compiled_decode_pass_follows_the_uncompiled_one(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """COMPILE=1, on weights the compiled pass takes (int4 where the checkpoint holds it, int8
+    else, forced: `auto` may keep packed float weights, which stay uncompiled), SmolLM2 in
+    bfloat16 and GPT-2 in float32: each of 24 decode steps after a real prompt runs uncompiled
+    and compiled; the top token is the same at every step and the logits close. Nothing compiles
+    after the load: not for new lengths, not after the pool is handed back and made again."""
+    monkeypatch.setattr(model, "resolve_int4", lambda *settings: model.INT8_ALWAYS)
+    dtype = "bfloat16" if "smollm2" in str(model_dir) else "float32"
+    config = engine.ModelConfig(name=str(model_dir), dtype=dtype, quantize="int8", compile=True)
+    loaded = model.load_model(config, engine.PREFILL_CHUNK)
+    network, graphs = loaded.model, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = network.compiled
+    assert compiled is not None and loaded.compiled.startswith("a lone sequence's decode pass compiled in")
+    with torch.inference_mode():
+        for prompt in PROMPTS[:2]:
+            ids = loaded.tokenizer.encode(prompt * 12)  # 60-120 tokens: the steps cross into a second block
+            table = list(range(model.blocks_for(len(ids) + 24)))
+            network.clear()
+            token = int(network.run(model.Work([table], [ids], [0], fresh=tuple(table))).argmax())
+            for position in range(len(ids), len(ids) + 24):
+                work = model.Work([table], [[token]], [position])
+                network.compiled = None
+                expected = network.run(work)[0].float()
+                network.compiled = compiled
+                got = network.run(work)[0].float()
+                assert int(got.argmax()) == int(expected.argmax())
+                assert F.cosine_similarity(got, expected, dim=0) > 0.99
+                token = int(expected.argmax())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_int8_weights_serve_a_staggered_batch(model_dir: Path) -> None:

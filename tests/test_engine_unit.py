@@ -419,6 +419,23 @@ def test_gather_reads_a_sequences_blocks_in_order_in_a_row_or_not(table: list[in
     assert pool.gather(layer, [*table, 7], length).equal(expected)  # blocks past the length: not read
 
 
+def test_compile_says_why_a_model_runs_uncompiled() -> None:
+    """Capped scores (and sliding windows) take paths the compiled pass lacks; oneDNN's packed
+    float weights cannot be compiled. Each leaves the pass uncompiled, with the reason for the log."""
+    capped = _tiny_model(torch.float32, blocks=4, softcap=50.0)
+    assert capped.compile() == "a sliding window or capped attention scores" and capped.compiled is None
+    packed = _tiny_model(torch.float32, blocks=4)
+    packed.lm_head = model.Linear(48, model.pack_float(torch.zeros(VOCAB, 48), 4), None)
+    assert packed.lm_head.weight is not None and packed.lm_head.weight.is_mkldnn
+    assert "packed layout" in (packed.compile() or "") and packed.compiled is None
+
+
+def test_compile_without_a_compiler_is_refused_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model.shutil, "which", lambda name: None)
+    with pytest.raises(model.LoadError, match=r"needs a C\+\+ compiler .*unset COMPILE"):
+        model.compile_decode(_tiny_model(torch.float32, blocks=4), torch.device("cpu"))
+
+
 def test_the_kv_pool_is_made_empty_and_handed_back_once_idle() -> None:
     network = _tiny_model(torch.float32, blocks=4)
     first = network.pool.k[0]
