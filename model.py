@@ -898,8 +898,8 @@ class Model:
     def _attend_one(self, index: int, q: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
         """A lone sequence: its `length` positions gathered from its blocks (a copy of its own
         keys and values, 2 x 60 KB a layer at 160 tokens of SmolLM2), then torch's fused attention.
-        bfloat16's small batched products cost more than the copy: a batch-1 step of 11.8 against
-        14.9 ms at 160 cached tokens, 19.5 against 21.3 at 2,000 (AMX Xeon, bench/README.md)."""
+        bfloat16's small batched products cost more than the copy: a batch-1 step of 13.6 against
+        16.2 ms at 160 cached tokens, 20.5 against 22.3 at 2,000 (AMX Xeon, bench/README.md)."""
         a = self.arch
         first = max(0, length - a.window) if a.window is not None and index in a.windowed else 0
         k = self.pool.gather(self.pool.k[index], table, length)[:, :, first:]
