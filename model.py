@@ -495,7 +495,7 @@ class KVPool:
     ends, and memory follows the tokens held. Made empty: a block's pages become resident when
     first written, and `clear` hands them all back once nothing runs. Each layer's keys and values
     are an allocation of their own: the compiler (COMPILE=1) copies a written input whole when it
-    is a view of a larger one (97 against 8 ms a step, bench/README.md)."""
+    is a view of a larger one (a compiled step of 97 ms, 8 with an allocation a layer, bench/README.md)."""
 
     def __init__(self, layers: int, blocks: int, arch: Architecture, dtype: torch.dtype, device: torch.device):
         self.layers, self.blocks, self.heads, self.dim = layers, blocks, arch.kv_heads, arch.head_dim
@@ -705,7 +705,7 @@ class Model:
     def compile(self) -> str | None:
         """COMPILE=1: compile a lone sequence's decode pass with torch.compile, which fuses the
         small operations around the products into loops of its own (AMX Xeon, SmolLM2 on int4: a
-        batch-1 step 7.9 against 11.3 ms, bench/README.md). Only where every product at one row
+        batch-1 step 7.75 against 11.0 ms, bench/README.md). Only where every product at one row
         runs an int8 or int4 kernel (oneDNN's packed float weights cannot be compiled) and no
         layer slides a window or caps its scores; else why not. Compiled here, at load, for one,
         two and three blocks (the compiler treats a size of 1 apart, and makes a size dynamic once
@@ -722,9 +722,9 @@ class Model:
         with torch.inference_mode():
             # a pool made as the engine makes it, in inference mode: the compiled pass checks how its tensors were made
             self.pool = KVPool(self.pool.layers, self.pool.blocks, self.arch, self.dtype, self.device)
-            for blocks in (1, 2, 3):
-                table = list(range(blocks))
-                self.run(Work([table], [[0]], [blocks * KV_BLOCK - 2], fresh=tuple(table)))
+            for blocks in range(1, min(3, self.pool.blocks) + 1):  # as many as the pool and the context hold
+                table, position = list(range(blocks)), min(blocks * KV_BLOCK, self.max_context) - 2
+                self.run(Work([table], [[0]], [position], fresh=tuple(table)))
             self.clear()
         return None
 

@@ -8,6 +8,7 @@ engine's bookkeeping changes the text.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -428,6 +429,16 @@ def test_compile_says_why_a_model_runs_uncompiled() -> None:
     packed.lm_head = model.Linear(48, model.pack_float(torch.zeros(VOCAB, 48), 4), None)
     assert packed.lm_head.weight is not None and packed.lm_head.weight.is_mkldnn
     assert "packed layout" in (packed.compile() or "") and packed.compiled is None
+
+
+@pytest.mark.skipif(not model.shutil.which(os.environ.get("CXX") or "g++"), reason="needs a C++ compiler")
+def test_compile_warms_up_within_a_small_pool() -> None:
+    """The load's warm-up asks for at most the blocks the pool has (KV_CACHE_MB may allow one)."""
+    network = _tiny_model(torch.float32, blocks=1)
+    assert network.compile() is None and network.compiled is not None
+    with torch.inference_mode():
+        logits = network.run(model.Work([[0]], [[3]], [5], fresh=(0,)))
+    assert logits.shape == (1, VOCAB)
 
 
 def test_compile_without_a_compiler_is_refused_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
