@@ -31,6 +31,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger("llm.model")
+
 KV_BLOCK = 64  # positions a block of the KV pool holds: sequences take blocks as they grow
 PREFIX_BLOCK = 16  # tokens a block of the prefix store holds: prompts share cached keys and values in whole blocks
 PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
@@ -523,6 +525,9 @@ class KVPool:
         if not self.touched:
             return
         self.k, self.v = [], []  # drop the old pool before making the new one
+        # A freed layer of at most 32 MiB raises glibc's threshold for mapping memory apart, and
+        # later pools then come from its heap, which it keeps: trimmed, the pages go back.
+        _return_freed_memory()
         shape = (self.blocks, self.heads, KV_BLOCK, self.dim)
         self.k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
         self.v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
@@ -634,7 +639,7 @@ class Decode:
     slots: torch.Tensor  # [B Hkv]: where each new key goes in a flat pool layer
     span: tuple[int, int]  # lo, hi
     owner: torch.Tensor  # [N]: which sequence holds each block of the span, B for none
-    table: list[int] | None  # the sequence's blocks when B is 1
+    lone: tuple[list[int], int] | None  # when B is 1: the sequence's blocks, and its positions with the new one
     keys: torch.Tensor  # [N, KV_BLOCK]: each span position's place in its sequence
     queries: torch.Tensor  # [N, 1]: the position of the new token of the block's sequence; -1: none
     mask: torch.Tensor  # [N Hkv, Hq/Hkv, KV_BLOCK] additive, laid out as `_attend_decode` groups the heads
@@ -680,12 +685,17 @@ class Model:
     def run(self, work: Work) -> torch.Tensor:
         """Run the work's tokens into their sequences' blocks; return each one's next-token logits
         [B, V]. A prefill may first restore cached prompt blocks, and save blocks after."""
-        inputs: Prefill | Decode
         if work.fresh:
             self.pool.zero(work.fresh)
-        if self.compiled is not None and len(work.tables) == 1 and len(work.tokens[0]) == 1 and not work.restore:
-            ids, lone = self._prepare_lone(work)
-            return self.compiled(ids, lone, lone, -1)
+        logits = self._run_compiled(work) if self.compiled is not None else None
+        if logits is None:
+            logits = self._run(work)
+        if work.save:
+            self.store.save(self.pool, work.tables[0], work.save)
+        return logits
+
+    def _run(self, work: Work) -> torch.Tensor:
+        inputs: Prefill | Decode
         if all(len(tokens) == 1 for tokens in work.tokens) and not work.restore:
             (ids, inputs), last = self._prepare_decode(work), -1
         else:
@@ -693,10 +703,22 @@ class Model:
             (ids, inputs), last = self._prepare_prefill(work), len(work.tokens[0]) - 1
         if work.restore:
             self.store.restore(self.pool, work.tables[0], work.restore)
-        logits = self._forward(ids, inputs, self._windowed(inputs), last)
-        if work.save:
-            self.store.save(self.pool, work.tables[0], work.save)
-        return logits
+        return self._forward(ids, inputs, self._windowed(inputs), last)
+
+    def _run_compiled(self, work: Work) -> torch.Tensor | None:
+        """One token of a lone sequence (a decode step, or a prompt's last one-token chunk) through
+        the compiled pass; None for any other work. Should the pass ever fail, the model runs
+        uncompiled from then on: rewriting the new token's keys is harmless."""
+        if len(work.tables) != 1 or len(work.tokens[0]) != 1 or work.restore:
+            return None
+        try:
+            ids, lone = self._prepare_lone(work)
+            assert self.compiled is not None
+            return self.compiled(ids, lone, lone, -1)
+        except Exception:
+            log.exception("the compiled decode pass failed; running uncompiled from now on")
+            self.compiled = None
+            return None
 
     def clear(self) -> None:
         """Nothing runs: give the pool's memory back."""
@@ -705,27 +727,36 @@ class Model:
     def compile(self) -> str | None:
         """COMPILE=1: compile a lone sequence's decode pass with torch.compile, which fuses the
         small operations around the products into loops of its own (AMX Xeon, SmolLM2 on int4: a
-        batch-1 step 7.75 against 11.0 ms, bench/README.md). Only where every product at one row
-        runs an int8 or int4 kernel (oneDNN's packed float weights cannot be compiled) and no
-        layer slides a window or caps its scores; else why not. Compiled here, at load, for one,
-        two and three blocks (the compiler treats a size of 1 apart, and makes a size dynamic once
-        it changes), so nothing compiles while requests run."""
+        batch-1 step 7.75 against 11.0 ms, bench/README.md). Only on a CPU, where every product at
+        one row runs an int8 or int4 kernel (oneDNN's packed float weights cannot be compiled) and
+        no layer slides a window or caps its scores; else, or should compiling fail, why not.
+        Compiled here, at load, for one, two and three blocks (the compiler treats a size of 1
+        apart, and makes a size dynamic once it changes), so nothing compiles while requests run."""
         a, linears = self.arch, [self.lm_head, *(lin for w in self.layers for lin in (w.qkv, w.out, w.up, w.down))]
+        if self.device.type != "cpu":
+            return "not on a CPU (the only device it was measured on)"
         if a.windowed or a.attn_softcap is not None:
             return "a sliding window or capped attention scores"
-        if not all(lin.weight_only_at(1) or (lin.weight is not None and not lin.weight.is_mkldnn) for lin in linears):
-            return "float weights in oneDNN's packed layout (QUANTIZE=none, or a format int8 does not beat)"
+        if not all(lin.weight_only_at(1) for lin in linears):
+            return "float weights at one row (QUANTIZE=none, or where int8 does not win)"
         import torch._inductor.config
 
         torch._inductor.config.compile_threads = 1  # in this process: no pool of compiler processes left holding memory
-        self.compiled = torch.compile(self._forward)  # sizes that change between calls become dynamic
+        compiled = torch.compile(self._forward)  # sizes that change between calls become dynamic
         with torch.inference_mode():
             # a pool made as the engine makes it, in inference mode: the compiled pass checks how its tensors were made
             self.pool = KVPool(self.pool.layers, self.pool.blocks, self.arch, self.dtype, self.device)
-            for blocks in range(1, min(3, self.pool.blocks) + 1):  # as many as the pool and the context hold
-                table, position = list(range(blocks)), min(blocks * KV_BLOCK, self.max_context) - 2
-                self.run(Work([table], [[0]], [position], fresh=tuple(table)))
-            self.clear()
+            try:
+                for blocks in range(1, min(3, self.pool.blocks) + 1):  # as many as the pool and the context hold
+                    table, position = list(range(blocks)), min(blocks * KV_BLOCK, self.max_context) - 2
+                    self.pool.zero(tuple(table))
+                    ids, lone = self._prepare_lone(Work([table], [[0]], [position]))
+                    compiled(ids, lone, lone, -1)
+            except Exception as exc:  # the compiler's own failure: the model runs as it would without COMPILE
+                return f"compiling failed ({type(exc).__name__}: {str(exc)[:200]})"
+            finally:
+                self.clear()
+        self.compiled = compiled
         return None
 
     def _prepare_prefill(self, work: Work) -> tuple[torch.Tensor, Prefill]:
@@ -777,7 +808,7 @@ class Model:
         owners = torch.tensor(owner, device=self.device)
         keys = torch.tensor(place, device=self.device)[:, None] * KV_BLOCK + torch.arange(KV_BLOCK, device=self.device)
         queries = torch.cat([pos[:, 0], pos.new_full((1,), -1)])[owners][:, None]
-        lone = work.tables[0] if len(work.tables) == 1 else None
+        lone = (work.tables[0], work.starts[0] + 1) if len(work.tables) == 1 else None
         cos, sin = self._rotary(pos, self.arch.inv_freq, self.arch.rope_scale)
         mask = self._decode_mask(keys, queries, None)
         return ids, Decode(pos, slots, (lo, hi), owners, lone, keys, queries, mask, cos, sin)
@@ -883,8 +914,8 @@ class Model:
         size, heads, _, dim = q.shape
         keys.view(-1, dim).index_copy_(0, d.slots, k[:, :, 0].reshape(-1, dim))
         values.view(-1, dim).index_copy_(0, d.slots, v[:, :, 0].reshape(-1, dim))
-        if d.table is not None and self.arch.attn_softcap is None:
-            return self._attend_one(index, q, d.table, int(d.positions[0, 0]) + 1)
+        if d.lone is not None and self.arch.attn_softcap is None:
+            return self._attend_one(index, q, *d.lone)
         (lo, hi), kv_heads = d.span, self.arch.kv_heads
         past_k = keys[lo:hi].view(-1, KV_BLOCK, dim)  # [N Hkv, KV_BLOCK, D]
         past_v = values[lo:hi].view(-1, KV_BLOCK, dim)
