@@ -284,7 +284,7 @@ class LoadedModel:
     @property
     def weights(self) -> str:
         """The weight formats in words, for the load log line."""
-        linears = [self.model.lm_head, *(lin for w in self.model.layers for lin in (w.qkv, w.out, w.up, w.down))]
+        linears = self.model.linears
         int4 = sum(lin.int4 is not None for lin in linears)
         four = f"int4 up to {self.int4_rows} rows for {int4} of {len(linears)} weights, " if int4 else ""
         if self.int8_rows == INT8_ALWAYS:
@@ -369,9 +369,14 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     return LoadedModel(tokenizer, model, eos_ids, context, dtype, int8_rows, family, int4_rows, compiled)
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU code is built with: $CXX, else g++; None if absent."""
+    return shutil.which(os.environ.get("CXX") or "g++")
+
+
 def compile_decode(model: Model, device: torch.device) -> str:
     """COMPILE=1: `Model.compile`, timed; what it did, in words."""
-    if device.type == "cpu" and not shutil.which(os.environ.get("CXX") or "g++"):
+    if device.type == "cpu" and not cpp_compiler():
         raise LoadError("COMPILE=1 needs a C++ compiler for torch.compile's CPU code (g++, or $CXX); "
                         "install one, or unset COMPILE")  # fmt: skip
     start = time.monotonic()
@@ -720,6 +725,11 @@ class Model:
             self.compiled = None
             return None
 
+    @property
+    def linears(self) -> list[Linear]:
+        """Every projection, the output head first."""
+        return [self.lm_head, *(lin for w in self.layers for lin in (w.qkv, w.out, w.up, w.down))]
+
     def clear(self) -> None:
         """Nothing runs: give the pool's memory back."""
         self.pool.clear()
@@ -732,12 +742,12 @@ class Model:
         no layer slides a window or caps its scores; else, or should compiling fail, why not.
         Compiled here, at load, for one, two and three blocks (the compiler treats a size of 1
         apart, and makes a size dynamic once it changes), so nothing compiles while requests run."""
-        a, linears = self.arch, [self.lm_head, *(lin for w in self.layers for lin in (w.qkv, w.out, w.up, w.down))]
+        a = self.arch
         if self.device.type != "cpu":
             return "not on a CPU (the only device it was measured on)"
         if a.windowed or a.attn_softcap is not None:
             return "a sliding window or capped attention scores"
-        if not all(lin.weight_only_at(1) for lin in linears):
+        if not all(lin.weight_only_at(1) for lin in self.linears):
             return "float weights at one row (QUANTIZE=none, or where int8 does not win)"
         import torch._inductor.config
 

@@ -49,7 +49,7 @@ def bare_products(network: model.Model, batch: int) -> Callable[[], object]:
     """Every projection of a step applied once to a batch of activations of the right width,
     through the engine's own `Linear`s: the same weight formats and kernels the step runs."""
     dtype = network.dtype
-    linears = [*(lin for w in network.layers for lin in (w.qkv, w.out, w.up, w.down)), network.lm_head]
+    linears = network.linears
     inputs = {lin.in_features: torch.randn(batch, lin.in_features, dtype=dtype) for lin in linears}
 
     def run() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -336,7 +335,7 @@ def test_int4_runs_the_4bit_weights_and_follows_float32_logits(
         int4.close()
 
 
-NO_COMPILER = not shutil.which(os.environ.get("CXX") or "g++")
+NO_COMPILER = model.cpp_compiler() is None
 
 
 @pytest.mark.skipif(NO_COMPILER, reason="torch.compile's CPU code needs a C++ compiler")

@@ -8,7 +8,6 @@ engine's bookkeeping changes the text.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -437,7 +436,7 @@ def _int8_head(network: model.Model) -> model.Model:
     return network
 
 
-@pytest.mark.skipif(not model.shutil.which(os.environ.get("CXX") or "g++"), reason="needs a C++ compiler")
+@pytest.mark.skipif(model.cpp_compiler() is None, reason="needs a C++ compiler")
 def test_compile_warms_up_within_a_small_pool() -> None:
     """The load's warm-up asks for at most the blocks the pool has (KV_CACHE_MB may allow one)."""
     network = _int8_head(_tiny_model(torch.float32, blocks=1))
