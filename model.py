@@ -38,6 +38,11 @@ PREFIX_BLOCK = 16  # tokens a block of the prefix store holds: prompts share cac
 PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
 INT8_ALWAYS = 1 << 62  # `resolve_int8`'s answer when int8 weights win at every batch size: float ones are dropped
 INT4_GROUP = 32  # inputs sharing one int4 scale and offset, as in llama.cpp's Q4_1 blocks
+# Up to this many sequences in a decode step, attention gathers each one's blocks and runs torch's
+# fused attention per sequence; more, and one batched pass over the blocks in place costs less
+# (AMX Xeon, SmolLM2, a step of 2 / 3 / 4 rows at 160 cached: 17.1 / 20.9 / 25.2 one by one
+# against 20.1 / 22.8 / 24.9 ms; at 800: 23.6 / 28.6 / 34.0 against 26.2 / 28.6 / 31.8).
+ONE_BY_ONE = 2
 # A weight runs on int4 only if int4 holds each of its rows this well (relative error). The offline
 # SmolLM2's Q4_1 rows: at most 1.1% (their scales rounded to bfloat16); float rows: 7% or more.
 INT4_EXACT = 0.02
@@ -636,20 +641,27 @@ class Prefill:
 @dataclass(frozen=True)
 class Decode:
     """A decode step's inputs, made before the pass: one new token for each of B sequences.
-    Attention reads the pool's blocks lo..hi-1 in place, every one that a sequence of the batch
-    holds among them (blocks of no one in the batch are read too, and weighted zero); a lone
-    sequence's blocks are gathered instead (`Model._attend_one`)."""
+    Up to ONE_BY_ONE sequences are attended one by one, their blocks gathered (`Model._attend_one`);
+    more read the pool's blocks lo..hi-1 in place, every one that a sequence of the batch holds
+    among them (blocks of no one in the batch are read too, and weighted zero)."""
 
     positions: torch.Tensor  # [B, 1]
     slots: torch.Tensor  # [B Hkv]: where each new key goes in a flat pool layer
+    each: list[tuple[list[int], int]] | None  # one by one: each sequence's blocks, and its positions with the new one
+    blocks: BlockMaps | None  # the batched pass's: None when the sequences are attended one by one
+    cos: torch.Tensor | None = None  # [B, 1, 1, D]
+    sin: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class BlockMaps:
+    """Where a batched decode step's sequences lie in the span of blocks it reads in place."""
+
     span: tuple[int, int]  # lo, hi
     owner: torch.Tensor  # [N]: which sequence holds each block of the span, B for none
-    lone: tuple[list[int], int] | None  # when B is 1: the sequence's blocks, and its positions with the new one
     keys: torch.Tensor  # [N, KV_BLOCK]: each span position's place in its sequence
     queries: torch.Tensor  # [N, 1]: the position of the new token of the block's sequence; -1: none
     mask: torch.Tensor  # [N Hkv, Hq/Hkv, KV_BLOCK] additive, laid out as `_attend_decode` groups the heads
-    cos: torch.Tensor | None = None  # [B, 1, 1, D]
-    sin: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -808,6 +820,13 @@ class Model:
         ids = torch.tensor(work.tokens, device=self.device)  # [B, 1]
         pos = torch.tensor(work.starts, device=self.device)[:, None]  # [B, 1]
         slots = self.pool.slots(work.tables, work.starts)
+        cos, sin = self._rotary(pos, self.arch.inv_freq, self.arch.rope_scale)
+        if len(work.tables) <= ONE_BY_ONE and self.arch.attn_softcap is None:  # no fused attention caps scores
+            each = [(table, start + 1) for table, start in zip(work.tables, work.starts, strict=True)]
+            return ids, Decode(pos, slots, each, None, cos, sin)
+        return ids, Decode(pos, slots, None, self._block_maps(work, pos), cos, sin)
+
+    def _block_maps(self, work: Work, pos: torch.Tensor) -> BlockMaps:
         lo = min(min(table) for table in work.tables)
         hi = max(max(table) for table in work.tables) + 1
         # Each block of the span: the batch index of its sequence (B: none) and its place there.
@@ -818,10 +837,7 @@ class Model:
         owners = torch.tensor(owner, device=self.device)
         keys = torch.tensor(place, device=self.device)[:, None] * KV_BLOCK + torch.arange(KV_BLOCK, device=self.device)
         queries = torch.cat([pos[:, 0], pos.new_full((1,), -1)])[owners][:, None]
-        lone = (work.tables[0], work.starts[0] + 1) if len(work.tables) == 1 else None
-        cos, sin = self._rotary(pos, self.arch.inv_freq, self.arch.rope_scale)
-        mask = self._decode_mask(keys, queries, None)
-        return ids, Decode(pos, slots, (lo, hi), owners, lone, keys, queries, mask, cos, sin)
+        return BlockMaps((lo, hi), owners, keys, queries, self._decode_mask(keys, queries, None))
 
     def _decode_mask(self, keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:
         """Additive, in the model's dtype, laid out as `_attend_decode` groups the heads, made once a
@@ -846,8 +862,9 @@ class Model:
         if a.window is not None and length > a.window:
             if isinstance(inputs, Prefill):
                 changes["mask"] = self._prefill_mask(inputs.positions, length, a.window)
-            else:
-                changes["mask"] = self._decode_mask(inputs.keys, inputs.queries, a.window)
+            elif inputs.blocks is not None:  # sequences attended one by one slide their own window
+                b = inputs.blocks
+                changes["blocks"] = replace(b, mask=self._decode_mask(b.keys, b.queries, a.window))
         return replace(inputs, **changes) if changes else inputs
 
     def _forward(
@@ -915,30 +932,33 @@ class Model:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
 
     def _attend_decode(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: Decode) -> torch.Tensor:
-        """One new token a sequence, against the pool's blocks in place (flash-decoding): the
-        query heads that share a key head stand where a prompt's positions would, so each key
-        head is read once and GQA copies nothing; each block of the span gets its owner's queries
-        (a small copy), one batched product scores every block, and the softmax runs across each
-        sequence's blocks. bench/paged_attention.py measured this against gathering the blocks."""
+        """One new token a sequence. A few sequences: each one's blocks gathered, one by one. More:
+        against the pool's blocks in place (flash-decoding): the query heads that share a key head
+        stand where a prompt's positions would, so each key head is read once and GQA copies
+        nothing; each block of the span gets its owner's queries (a small copy), one batched
+        product scores every block, and the softmax runs across each sequence's blocks.
+        bench/paged_attention.py measured this against gathering the blocks."""
         keys, values = self.pool.k[index], self.pool.v[index]
         size, heads, _, dim = q.shape
         keys.view(-1, dim).index_copy_(0, d.slots, k[:, :, 0].reshape(-1, dim))
         values.view(-1, dim).index_copy_(0, d.slots, v[:, :, 0].reshape(-1, dim))
-        if d.lone is not None and self.arch.attn_softcap is None:
-            return self._attend_one(index, q, *d.lone)
-        (lo, hi), kv_heads = d.span, self.arch.kv_heads
+        if d.each is not None:
+            outs = [self._attend_one(index, q[seq : seq + 1], *table) for seq, table in enumerate(d.each)]
+            return outs[0] if size == 1 else torch.cat(outs)
+        assert d.blocks is not None
+        (lo, hi), owner, mask = d.blocks.span, d.blocks.owner, d.blocks.mask
         past_k = keys[lo:hi].view(-1, KV_BLOCK, dim)  # [N Hkv, KV_BLOCK, D]
         past_v = values[lo:hi].view(-1, KV_BLOCK, dim)
-        grouped = q.view(size, kv_heads, -1, dim)  # [B, Hkv, G, D]
+        grouped = q.view(size, self.arch.kv_heads, -1, dim)  # [B, Hkv, G, D]
         # a zero row of queries for the blocks no one in the batch holds
-        grouped = torch.cat([grouped, grouped.new_zeros(1, *grouped.shape[1:])]).index_select(0, d.owner)
-        grouped = grouped.reshape(d.mask.shape[0], -1, dim)  # [N Hkv, G, D]
-        scores = self._scores(grouped, past_k, d.mask)  # [N Hkv, G, KV_BLOCK]
-        return self._segmented(scores, past_v, d.owner, size).view(size, heads, 1, dim)
+        grouped = torch.cat([grouped, grouped.new_zeros(1, *grouped.shape[1:])]).index_select(0, owner)
+        grouped = grouped.reshape(mask.shape[0], -1, dim)  # [N Hkv, G, D]
+        scores = self._scores(grouped, past_k, mask)  # [N Hkv, G, KV_BLOCK]
+        return self._segmented(scores, past_v, owner, size).view(size, heads, 1, dim)
 
     def _attend_one(self, index: int, q: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
-        """A lone sequence: its `length` positions gathered from its blocks (a copy of its own
-        keys and values, 2 x 60 KB a layer at 160 tokens of SmolLM2), then torch's fused attention.
+        """One sequence: its `length` positions gathered from its blocks (a copy of its own keys
+        and values, 2 x 60 KB a layer at 160 tokens of SmolLM2), then torch's fused attention.
         bfloat16's small batched products cost more than the copy: a batch-1 step of 13.6 against
         16.2 ms at 160 cached tokens, 20.5 against 22.3 at 2,000 (AMX Xeon, bench/README.md)."""
         a = self.arch
