@@ -2,7 +2,10 @@
 of the same weights in the same format, at several batch sizes, in one run.
 
 The ratio (step / bare products) is comparable across machines: 1.0 would mean everything but
-the matrix products is free. Prints a Markdown table and the CPU it ran on; writes JSON.
+the matrix products is free. Beside it, the floor that memory sets: a step reads its sequences'
+keys and values as well as the weights, so where the products stream their weights from memory,
+no step can cost less than (weight bytes + KV bytes) / weight bytes of them. Prints a Markdown
+table and the CPU it ran on; writes JSON.
 
 Run: python bench/roofline.py --model models/smollm2-135m-instruct [--dtype float32] [--json out.json]
 """
@@ -59,6 +62,25 @@ def bare_products(network: model.Model, batch: int) -> Callable[[], object]:
     return run
 
 
+def weight_bytes(network: model.Model, rows: int) -> int:
+    """The bytes of the weights a product of this many rows reads, in the format `Linear` picks."""
+
+    def read(lin: model.Linear) -> tuple[torch.Tensor | None, ...]:
+        if lin.int4 is not None and rows <= lin.int4_rows:
+            return (*lin.int4, lin.bias)
+        if lin.weight_only_at(rows):
+            assert lin.int8 is not None
+            return (*lin.int8, lin.bias)
+        return lin.weight, lin.bias
+
+    return sum(t.numel() * t.element_size() for lin in network.linears for t in read(lin) if t is not None)
+
+
+def kv_bytes(network: model.Model, batch: int, cached: int) -> int:
+    """The keys and values a decode step of `batch` sequences of `cached` tokens reads: whole blocks."""
+    return batch * model.blocks_for(cached + 1) * network.pool.block_bytes
+
+
 def full_step(network: model.Model, batch: int, cached: int) -> Callable[[], object]:
     """One decode step of `batch` sequences that each hold `cached` tokens (the pool's contents do
     not change the cost), their blocks interleaved in the pool as sequences growing together get them."""
@@ -100,14 +122,18 @@ def main() -> None:
         for batch in args.batches:
             step = median_ms(full_step(loaded.model, batch, args.cached), args.repeats)
             bare = median_ms(bare_products(loaded.model, batch), args.repeats)
+            read, kv = weight_bytes(loaded.model, batch), kv_bytes(loaded.model, batch, args.cached)
             rows.append({"batch": batch, "step_ms": round(step, 2), "products_ms": round(bare, 2),
-                         "ratio": round(step / bare, 2)})  # fmt: skip
+                         "ratio": round(step / bare, 2), "weight_mb": round(read / 1e6, 1),
+                         "kv_mb": round(kv / 1e6, 1), "floor": round((read + kv) / read, 2)})  # fmt: skip
     cpu = cpu_description()
     weights = f"{loaded.weights}{f'; {loaded.compiled}' if loaded.compiled else ''}"
     print(f"{args.model}, activations {loaded.dtype}, weights {weights}, {args.cached} cached tokens; {cpu}\n")
-    print("| batch | decode step (ms) | bare matrix products (ms) | ratio |\n|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['batch']} | {row['step_ms']} | {row['products_ms']} | {row['ratio']} |")
+    print("| batch | decode step (ms) | bare matrix products (ms) | ratio | weights read (MB) | keys and values "
+          "read (MB) | memory's floor for the ratio |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    for r in rows:
+        print(f"| {r['batch']} | {r['step_ms']} | {r['products_ms']} | {r['ratio']} | {r['weight_mb']} | {r['kv_mb']} "
+              f"| {r['floor']} |")  # fmt: skip
     if args.json:
         out = {"model": args.model, "dtype": str(loaded.dtype), "weights": loaded.weights, "cpu": cpu,
                "cached": args.cached, "compiled": args.compile, "rows": rows}  # fmt: skip
