@@ -114,7 +114,9 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     engine.use_threads(args.threads)
-    config = engine.ModelConfig(name=args.model, dtype=args.dtype, max_batch=max(args.batches), quantize=args.quantize,
+    # The server's batch size at least: the dtype and formats are chosen for it (float32 at one row here)
+    max_batch = max(*args.batches, engine.ModelConfig.max_batch)
+    config = engine.ModelConfig(name=args.model, dtype=args.dtype, max_batch=max_batch, quantize=args.quantize,
                                 compile=args.compile)  # fmt: skip
     loaded = load_apart(config)
     rows = []
