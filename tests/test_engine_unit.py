@@ -11,6 +11,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -448,6 +449,31 @@ def test_compile_warms_up_within_a_small_pool() -> None:
     assert logits.shape == (1, VOCAB)
 
 
+@pytest.mark.skipif(model.cpp_compiler() is None, reason="needs a C++ compiler")
+def test_each_model_compiles_a_pass_of_its_own() -> None:
+    """The compiled pass checks only its inputs at each call, not the model (~1,850 checks, ~0.5
+    ms a step): a second model that differs where its inputs do not (its final norm a layer
+    norm, not RMSNorm) must get graphs of its own, not run the first one's."""
+    torch.manual_seed(0)
+    for rms_norm in (True, False):
+        network = _int8_head(_tiny_model(torch.float32, blocks=4))
+        network.arch = replace(network.arch, rms_norm=rms_norm)
+        network.embed = model.Embedding(torch.randn(VOCAB, 48), torch.float32)
+        assert network.compile() is None
+        work = model.Work([[0]], [[3]], [5], fresh=(0,))
+        with torch.inference_mode():
+            compiled = network.run(work)
+            network.compiled = None
+            torch.testing.assert_close(compiled, network.run(work))
+
+
+def test_guards_kept_are_the_inputs_ones() -> None:
+    names = ["ids", "last", "inputs.blocks", "type(self.embed).__call__", "self", "self.pool.k[0]",
+             "self.layers[3].up.int4[0]", "G['torch']"]  # fmt: skip
+    guards = [type("Guard", (), {"name": name})() for name in names]
+    assert model._guards_on_inputs(guards) == [True, True, True, True, False, False, False, False]
+
+
 def test_compile_without_a_compiler_is_refused_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(model.shutil, "which", lambda name: None)
     with pytest.raises(model.LoadError, match=r"needs a C\+\+ compiler .*unset COMPILE"):
@@ -473,7 +499,7 @@ def test_a_compiler_that_fails_leaves_the_model_uncompiled(monkeypatch: pytest.M
     def broken(*inputs: object) -> torch.Tensor:
         raise RuntimeError("no kernel")
 
-    monkeypatch.setattr(torch, "compile", lambda function: broken)
+    monkeypatch.setattr(torch, "compile", lambda function, **options: broken)
     network = _int8_head(_tiny_model(torch.float32, blocks=4))
     assert network.compile() == "compiling failed (RuntimeError: no kernel)" and network.compiled is None
     network.compiled = broken
