@@ -703,9 +703,10 @@ def test_engine_stream_pieces_add_up_to_the_result() -> None:
 
 
 def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks of PREFILL_CHUNK tokens, one per step: the running sequences advance between them,
-    and sequences that finish mid-prefill give their blocks back without mixing anyone's history up."""
+    """Chunks of 8 tokens, one per step: the running sequences advance between them, and
+    sequences that finish mid-prefill give their blocks back without mixing anyone's history up."""
     monkeypatch.setattr(engine, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(engine, "PREFILL_BESIDE_DECODE", 8)
     eng = make_engine(max_batch=4, step_delay=0.003)
     fake: FakeModel = eng.model  # type: ignore[assignment]
     short = [lambda n=n: eng.generate(chr(65 + n), SamplingParams(max_new_tokens=3 + 4 * n)) for n in range(3)]
@@ -746,10 +747,12 @@ class TimedModel(FakeModel):
         return logits
 
 
-def test_while_sequences_decode_a_chunk_costs_about_one_decode_step() -> None:
+def test_while_sequences_decode_a_chunk_costs_about_one_decode_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every decoding sequence waits for the chunk before its next token: a chunk is sized from the
     last decode step's time over the last chunk's time a token (50 ms / 2 ms: 16 tokens), from the
-    first chunk of the prompt that joins; a prompt no one waits for goes in whole PREFILL_CHUNKs."""
+    first chunk of the prompt that joins; a prompt no one waits for goes in whole PREFILL_CHUNKs
+    (64 here, so that a 200-token prompt takes several)."""
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 64)
     fake = TimedModel(step_delay=0.05, token_delay=0.002)
     eng = Engine(LoadedModel(FakeTokenizer(), fake, frozenset([EOS]), 256, torch.float32), 4)  # type: ignore[arg-type]
     prompt = "".join(chr(33 + i % 90) for i in range(200))
@@ -768,8 +771,8 @@ def test_while_sequences_decode_a_chunk_costs_about_one_decode_step() -> None:
 
 def test_while_prompts_queue_for_places_a_step_prefills_two_whole_chunks() -> None:
     """Three prompts arrive at once beside a decoding sequence: while two or more queue for free
-    places the batch is starved, not stalled, so a step prefills PREFILL_QUEUED tokens in whole
-    chunks (a chunk's rest, then the next prompt's start); once one waits, chunks cost about a
+    places the batch is starved, not stalled, so a step prefills PREFILL_QUEUED tokens (512) in
+    whole chunks (two prompts, then the third's start); once none waits, chunks cost about a
     decode step again (25 ms / 1 ms: 16 tokens)."""
     fake = TimedModel(step_delay=0.025, token_delay=0.001)
     eng = Engine(LoadedModel(FakeTokenizer(), fake, frozenset([EOS]), 256, torch.float32), 4)  # type: ignore[arg-type]
@@ -782,7 +785,7 @@ def test_while_prompts_queue_for_places_a_step_prefills_two_whole_chunks() -> No
     for stream in [first, *streams]:
         list(stream)
     chunks = [step for step in fake.steps if step]
-    assert chunks == [[64, 64], [64, 8, 56]] + [[16]] * 9 + [[16]] * 12 + [[8]]
+    assert chunks == [[200, 200, 112]] + [[16]] * 5 + [[8]]
     eng.close()
 
 
