@@ -413,11 +413,13 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor
-        rows = x.numel() // self.in_features
-        if self.int4 is not None and rows <= self.int4_rows:
+        form = self.format_at(x.numel() // self.in_features)
+        if form == "int4":
+            assert self.int4 is not None
             packed, scales = self.int4
             return self._weight_only(x, torch.ops.aten._weight_int4pack_mm_for_cpu, packed, INT4_GROUP, scales)
-        if self.int8 is not None and (self.weight is None or rows <= self.int8_rows):
+        if form == "int8":
+            assert self.int8 is not None
             return self._weight_only(x, torch.ops.aten._weight_int8pack_mm, *self.int8)
         assert self.weight is not None
         if self.weight.is_mkldnn:
@@ -425,11 +427,13 @@ class Linear:
             return out
         return F.linear(x, self.weight, self.bias)
 
-    def weight_only_at(self, rows: int) -> bool:
-        """Whether a product of this many rows runs an int8 or int4 kernel."""
-        return (self.int4 is not None and rows <= self.int4_rows) or (
-            self.int8 is not None and (self.weight is None or rows <= self.int8_rows)
-        )
+    def format_at(self, rows: int) -> str:
+        """The weights a product of this many rows runs on: "int4", "int8" or "float"."""
+        if self.int4 is not None and rows <= self.int4_rows:
+            return "int4"
+        if self.int8 is not None and (self.weight is None or rows <= self.int8_rows):
+            return "int8"
+        return "float"
 
     def _weight_only(self, x: torch.Tensor, kernel: Callable[..., torch.Tensor], *weights: Any) -> torch.Tensor:
         """An int8 or int4 kernel's product: it takes [rows, in] contiguous bfloat16 activations and
@@ -498,6 +502,11 @@ class Architecture:
     @property
     def scale(self) -> float:
         return self.head_dim**-0.5 if self.attn_scale is None else self.attn_scale
+
+    @property
+    def gqa(self) -> bool:
+        """Whether query heads share key heads (torch's fused attention then takes enable_gqa)."""
+        return self.heads != self.kv_heads
 
 
 class KVPool:
@@ -760,7 +769,7 @@ class Model:
             return "not on a CPU (the only device it was measured on)"
         if a.windowed or a.attn_softcap is not None:
             return "a sliding window or capped attention scores"
-        if not all(lin.weight_only_at(1) for lin in self.linears):
+        if any(lin.format_at(1) == "float" for lin in self.linears):
             return "float weights at one row (QUANTIZE=none, or where int8 does not win)"
         import torch._inductor.config
 
@@ -923,7 +932,7 @@ class Model:
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Prefill
     ) -> torch.Tensor:
         keys, values = self.pool.k[index], self.pool.v[index]
-        gqa, real, dim = self.arch.heads != self.arch.kv_heads, len(p.slots) // k.shape[1], k.shape[-1]
+        gqa, real, dim = self.arch.gqa, len(p.slots) // k.shape[1], k.shape[-1]
         keys.view(-1, dim).index_copy_(0, p.slots, k[0, :, :real].transpose(0, 1).reshape(-1, dim))
         values.view(-1, dim).index_copy_(0, p.slots, v[0, :, :real].transpose(0, 1).reshape(-1, dim))
         scale, cap = self.arch.scale, self.arch.attn_softcap
@@ -970,7 +979,7 @@ class Model:
         first = max(0, length - a.window) if a.window is not None and index in a.windowed else 0
         k = self.pool.gather(self.pool.k[index], table, length)[:, :, first:]
         v = self.pool.gather(self.pool.v[index], table, length)[:, :, first:]
-        return F.scaled_dot_product_attention(q, k, v, scale=a.scale, enable_gqa=a.heads != a.kv_heads)
+        return F.scaled_dot_product_attention(q, k, v, scale=a.scale, enable_gqa=a.gqa)
 
     def _attend_lone_compiled(
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: LoneDecode
@@ -983,7 +992,7 @@ class Model:
         values.view(-1, dim).index_put_((d.slots,), v[:, :, 0].reshape(-1, dim))
         k = keys.index_select(0, d.blocks).transpose(0, 1).reshape(1, a.kv_heads, -1, dim)
         v = values.index_select(0, d.blocks).transpose(0, 1).reshape(1, a.kv_heads, -1, dim)
-        return F.scaled_dot_product_attention(q, k, v, d.visible, scale=a.scale, enable_gqa=a.heads != a.kv_heads)
+        return F.scaled_dot_product_attention(q, k, v, d.visible, scale=a.scale, enable_gqa=a.gqa)
 
     def _scores(self, grouped: torch.Tensor, past_k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         scale, cap = self.arch.scale, self.arch.attn_softcap

@@ -66,12 +66,9 @@ def weight_bytes(network: model.Model, rows: int) -> int:
     """The bytes of the weights a product of this many rows reads, in the format `Linear` picks."""
 
     def read(lin: model.Linear) -> tuple[torch.Tensor | None, ...]:
-        if lin.int4 is not None and rows <= lin.int4_rows:
-            return (*lin.int4, lin.bias)
-        if lin.weight_only_at(rows):
-            assert lin.int8 is not None
-            return (*lin.int8, lin.bias)
-        return lin.weight, lin.bias
+        weights = {"int4": lin.int4, "int8": lin.int8, "float": (lin.weight,)}[lin.format_at(rows)]
+        assert weights is not None
+        return (*weights, lin.bias)
 
     return sum(t.numel() * t.element_size() for lin in network.linears for t in read(lin) if t is not None)
 
