@@ -46,8 +46,8 @@ from model import KV_BLOCK, PREFILL_BUCKET, PREFIX_BLOCK, LoadedModel, LoadError
 log = logging.getLogger("llm.engine")
 
 # The most prompt tokens one pass prefills: fewer, larger passes make more tokens a second (AMX
-# Xeon, SmolLM2: 1,849 tok/s in chunks of 64, 2,703 of 128, 3,354 of 256), and a long prompt joins
-# over several steps.
+# Xeon, SmolLM2, `bench/step_profile.py --chunk-sizes`: 1,595 tok/s in passes of 64, 2,391 of 128,
+# 2,874 of 256), and a long prompt joins over several steps.
 PREFILL_CHUNK = 256
 PREFILL_BESIDE_DECODE = 64  # the most a step prefills while sequences decode (each waits for it) and none queue
 PREFILL_CHUNK_LEAST = PREFILL_BUCKET  # the fewest while sequences decode: smaller chunks only add padding

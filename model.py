@@ -40,9 +40,9 @@ PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct sh
 INT8_ALWAYS = 1 << 62  # `resolve_int8`'s answer when int8 weights win at every batch size: float ones are dropped
 INT4_GROUP = 32  # inputs sharing one int4 scale and offset, as in llama.cpp's Q4_1 blocks
 # Up to this many sequences in a decode step, attention gathers each one's blocks and runs torch's
-# fused attention per sequence; more, and one batched pass over the blocks in place costs less
-# (AMX Xeon, SmolLM2, a step of 2 / 3 / 4 rows at 160 cached: 17.1 / 20.9 / 25.2 one by one
-# against 20.1 / 22.8 / 24.9 ms; at 800: 23.6 / 28.6 / 34.0 against 26.2 / 28.6 / 31.8).
+# fused attention per sequence; more, and one batched pass over the blocks in place costs as much
+# or less (AMX Xeon, SmolLM2, bench/ab_step.py at 160 cached: a step of 2 rows 18.7 against 22.3
+# ms, of 3 rows 24.1 against 24.1; bench/README.md).
 ONE_BY_ONE = 2
 # A weight runs on int4 only if int4 holds each of its rows this well (relative error). The offline
 # SmolLM2's Q4_1 rows: at most 1.1% (their scales rounded to bfloat16); float rows: 7% or more.
