@@ -37,7 +37,7 @@ def main() -> None:
     network, batch, blocks = loaded.model, args.batch, model.blocks_for(args.cached + 1)
     tables = [[b * batch + seq for b in range(blocks)] for seq in range(batch)]
     # one prompt's blocks after the batch's, room for its longest pass at --chunk-at
-    longest = max(engine.PREFILL_CHUNK, *args.chunk_sizes)
+    longest = max([engine.PREFILL_CHUNK, *args.chunk_sizes])
     prompt = list(range(batch * blocks, batch * blocks + model.blocks_for(args.chunk_at + longest)))
     network.pool.zero(tuple(range(batch * blocks)) + tuple(prompt))
     print(f"{args.model}, activations {loaded.dtype}, weights {loaded.weights}; {cpu_description()}")
