@@ -4,7 +4,7 @@ where a machine's speed drifts between runs (the AMX Xeons here: bare products a
 as the server loads it, in a thread that ends; its step is timed against its own bare products in
 every round, and the table gives the medians over the rounds.
 
-Run: python bench/ab_step.py --other /tmp/before [--compile] [--batches 1 8] [--cached 160]
+Run: python bench/ab_step.py --other /tmp/before [--compile] [--dtype float32] [--batches 1 8] [--cached 160]
 """
 
 from __future__ import annotations
@@ -55,11 +55,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="COMPILE=1 for both")
+    parser.add_argument("--dtype", default="auto", help="DTYPE for both (float32: the AVX2 EPYCs' choice)")
     parser.add_argument("--json")
     args = parser.parse_args()
     engine.use_threads(0)
     config = engine.ModelConfig(name=args.model, max_batch=max(*args.batches, engine.ModelConfig.max_batch),
-                                compile=args.compile)  # fmt: skip
+                                compile=args.compile, dtype=args.dtype)  # fmt: skip
     models = {"other": load_apart(model_module(args.other), config), "this": load_apart(model, config)}
     rows = []
     with torch.inference_mode():
@@ -75,7 +76,8 @@ def main() -> None:
                    **{f"{n}_ratio": round(statistics.median(r), 3) for n, r in ratios.items()}}  # fmt: skip
             rows.append(row)
     cpu = cpu_description()
-    print(f"{args.model}, {args.cached} cached tokens, compile={args.compile}, other={args.other}; {cpu}\n")
+    print(f"{args.model}, {args.cached} cached, compile={args.compile}, dtype={args.dtype}, other {args.other}; {cpu}")
+    print()
     print("| batch | other: step (ms) | this: step (ms) | other: step / products | this: step / products |")
     print("|---|---|---|---|---|")
     for r in rows:
