@@ -49,7 +49,7 @@ log = logging.getLogger("llm.engine")
 # Xeon, SmolLM2, `bench/step_profile.py --chunk-sizes`: 1,595 tok/s in passes of 64, 2,391 of 128,
 # 2,874 of 256), and a long prompt joins over several steps.
 PREFILL_CHUNK = 256
-PREFILL_BESIDE_DECODE = 64  # the most a step prefills while sequences decode (each waits for it) and none queue
+PREFILL_UNTIMED = 64  # what a step prefills beside decoding sequences before any chunk's cost is known
 PREFILL_CHUNK_LEAST = PREFILL_BUCKET  # the fewest while sequences decode: smaller chunks only add padding
 PREFILL_QUEUED = 2 * PREFILL_CHUNK  # prompt tokens a step, in chunks, while prompts queue for free places
 DETOKENIZE_CONTEXT = 4  # prompt tokens detokenized ahead of the continuation (see `TextStream`)
@@ -697,9 +697,11 @@ class Engine:
     def _chunk_budget(self) -> int:
         """The prompt tokens this step prefills. Every decoding sequence waits for them before its
         next token, so while sequences decode they are sized to cost about one decode step (the
-        last step's time over the last chunk's time a token, at most PREFILL_BESIDE_DECODE): the
-        gap between tokens stays near twice a step however slow this CPU's prefill is, or however
-        far into a long prompt. A prompt no one waits for goes in chunks of PREFILL_CHUNK. But
+        last step's time over the last chunk's time a token; PREFILL_UNTIMED before any chunk
+        was timed): the gap between tokens stays near twice a step however slow this CPU's
+        prefill is, or however far into a long prompt, and where the batch's steps are long
+        (long histories) the chunks grow with them, up to PREFILL_CHUNK, each pass dearer in
+        time but cheaper a token. A prompt no one waits for goes in chunks of PREFILL_CHUNK. But
         while more than one prompt queues for a free place, the batch is starved, not stalled:
         each request needs all its prompt tokens for its generated ones (~650 for 200 in the
         long-prompt benchmark), so prefill takes PREFILL_QUEUED tokens a step, else the batch
@@ -710,9 +712,9 @@ class Engine:
         if min(len(scheduler.waiting), scheduler.max_batch - len(scheduler.running)) > 1:
             return PREFILL_QUEUED
         if not self._token_seconds:
-            return PREFILL_BESIDE_DECODE
+            return PREFILL_UNTIMED
         fits = int(self._decode_seconds / self._token_seconds) // PREFILL_BUCKET * PREFILL_BUCKET
-        return min(PREFILL_BESIDE_DECODE, max(PREFILL_CHUNK_LEAST, fits))
+        return min(PREFILL_CHUNK, max(PREFILL_CHUNK_LEAST, fits))
 
     def _prefill(self, seq: Sequence, budget: int) -> int:
         """Prefill the next chunk of an admitted sequence's prompt; return the tokens it took. The

@@ -706,7 +706,7 @@ def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(monkeypatc
     """Chunks of 8 tokens, one per step: the running sequences advance between them, and
     sequences that finish mid-prefill give their blocks back without mixing anyone's history up."""
     monkeypatch.setattr(engine, "PREFILL_CHUNK", 8)
-    monkeypatch.setattr(engine, "PREFILL_BESIDE_DECODE", 8)
+    monkeypatch.setattr(engine, "PREFILL_UNTIMED", 8)
     eng = make_engine(max_batch=4, step_delay=0.003)
     fake: FakeModel = eng.model  # type: ignore[assignment]
     short = [lambda n=n: eng.generate(chr(65 + n), SamplingParams(max_new_tokens=3 + 4 * n)) for n in range(3)]
