@@ -51,7 +51,7 @@ log = logging.getLogger("llm.engine")
 PREFILL_CHUNK = 256
 PREFILL_UNTIMED = 64  # what a step prefills beside decoding sequences before any chunk's cost is known
 PREFILL_CHUNK_LEAST = PREFILL_BUCKET  # the fewest while sequences decode: smaller chunks only add padding
-PREFILL_QUEUED = 2 * PREFILL_CHUNK  # prompt tokens a step, in chunks, while prompts queue for free places
+PREFILL_QUEUED = 4 * PREFILL_CHUNK  # prompt tokens a step, in chunks, while prompts queue for free places
 DETOKENIZE_CONTEXT = 4  # prompt tokens detokenized ahead of the continuation (see `TextStream`)
 
 
@@ -705,7 +705,8 @@ class Engine:
         while more than one prompt queues for a free place, the batch is starved, not stalled:
         each request needs all its prompt tokens for its generated ones (~650 for 200 in the
         long-prompt benchmark), so prefill takes PREFILL_QUEUED tokens a step, else the batch
-        settles well below its places (bench/README.md, the chunk budget)."""
+        settles well below its places; four chunks a step rather than two spend fewer steps of
+        the few decoding sequences on the way (bench/README.md, the chunk budget)."""
         scheduler = self.scheduler
         if not scheduler.decoding():
             return PREFILL_CHUNK

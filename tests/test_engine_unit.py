@@ -769,11 +769,12 @@ def test_while_sequences_decode_a_chunk_costs_about_one_decode_step(monkeypatch:
     eng.close()
 
 
-def test_while_prompts_queue_for_places_a_step_prefills_two_whole_chunks() -> None:
+def test_while_prompts_queue_for_places_a_step_prefills_two_whole_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Three prompts arrive at once beside a decoding sequence: while two or more queue for free
-    places the batch is starved, not stalled, so a step prefills PREFILL_QUEUED tokens (512) in
-    whole chunks (two prompts, then the third's start); once none waits, chunks cost about a
+    places the batch is starved, not stalled, so a step prefills PREFILL_QUEUED tokens (512 here)
+    in whole chunks (two prompts, then the third's start); once none waits, chunks cost about a
     decode step again (25 ms / 1 ms: 16 tokens)."""
+    monkeypatch.setattr(engine, "PREFILL_QUEUED", 512)
     fake = TimedModel(step_delay=0.025, token_delay=0.001)
     eng = Engine(LoadedModel(FakeTokenizer(), fake, frozenset([EOS]), 256, torch.float32), 4)  # type: ignore[arg-type]
     prompt = "".join(chr(33 + i % 90) for i in range(200))
