@@ -997,7 +997,7 @@ class Model:
     def _scores(self, grouped: torch.Tensor, past_k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Each block's keys against its owner's queries: [N Hkv, G, KV_BLOCK]. In bfloat16 the
         keys stand as the product's rows and the G queries as its columns: oneDNN's batched
-        product at so few queries runs ~1.5x faster that way round; float32's is the other way
+        product at so few queries runs ~1.4x faster that way round; float32's is the other way
         (bench/README.md)."""
         scale, cap = self.arch.scale, self.arch.attn_softcap
         if self.dtype == torch.bfloat16:
