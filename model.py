@@ -703,6 +703,9 @@ class Model:
         self.final_norm, self.lm_head = final_norm, lm_head
         self.max_context = arch.max_context
         self.dtype, self.device = embed.dtype, embed.table.device
+        # The batched decode's products with the blocks' keys and values as the rows (`_scores`):
+        # faster so in bfloat16, slower in float32 (bench/block_products.py).
+        self.blocks_as_rows = self.dtype == torch.bfloat16
         self.pool = KVPool(len(layers), 0, arch, self.dtype, self.device)  # load_model sizes both
         self.store = PrefixStore(len(layers), 0, arch, self.dtype, self.device)
         # In the model's dtype, as transformers' Gemma multiplies (sqrt(3072) = 55.43 is 55.5 in bfloat16).
@@ -996,11 +999,11 @@ class Model:
 
     def _scores(self, grouped: torch.Tensor, past_k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Each block's keys against its owner's queries: [N Hkv, G, KV_BLOCK]. In bfloat16 the
-        keys stand as the product's rows and the G queries as its columns: oneDNN's batched
-        product at so few queries runs ~1.4x faster that way round; float32's is the other way
-        (bench/README.md)."""
+        keys stand as the product's rows and the G queries as its columns (`blocks_as_rows`):
+        oneDNN's batched product at so few queries runs ~1.4x faster that way round; float32's
+        is the other way (bench/README.md)."""
         scale, cap = self.arch.scale, self.arch.attn_softcap
-        if self.dtype == torch.bfloat16:
+        if self.blocks_as_rows:
             product = torch.bmm(past_k, grouped.transpose(1, 2)).transpose(1, 2)  # made [N Hkv, KV_BLOCK, G]
         else:
             product = torch.bmm(grouped, past_k.transpose(1, 2))
@@ -1019,7 +1022,7 @@ class Model:
         best = top.new_full((size + 1, heads, group), -math.inf).scatter_reduce_(0, spread, top, "amax")
         weights = (scores - best.index_select(0, owner).view(-1, group, 1)).exp_()  # [N Hkv, G, KV_BLOCK]
         total = weights.sum(-1, dtype=torch.float32).view(blocks, heads, group)
-        if self.dtype == torch.bfloat16:  # laid out [N Hkv, KV_BLOCK, G] (a small copy): faster, as in `_scores`
+        if self.blocks_as_rows:  # laid out [N Hkv, KV_BLOCK, G] (a small copy): faster, as in `_scores`
             weights = weights.transpose(1, 2).contiguous().transpose(1, 2)
         partial = torch.bmm(weights, past_v).view(blocks, heads, group, -1).float()
         norm = total.new_zeros(size + 1, heads, group).index_add_(0, owner, total)
