@@ -39,11 +39,12 @@ PREFIX_BLOCK = 16  # tokens a block of the prefix store holds: prompts share cac
 PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
 INT8_ALWAYS = 1 << 62  # `resolve_int8`'s answer when int8 weights win at every batch size: float ones are dropped
 INT4_GROUP = 32  # inputs sharing one int4 scale and offset, as in llama.cpp's Q4_1 blocks
-# Up to this many sequences in a decode step, attention gathers each one's blocks and runs torch's
-# fused attention per sequence; more, and one batched pass over the blocks in place costs as much
-# or less (AMX Xeon, SmolLM2, bench/ab_step.py at 160 cached: a step of 2 rows 18.7 against 22.3
-# ms, of 3 rows 24.1 against 24.1; bench/README.md).
-ONE_BY_ONE = 2
+# A decode step copies its sequences' blocks into one batch of rows a layer and runs torch's fused
+# attention while that copy holds at most this many bytes of keys and values; near 10 MiB the copy
+# costs what reading the blocks in place saves, and past it more (AMX Xeon, SmolLM2, bench/ab_step.py:
+# bfloat16, 8 rows at 160 cached 30.6 against 36.5 ms, 32 rows at 704 (18 MiB) 110.3 against 100.0;
+# float32, 16 rows at 400 (10.8 MiB) 82.8 against 84.3; bench/README.md).
+GATHER_BYTES = 8 << 20
 # A weight runs on int4 only if int4 holds each of its rows this well (relative error). The offline
 # SmolLM2's Q4_1 rows: at most 1.1% (their scales rounded to bfloat16); float rows: 7% or more.
 INT4_EXACT = 0.02
@@ -569,9 +570,9 @@ class KVPool:
         return ((blocks[:, None] * self.heads + heads) * KV_BLOCK + offsets[:, None]).flatten()
 
     def gather(self, layer: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
-        """A sequence's first `length` positions of a layer as [1, Hkv, length, D] (a copy). Blocks
-        in a row (a lone sequence's, as the lowest free ones are handed out) are read as a slice:
-        an index_select is a second copy (a batch-1 step 14.5 against 13.6 ms, AMX Xeon)."""
+        """A sequence's first `length` positions of a layer as [1, Hkv, length, D] (a copy), for a
+        prompt's later chunk. Blocks in a row (as the lowest free ones are handed out) are read as
+        a slice: an index_select would be a second copy."""
         used = table[: blocks_for(length)]
         if used == list(range(used[0], used[0] + len(used))):
             blocks = layer[used[0] : used[0] + len(used)]
@@ -651,16 +652,26 @@ class Prefill:
 @dataclass(frozen=True)
 class Decode:
     """A decode step's inputs, made before the pass: one new token for each of B sequences.
-    Up to ONE_BY_ONE sequences are attended one by one, their blocks gathered (`Model._attend_one`);
-    more read the pool's blocks lo..hi-1 in place, every one that a sequence of the batch holds
-    among them (blocks of no one in the batch are read too, and weighted zero)."""
+    A few sequences' blocks are gathered into rows, a layer at a time (`Gathered`); more are read
+    in place, the pool's blocks lo..hi-1, every one that a sequence of the batch holds among them
+    (blocks of no one in the batch are read too, and weighted zero)."""
 
     positions: torch.Tensor  # [B, 1]
     slots: torch.Tensor  # [B Hkv]: where each new key goes in a flat pool layer
-    each: list[tuple[list[int], int]] | None  # one by one: each sequence's blocks, and its positions with the new one
-    blocks: BlockMaps | None  # the batched pass's: None when the sequences are attended one by one
+    gathered: Gathered | None  # the rows' blocks: None when the blocks are read in place
+    blocks: BlockMaps | None  # the in-place pass's: None when the blocks are gathered
     cos: torch.Tensor | None = None  # [B, 1, 1, D]
     sin: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """Which blocks each sequence's row gathers, and the copies every layer of the step reuses."""
+
+    index: torch.Tensor  # [B Hkv n]: each (sequence, key head, block)'s place in a layer seen as [P Hkv, KV_BLOCK, D]
+    mask: torch.Tensor  # [B, 1, 1, n KV_BLOCK] additive: each row's positions up to its new one
+    keys: torch.Tensor  # [B Hkv n, KV_BLOCK, D]: the layer's gathered keys (a buffer)
+    values: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -838,10 +849,32 @@ class Model:
         pos = torch.tensor(work.starts, device=self.device)[:, None]  # [B, 1]
         slots = self.pool.slots(work.tables, work.starts)
         cos, sin = self._rotary(pos, self.arch.inv_freq, self.arch.rope_scale)
-        if len(work.tables) <= ONE_BY_ONE and self.arch.attn_softcap is None:  # no fused attention caps scores
-            each = [(table, start + 1) for table, start in zip(work.tables, work.starts, strict=True)]
-            return ids, Decode(pos, slots, each, None, cos, sin)
+        blocks = max(blocks_for(start + 1) for start in work.starts)
+        copied = len(work.tables) * blocks * self.pool.block_bytes // self.pool.layers
+        if copied <= GATHER_BYTES and self.arch.attn_softcap is None:  # no fused attention caps scores
+            return ids, Decode(pos, slots, self._gathered(work, pos, blocks), None, cos, sin)
         return ids, Decode(pos, slots, None, self._block_maps(work, pos), cos, sin)
+
+    def _gathered(self, work: Work, pos: torch.Tensor, blocks: int) -> Gathered:
+        """Every row `blocks` blocks long: a shorter sequence's row repeats its first block, masked."""
+        heads, rows = self.pool.heads, []
+        for table, start in zip(work.tables, work.starts, strict=True):
+            used = table[: blocks_for(start + 1)]
+            used += used[:1] * (blocks - len(used))
+            rows += [block * heads + head for head in range(heads) for block in used]
+        index = torch.tensor(rows, device=self.device)
+        buffer = self.pool.k[0].new_empty(len(rows), KV_BLOCK, self.pool.dim)
+        mask = self._gathered_mask(pos, blocks * KV_BLOCK, None)
+        return Gathered(index, mask, buffer, torch.empty_like(buffer))
+
+    def _gathered_mask(self, pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+        """Additive, in the model's dtype: [B, 1, 1, length], each row's positions up to `pos`."""
+        keys = torch.arange(length, device=self.device)[None]
+        visible = keys <= pos
+        if window is not None:
+            visible &= keys > pos - window
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -math.inf)
+        return mask[:, None, None]
 
     def _block_maps(self, work: Work, pos: torch.Tensor) -> BlockMaps:
         lo = min(min(table) for table in work.tables)
@@ -879,7 +912,10 @@ class Model:
         if a.window is not None and length > a.window:
             if isinstance(inputs, Prefill):
                 changes["mask"] = self._prefill_mask(inputs.positions, length, a.window)
-            elif inputs.blocks is not None:  # sequences attended one by one slide their own window
+            elif inputs.gathered is not None:
+                g = inputs.gathered
+                changes["gathered"] = replace(g, mask=self._gathered_mask(inputs.positions, g.mask.shape[-1], a.window))
+            elif inputs.blocks is not None:
                 b = inputs.blocks
                 changes["blocks"] = replace(b, mask=self._decode_mask(b.keys, b.queries, a.window))
         return replace(inputs, **changes) if changes else inputs
@@ -949,45 +985,45 @@ class Model:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
 
     def _attend_decode(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: Decode) -> torch.Tensor:
-        """One new token a sequence. A few sequences: each one's blocks gathered, one by one. More:
-        against the pool's blocks in place (flash-decoding): the query heads that share a key head
-        stand where a prompt's positions would, so each key head is read once and GQA copies
-        nothing; each block of the span gets its owner's queries (a small copy), one batched
-        product scores every block, and the softmax runs across each sequence's blocks.
-        bench/paged_attention.py measured this against gathering the blocks."""
+        """One new token a sequence, against its blocks gathered into rows (`_attend_gathered`), or
+        in place (flash-decoding): the query heads that share a key head stand where a prompt's
+        positions would, so each key head is read once and GQA copies nothing; each block of the
+        span gets its owner's queries (a small copy), one batched product scores every block, and
+        the softmax runs across each sequence's blocks. bench/paged_attention.py measured this
+        against gathering the blocks (on an AVX2 EPYC, before torch's fused attention ran on them)."""
         keys, values = self.pool.k[index], self.pool.v[index]
         size, heads, _, dim = q.shape
         keys.view(-1, dim).index_copy_(0, d.slots, k[:, :, 0].reshape(-1, dim))
         values.view(-1, dim).index_copy_(0, d.slots, v[:, :, 0].reshape(-1, dim))
-        if d.each is not None:
-            outs = [self._attend_one(index, q[seq : seq + 1], *table) for seq, table in enumerate(d.each)]
-            return outs[0] if size == 1 else torch.cat(outs)
+        grouped = q.view(size, self.arch.kv_heads, -1, dim)  # [B, Hkv, G, D]
+        if d.gathered is not None:
+            return self._attend_gathered(keys, values, grouped, d.gathered).view(size, heads, 1, dim)
         assert d.blocks is not None
         (lo, hi), owner, mask = d.blocks.span, d.blocks.owner, d.blocks.mask
         past_k = keys[lo:hi].view(-1, KV_BLOCK, dim)  # [N Hkv, KV_BLOCK, D]
         past_v = values[lo:hi].view(-1, KV_BLOCK, dim)
-        grouped = q.view(size, self.arch.kv_heads, -1, dim)  # [B, Hkv, G, D]
         # a zero row of queries for the blocks no one in the batch holds
         grouped = torch.cat([grouped, grouped.new_zeros(1, *grouped.shape[1:])]).index_select(0, owner)
         grouped = grouped.reshape(mask.shape[0], -1, dim)  # [N Hkv, G, D]
         scores = self._scores(grouped, past_k, mask)  # [N Hkv, G, KV_BLOCK]
         return self._segmented(scores, past_v, owner, size).view(size, heads, 1, dim)
 
-    def _attend_one(self, index: int, q: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
-        """One sequence: its `length` positions gathered from its blocks (a copy of its own keys
-        and values, 2 x 60 KB a layer at 160 tokens of SmolLM2), then torch's fused attention.
-        bfloat16's small batched products cost more than the copy: a batch-1 step of 13.6 against
-        16.2 ms at 160 cached tokens, 20.5 against 22.3 at 2,000 (AMX Xeon, bench/README.md)."""
-        a = self.arch
-        first = max(0, length - a.window) if a.window is not None and index in a.windowed else 0
-        k = self.pool.gather(self.pool.k[index], table, length)[:, :, first:]
-        v = self.pool.gather(self.pool.v[index], table, length)[:, :, first:]
-        return F.scaled_dot_product_attention(q, k, v, scale=a.scale, enable_gqa=a.gqa)
+    def _attend_gathered(
+        self, keys: torch.Tensor, values: torch.Tensor, grouped: torch.Tensor, g: Gathered
+    ) -> torch.Tensor:
+        """Each row's blocks copied into the step's buffers as [B, Hkv, n KV_BLOCK, D], then torch's
+        fused attention, the grouped query heads as a key head's queries: [B, Hkv, G, D]. The copy
+        is one index_select of whole blocks; bfloat16's fused attention reads rows ~3x faster than
+        the batched products read blocks in place (57 against 206 us a layer at 8 x 192, AMX Xeon)."""
+        size, heads, _, dim = grouped.shape
+        k = torch.index_select(keys.view(-1, KV_BLOCK, dim), 0, g.index, out=g.keys).view(size, heads, -1, dim)
+        v = torch.index_select(values.view(-1, KV_BLOCK, dim), 0, g.index, out=g.values).view(size, heads, -1, dim)
+        return F.scaled_dot_product_attention(grouped, k, v, attn_mask=g.mask, scale=self.arch.scale)
 
     def _attend_lone_compiled(
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: LoneDecode
     ) -> torch.Tensor:
-        """`_attend_one` as the compiler takes it: the blocks by index and the positions by mask,
+        """A lone sequence's `_attend_gathered` as the compiler takes it: blocks and positions as tensors,
         and the new key written with index_put_, which it writes in place (index_copy_ it copies)."""
         keys, values = self.pool.k[index], self.pool.v[index]
         a, dim = self.arch, q.shape[-1]

@@ -377,14 +377,17 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, softca
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # both paths `auto` picks between CPUs
 @pytest.mark.parametrize("softcap", [None, 50.0])
+@pytest.mark.parametrize("gather_bytes", [model.GATHER_BYTES, 0])  # the blocks gathered into rows, or read in place
 @pytest.mark.parametrize("tables", [[[0, 1, 2]], [[5, 1], [3], [0, 4, 7]], [[6, 2]], [[5, 1], [0, 4, 7]]])
-def test_decode_attention_reads_each_sequences_own_blocks_in_place(
-    dtype: torch.dtype, softcap: float | None, tables: list[list[int]]
+def test_decode_attention_reads_each_sequences_own_blocks(
+    dtype: torch.dtype, softcap: float | None, gather_bytes: int, tables: list[list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One or two sequences (each one's blocks gathered; Gemma 2's capped scores: the batch's path),
-    three scattered over the pool (the softmax across each one's blocks), and one with a foreign
-    block inside its span; blocks no one in the batch holds hold NaN, and must not leak into anyone's answer."""
+    """One, two or three sequences of different lengths, their blocks gathered into rows (Gemma 2's
+    capped scores: read in place, where no fused attention caps them) or read in place (the softmax
+    across each one's blocks), one with a foreign block inside its span; blocks no one in the batch
+    holds hold NaN, and must not leak into anyone's answer."""
     torch.manual_seed(0)
+    monkeypatch.setattr(model, "GATHER_BYTES", gather_bytes)
     network = _tiny_model(dtype, blocks=8, softcap=softcap)
     pool, kv = network.pool, network.arch.kv_heads
     for layer in pool.k + pool.v:
@@ -397,9 +400,8 @@ def test_decode_attention_reads_each_sequences_own_blocks_in_place(
             layer.view(-1, 8).index_copy_(0, slots, torch.randn(len(slots), 8).to(dtype))
     work = model.Work(tables, [[1]] * len(tables), starts)
     _, decode = network._prepare_decode(work)
-    one_by_one = len(tables) <= model.ONE_BY_ONE and softcap is None
-    assert decode.each == ([(t, s + 1) for t, s in zip(tables, starts, strict=True)] if one_by_one else None)
-    assert (decode.blocks is None) == one_by_one
+    gathered = gather_bytes > 0 and softcap is None
+    assert (decode.gathered is not None, decode.blocks is None) == (gathered, gathered)
     q = torch.randn(len(tables), 6, 1, 8).to(dtype)
     k, v = torch.randn(len(tables), kv, 1, 8).to(dtype), torch.randn(len(tables), kv, 1, 8).to(dtype)
     out = network._attend_decode(0, q, k, v, decode)
