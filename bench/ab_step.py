@@ -5,7 +5,7 @@ as the server loads it, in a thread that ends; its step is timed against its own
 every round, and the table gives the medians over the rounds.
 
 Run: python bench/ab_step.py --other /tmp/before [--compile] [--dtype float32] [--batches 1 8] [--cached 160]
-     [--gather-bytes N]
+     [--last 900] [--gather-bytes N]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--model", default="models/smollm2-135m-instruct")
     parser.add_argument("--batches", type=int, nargs="+", default=[1])
     parser.add_argument("--cached", type=int, default=160)
+    parser.add_argument("--last", type=int, help="the batch's last sequence holds this many (a long one among short)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="COMPILE=1 for both")
@@ -73,14 +74,16 @@ def main() -> None:
             ratios: dict[str, list[float]] = {name: [] for name in models}
             for _ in range(args.rounds):
                 for name, network in models.items():
-                    step = median_ms(full_step(network, batch, args.cached), args.repeats)
+                    step = median_ms(full_step(network, batch, args.cached, args.last), args.repeats)
                     steps[name].append(step)
                     ratios[name].append(step / median_ms(bare_products(network, batch), args.repeats))
             row = {"batch": batch, **{f"{n}_step_ms": round(statistics.median(s), 2) for n, s in steps.items()},
                    **{f"{n}_ratio": round(statistics.median(r), 3) for n, r in ratios.items()}}  # fmt: skip
             rows.append(row)
     cpu = cpu_description()
-    print(f"{args.model}, {args.cached} cached, compile={args.compile}, dtype={args.dtype}, other {args.other}; {cpu}")
+    last = f" (the last {args.last})" if args.last is not None else ""
+    settings = f"compile={args.compile}, dtype={args.dtype}, other {args.other}"
+    print(f"{args.model}, {args.cached} cached{last}, {settings}; {cpu}")
     print()
     print("| batch | other: step (ms) | this: step (ms) | other: step / products | this: step / products |")
     print("|---|---|---|---|---|")

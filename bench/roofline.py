@@ -78,13 +78,14 @@ def kv_bytes(network: model.Model, batch: int, cached: int) -> int:
     return batch * model.blocks_for(cached + 1) * network.pool.block_bytes
 
 
-def full_step(network: model.Model, batch: int, cached: int) -> Callable[[], object]:
-    """One decode step of `batch` sequences that each hold `cached` tokens (the pool's contents do
-    not change the cost), their blocks interleaved in the pool as sequences growing together get them."""
-    blocks = model.blocks_for(cached + 1)
-    tables = [[b * batch + seq for b in range(blocks)] for seq in range(batch)]
-    network.pool.zero(tuple(range(batch * blocks)))
-    work = Work(tables, [[1]] * batch, [cached] * batch)
+def full_step(network: model.Model, batch: int, cached: int, last: int | None = None) -> Callable[[], object]:
+    """One decode step of `batch` sequences that each hold `cached` tokens (the last one `last`,
+    if given: a long prompt among short ones), their blocks interleaved in the pool as sequences
+    growing together get them (the pool's contents do not change the cost)."""
+    starts = [cached] * (batch - 1) + [cached if last is None else last]
+    tables = [[b * batch + seq for b in range(model.blocks_for(start + 1))] for seq, start in enumerate(starts)]
+    network.pool.zero(tuple(block for table in tables for block in table))
+    work = Work(tables, [[1]] * batch, starts)
     return lambda: network.run(work)
 
 

@@ -413,6 +413,14 @@ def test_decode_attention_reads_each_sequences_own_blocks(
         torch.testing.assert_close(out[seq, :, 0].float(), expected, atol=tolerance, rtol=tolerance)
 
 
+def test_a_decode_steps_rows_gather_in_groups_of_about_one_length() -> None:
+    """A long sequence among short ones is padded alone; lengths within twice the shortest share
+    a group, each group's rows by their place in the batch."""
+    assert model._by_length([4, 4, 15, 4]) == [[0, 1, 3], [2]]
+    assert model._by_length([3, 1, 2]) == [[1, 2], [0]]
+    assert model._by_length([5, 5]) == [[0, 1]]
+
+
 @pytest.mark.parametrize("table", [[2, 3, 4], [4, 2, 3], [5]])
 def test_gather_reads_a_sequences_blocks_in_order_in_a_row_or_not(table: list[int]) -> None:
     """Blocks in a row are sliced, others indexed: both give the table's positions in order."""
