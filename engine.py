@@ -964,7 +964,7 @@ def _in_own_thread(work: Callable[[], Engine]) -> Engine:
     outlives the load. Once libgomp manages more threads than there are CPUs, every team (the
     engine thread's too) spins 100 rounds instead of ~3 ms between two parallel regions and then
     sleeps, so each kernel of a step waits for its helper thread to wake: half the decode speed
-    on 2 CPUs (bench/README.md, "The default lazy path")."""
+    on 2 CPUs (bench/README.md, "A second OpenMP team halves the step")."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
         return pool.submit(work).result()
 
