@@ -857,24 +857,24 @@ class Model:
         groups = _by_length(blocks)
         copied = sum(len(rows) * blocks[rows[-1]] for rows in groups) * self.pool.block_bytes // self.pool.layers
         if copied <= GATHER_BYTES and self.arch.attn_softcap is None:  # no fused attention caps scores
-            gathered = tuple(self._gathered(work, pos, rows, len(groups) == 1) for rows in groups)
+            whole = len(groups) == 1  # the batch's own order: nothing to pick out or put back
+            gathered = tuple(self._gathered(work, pos, blocks, None if whole else rows) for rows in groups)
             return ids, Decode(pos, slots, gathered, None, cos, sin)
         return ids, Decode(pos, slots, None, self._block_maps(work, pos), cos, sin)
 
-    def _gathered(self, work: Work, pos: torch.Tensor, rows: list[int], whole: bool) -> Gathered:
-        """These rows (the `whole` batch, in order) as long as the longest: a shorter sequence's row
-        repeats its first block, masked."""
-        rows = list(range(len(work.tables))) if whole else rows
-        blocks = max(blocks_for(work.starts[row] + 1) for row in rows)
-        heads, index = self.pool.heads, []
-        for row in rows:
-            used = work.tables[row][: blocks_for(work.starts[row] + 1)]
-            used += used[:1] * (blocks - len(used))
+    def _gathered(self, work: Work, pos: torch.Tensor, blocks: list[int], rows: list[int] | None) -> Gathered:
+        """These rows (None: the whole batch, in order), each as long as the longest: a shorter
+        sequence's row repeats its first block, masked."""
+        order = range(len(work.tables)) if rows is None else rows
+        longest, heads, index = max(blocks[row] for row in order), self.pool.heads, []
+        for row in order:
+            used = work.tables[row][: blocks[row]]
+            used += used[:1] * (longest - len(used))
             index += [block * heads + head for head in range(heads) for block in used]
-        which = None if whole else torch.tensor(rows, device=self.device)
+        which = None if rows is None else torch.tensor(rows, device=self.device)
         positions = pos if which is None else pos[which]
+        mask = self._gathered_mask(positions, longest * KV_BLOCK, None)
         buffer = self.pool.k[0].new_empty(len(index), KV_BLOCK, self.pool.dim)
-        mask = self._gathered_mask(positions, blocks * KV_BLOCK, None)
         where = torch.tensor(index, device=self.device)
         return Gathered(which, positions, where, mask, buffer, torch.empty_like(buffer))
 

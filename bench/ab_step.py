@@ -82,8 +82,8 @@ def main() -> None:
             rows.append(row)
     cpu = cpu_description()
     last = f" (the last {args.last})" if args.last is not None else ""
-    settings = f"compile={args.compile}, dtype={args.dtype}, other {args.other}"
-    print(f"{args.model}, {args.cached} cached{last}, {settings}; {cpu}")
+    how = f"compile={args.compile}, dtype={args.dtype}, other {args.other}"
+    print(f"{args.model}, {args.cached} cached{last}, {how}; {cpu}")
     print()
     print("| batch | other: step (ms) | this: step (ms) | other: step / products | this: step / products |")
     print("|---|---|---|---|---|")

@@ -380,7 +380,11 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, softca
 @pytest.mark.parametrize("gather_bytes", [model.GATHER_BYTES, 0])  # the blocks gathered into rows, or read in place
 @pytest.mark.parametrize("tables", [[[0, 1, 2]], [[5, 1], [3], [0, 4, 7]], [[6, 2]], [[5, 1], [0, 4, 7]]])
 def test_decode_attention_reads_each_sequences_own_blocks(
-    dtype: torch.dtype, softcap: float | None, gather_bytes: int, tables: list[list[int]], monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype,
+    softcap: float | None,
+    gather_bytes: int,
+    tables: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """One, two or three sequences of different lengths, their blocks gathered into rows (Gemma 2's
     capped scores: read in place, where no fused attention caps them) or read in place (the softmax
