@@ -833,11 +833,8 @@ class Model:
 
     def _prefill_mask(self, positions: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
         """Which of the `length` positions each query sees: [1, 1, T, length] bool."""
-        keys, queries = torch.arange(length, device=self.device)[None, :], positions[0, :, None]
-        visible = keys <= queries
-        if window is not None:
-            visible &= keys > queries - window
-        return visible[None, None]
+        keys = torch.arange(length, device=self.device)[None, :]
+        return _visible(keys, positions[0, :, None], window)[None, None]
 
     def _prepare_lone(self, work: Work) -> tuple[torch.Tensor, LoneDecode]:
         (table,), (tokens,), (start,) = work.tables, work.tokens, work.starts
@@ -880,12 +877,7 @@ class Model:
 
     def _gathered_mask(self, pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
         """Additive, in the model's dtype: [B, 1, 1, length], each row's positions up to `pos`."""
-        keys = torch.arange(length, device=self.device)[None]
-        visible = keys <= pos
-        if window is not None:
-            visible &= keys > pos - window
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -math.inf)
-        return mask[:, None, None]
+        return self._additive(_visible(torch.arange(length, device=self.device)[None], pos, window))[:, None, None]
 
     def _block_maps(self, work: Work, pos: torch.Tensor) -> BlockMaps:
         lo = min(min(table) for table in work.tables)
@@ -903,12 +895,13 @@ class Model:
     def _decode_mask(self, keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:
         """Additive, in the model's dtype, laid out as `_attend_decode` groups the heads, made once a
         step: [N Hkv, Hq/Hkv, KV_BLOCK]."""
-        visible = keys <= queries  # [N, KV_BLOCK]; a block of no one in the batch: none (-1)
-        if window is not None:
-            visible &= keys > queries - window
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -math.inf)
+        mask = self._additive(_visible(keys, queries, window))  # [N, KV_BLOCK]; a block of no one in the batch: none
         blocks, heads, per_group = len(keys), self.arch.kv_heads, self.arch.heads // self.arch.kv_heads
         return mask[:, None, None, :].expand(blocks, heads, per_group, KV_BLOCK).reshape(-1, per_group, KV_BLOCK)
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        """A bool mask as one to add to scores, in the model's dtype: 0 where visible, else -inf."""
+        return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -math.inf)
 
     def _windowed(self, inputs: Prefill | Decode) -> Prefill | Decode:
         """The sliding-window layers' inputs: their own rotary tables (Gemma 3), and a mask that
@@ -1112,6 +1105,15 @@ class Model:
         freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
         angles = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # [B, T, 1, D]
         return (angles.cos() * scale).to(self.dtype), (angles.sin() * scale).to(self.dtype)
+
+
+def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which key positions each query position sees (broadcast): those up to its own, and with a
+    sliding window only those less than `window` behind it."""
+    visible = keys <= queries
+    if window is not None:
+        visible &= keys > queries - window
+    return visible
 
 
 def _by_length(blocks: list[int]) -> list[list[int]]:
