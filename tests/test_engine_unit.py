@@ -681,9 +681,13 @@ class ByteTokenizer:
 
 
 def before_stop(text: str, stops: tuple[str, ...]) -> str:
-    """What a generation's text must be: everything before the earliest stop string."""
-    hits = [i for i in (text.find(stop) for stop in stops) if i >= 0]
-    return text[: min(hits)] if hits else text
+    """What a generation's text must be, made a character at a time (as the byte tokens make it):
+    it ends once a stop string is complete, before the earliest one found in it then. With "0L0"
+    and the stops "L" and "0L0", "0": "0L0" would start earlier, but "L" ends the text first."""
+    for end in range(1, len(text) + 1):
+        if hits := [i for i in (text[:end].find(stop) for stop in stops) if i >= 0]:
+            return text[: min(hits)]
+    return text
 
 
 def stream_pieces(text: str, stops: tuple[str, ...]) -> tuple[list[str], str]:
