@@ -52,6 +52,10 @@ PREFILL_CHUNK = 256
 PREFILL_UNTIMED = 64  # what a step prefills beside decoding sequences before any chunk's cost is known
 PREFILL_CHUNK_LEAST = PREFILL_BUCKET  # the fewest while sequences decode: smaller chunks only add padding
 PREFILL_QUEUED = 4 * PREFILL_CHUNK  # prompt tokens a step, in chunks, while prompts queue for free places
+# Leading prompt tokens that another prompt in a prefill pass computes, from which on a prompt
+# waits for the next pass (and the prefix cache) rather than compute them too: a pass costs ~35 ms
+# besides ~0.37 ms a token, about 96 tokens' worth (AMX Xeon, SmolLM2, 1-16 prompts a pass).
+PREFIX_WAIT = 96
 DETOKENIZE_CONTEXT = 4  # prompt tokens detokenized ahead of the continuation (see `TextStream`)
 
 
@@ -433,8 +437,8 @@ class Scheduler:
     generate; it then takes them one at a time as it grows (the lowest free first) and gives them
     back when it ends. So a running sequence never runs out, nothing is ever preempted, and when
     the pool is short the queue waits, first come first served (the head is not overtaken, so a
-    long request is not starved by short ones). At most one running sequence is still being
-    prefilled, in chunks. Request threads add sequences; the engine thread does everything else."""
+    long request is not starved by short ones). Request threads add sequences; the engine thread
+    does everything else."""
 
     BLOCK = KV_BLOCK  # tokens a block
 
@@ -484,11 +488,11 @@ class Scheduler:
     def blocks_used(self) -> int:
         return self.blocks - len(self.free_blocks)
 
-    def next_to_join(self) -> Sequence | None:
-        """The next waiting sequence, if the batch has a place, the pool has its blocks and no
-        other prompt is still being prefilled. One whose client left (or whose drain time is up)
-        while it waited ends here, without running."""
-        while self.waiting and len(self.running) < self.max_batch and not self.prefilling():
+    def next_to_join(self, hold: Callable[[Sequence], bool] = lambda seq: False) -> Sequence | None:
+        """The next waiting sequence, if the batch has a place, the pool has its blocks and `hold`
+        does not keep it waiting. One whose client left (or whose drain time is up) while it
+        waited ends here, without running."""
+        while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             if seq.cancel.is_set() or time.monotonic() > self.drain_deadline:
                 with self._wake:
@@ -498,6 +502,8 @@ class Scheduler:
                 continue
             if seq.blocks_needed > self.blocks - self.promised:
                 return None  # it waits for running sequences to end and give their blocks back
+            if hold(seq):
+                return None
             with self._wake:
                 self.waiting.popleft()
             self.running.append(seq)
@@ -578,6 +584,25 @@ class Scheduler:
 
 
 StepObserver = Callable[[str, float, int], None]  # (kind "prefill" or "decode", seconds, sequences)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A sequence's part of a prefill pass: its prompt's next `tokens`, after the prompt blocks
+    the prefix cache holds (`restore`, its first chunk's)."""
+
+    seq: Sequence
+    tokens: int
+    restore: tuple[int, ...] = ()
+
+    @property
+    def end(self) -> int:
+        """The prompt tokens in the cache once the pass has run (while it has not yet)."""
+        return self.seq.prefilled + self.tokens
+
+    @property
+    def last(self) -> bool:
+        return self.end == len(self.seq.prompt_ids)
 
 
 class Engine:
@@ -680,15 +705,15 @@ class Engine:
             self.scheduler.fail_all(EngineStopped(f"the engine stopped: {exc}"))
 
     def step(self) -> bool:
-        """One round: prefill the step's prompt tokens (`_chunk_budget`) in chunks of at most
-        PREFILL_CHUNK (finishing a long prompt's chunks first, then joining waiting sequences),
-        then advance the decoding sequences by one token. A long prompt thus never stalls the
-        batch for more than about a step. Returns False once the engine is stopping."""
+        """One round: prefill the step's prompt tokens (`_chunk_budget`) in passes of at most
+        PREFILL_CHUNK (`_next_pass`), then advance the decoding sequences by one token. A long
+        prompt thus never stalls the batch for more than about a step. Returns False once the
+        engine is stopping."""
         if not self.scheduler.wait_for_work():
             return False
         budget = self._chunk_budget()
-        while budget > 0 and (seq := self.scheduler.prefilling() or self.scheduler.next_to_join()):
-            budget -= self._prefill(seq, min(budget, PREFILL_CHUNK))
+        while budget > 0 and (chunks := self._next_pass(min(budget, PREFILL_CHUNK))):
+            budget -= self._prefill(chunks)
         if batch := self.scheduler.decoding():
             self._decode(batch)
         self._clear_if_idle()  # also after a failed pass
@@ -717,33 +742,60 @@ class Engine:
         fits = int(self._decode_seconds / self._token_seconds) // PREFILL_BUCKET * PREFILL_BUCKET
         return min(PREFILL_CHUNK, max(PREFILL_CHUNK_LEAST, fits))
 
-    def _prefill(self, seq: Sequence, budget: int) -> int:
-        """Prefill the next chunk of an admitted sequence's prompt; return the tokens it took. The
-        first chunk starts after the prompt's blocks the prefix cache holds (copied into its pool
-        blocks); the last chunk saves the prompt's whole blocks for the prompts after it."""
-        start, first = time.monotonic(), not seq.admitted_at
-        seq.admitted_at = seq.admitted_at or start
-        restore = self._cached_prefix(seq) if first else ()
-        chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + budget]
-        last = seq.prefilled + len(chunk) == len(seq.prompt_ids)
-        save = self.prefix.claim(seq.blocks) if last else ()
-        fresh = tuple(self.scheduler.grow(seq, seq.prefilled + len(chunk)))
-        work = Work([seq.table], [chunk], [seq.prefilled], fresh, restore, save)
+    def _next_pass(self, room: int) -> list[Chunk]:
+        """The next prefill pass, up to `room` prompt tokens: the prompt still part way in first,
+        then waiting sequences as they join, each prompt whole but the last; so between steps at
+        most one prompt is part way in. Several short prompts share a pass (and its reading of
+        the weights), where each alone cost a pass of ~16 tokens."""
+        chunks: list[Chunk] = []
+        if (seq := self.scheduler.prefilling()) is not None:
+            chunks.append(Chunk(seq, min(room, len(seq.prompt_ids) - seq.prefilled)))
+        while (left := room - sum(c.tokens for c in chunks)) > 0 and (seq := self._join(chunks)) is not None:
+            restore = self._cached_prefix(seq)  # its prefill starts after them
+            chunks.append(Chunk(seq, min(left, len(seq.prompt_ids) - seq.prefilled), restore))
+        return chunks
+
+    def _join(self, chunks: list[Chunk]) -> Sequence | None:
+        """The next waiting sequence to join the pass, unless the pass computes PREFIX_WAIT or
+        more of its prompt's leading tokens: it then waits for the next pass, to restore them
+        from the prefix cache rather than compute them twice (a shared system prompt)."""
+        computing = {digest for c in chunks for digest in c.seq.blocks} if self.prefix.capacity else set()
+
+        def shares_much(seq: Sequence) -> bool:
+            return sum(digest in computing for digest in seq.blocks) * PREFIX_BLOCK >= PREFIX_WAIT
+
+        return self.scheduler.next_to_join(shares_much)
+
+    def _prefill(self, chunks: list[Chunk]) -> int:
+        """Run one prefill pass; return the prompt tokens it took. A sequence's first chunk starts
+        after its prompt's blocks that the prefix cache holds (copied into its pool blocks); its
+        last saves the prompt's whole blocks for the prompts after it, and makes its first token."""
+        start, seqs = time.monotonic(), [c.seq for c in chunks]
+        for seq in seqs:
+            seq.admitted_at = seq.admitted_at or start
+        saves = tuple(self.prefix.claim(c.seq.blocks) if c.last else () for c in chunks)
+        fresh = tuple(block for c in chunks for block in self.scheduler.grow(c.seq, c.end))
+        ids = [c.seq.prompt_ids[c.seq.prefilled : c.end] for c in chunks]
+        restore = tuple(c.restore for c in chunks)
+        work = Work([s.table for s in seqs], ids, [s.prefilled for s in seqs], fresh, restore, saves)
+        tokens = sum(c.tokens for c in chunks)
         try:
             logits = self.model.run(work)
-        except Exception as exc:  # one bad sequence must not take the batch down
-            self.prefix.forget(seq.blocks, save)
+        except Exception as exc:  # the pass's sequences fail; the running batch goes on
             log.exception("prefill failed")
-            self.scheduler.fail(seq, GenerationFailed(f"generation failed: {exc}"))
-            return len(chunk)
-        seq.prefilled += len(chunk)
+            for seq, pairs in zip(seqs, saves, strict=True):
+                self.prefix.forget(seq.blocks, pairs)
+                self.scheduler.fail(seq, GenerationFailed(f"generation failed: {exc}"))
+            return tokens
+        for c in chunks:
+            c.seq.prefilled = c.end
         seconds = time.monotonic() - start
-        if len(chunk) >= PREFILL_CHUNK_LEAST:  # a short prompt's time is mostly the pass's fixed cost
-            self._token_seconds = seconds / len(chunk)
-        self.observe("prefill", seconds, 1)
-        if not seq.prefilling:
-            self._postprocess([seq], logits)  # the prompt is in: its first token
-        return len(chunk)
+        if tokens >= PREFILL_CHUNK_LEAST:  # a short prompt's time is mostly the pass's fixed cost
+            self._token_seconds = seconds / tokens
+        self.observe("prefill", seconds, len(seqs))
+        if done := [row for row, seq in enumerate(seqs) if not seq.prefilling]:
+            self._postprocess([seqs[row] for row in done], logits[done])  # their prompts are in: first tokens
+        return tokens
 
     def _cached_prefix(self, seq: Sequence) -> tuple[int, ...]:
         """The store blocks that hold the prompt's leading blocks; the prompt's last token is always

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import itertools
 import logging
 import math
 import os
@@ -626,25 +627,30 @@ class PrefixStore:
 class Work:
     """One forward pass, as the engine asks for it: these tokens, at these positions, of these
     sequences (by their block tables). A decode step gives each sequence one token; a prefill
-    gives one sequence a prompt chunk."""
+    gives each of its sequences a prompt chunk, all run as one row (`Prefill`)."""
 
     tables: list[list[int]]  # each sequence's pool blocks, in order, covering its new tokens too
     tokens: list[list[int]]  # each sequence's new tokens
     starts: list[int]  # each sequence's first new position: the tokens the pool holds for it already
     fresh: tuple[int, ...] = ()  # pool blocks just handed out, zeroed before the pass
-    restore: tuple[int, ...] = ()  # prefix-store blocks copied into the sequence's first positions first
-    save: tuple[tuple[int, int], ...] = ()  # (prompt block, store block) copied into the store after it
+    # Each sequence's (or empty: no one's) prefix-store blocks copied into its first positions first,
+    # and (prompt block, store block) pairs copied into the store after the pass.
+    restore: tuple[tuple[int, ...], ...] = ()
+    save: tuple[tuple[tuple[int, int], ...], ...] = ()
 
 
 @dataclass(frozen=True)
 class Prefill:
-    """A prefill's inputs, made before the pass: one sequence's chunk at positions start.."""
+    """A prefill's inputs, made before the pass: the sequences' chunks one after another in one
+    row of T tokens, padded at its end. Its keys are each sequence's earlier positions (gathered
+    from the pool, `pasts`) and then the row's own; a token sees its own sequence's, up to itself."""
 
     positions: torch.Tensor  # [1, T]
-    table: list[int]
-    start: int  # positions already in the pool (a later chunk, or restored prompt blocks)
-    slots: torch.Tensor  # [real Hkv]: where the chunk's real tokens' keys go (not the bucket's padding)
-    mask: torch.Tensor | None  # past positions to attend: [1, 1, T, start + T] bool, causal within the chunk
+    owners: torch.Tensor  # [T]: each token's sequence (its place in the work); the padding is one of its own
+    pasts: list[tuple[list[int], int]]  # (table, positions in the pool) of each sequence that has any
+    keys: tuple[torch.Tensor, torch.Tensor]  # [K] each key's owner and position: the pasts', then the row's
+    slots: torch.Tensor  # [real Hkv]: where the real tokens' keys go (not the bucket's padding)
+    mask: torch.Tensor | None  # [1, 1, T, K] bool; None: one sequence's first chunk, plain causal attention
     cos: torch.Tensor | None = None  # rotary tables for these positions: [1, T, 1, D]
     sin: torch.Tensor | None = None
 
@@ -735,31 +741,34 @@ class Model:
         logits = self._run_compiled(work) if self.compiled is not None else None
         if logits is None:
             logits = self._run(work)
-        if work.save:
-            self.store.save(self.pool, work.tables[0], work.save)
+        for table, pairs in zip(work.tables, work.save, strict=False):  # no saves: an empty tuple
+            if pairs:
+                self.store.save(self.pool, table, pairs)
         return logits
 
     def _run(self, work: Work) -> torch.Tensor:
         inputs: Prefill | Decode
-        if all(len(tokens) == 1 for tokens in work.tokens) and not work.restore:
-            (ids, inputs), last = self._prepare_decode(work), -1
-        else:
-            assert len(work.tables) == 1, "a prefill runs one sequence's chunk"
-            (ids, inputs), last = self._prepare_prefill(work), len(work.tokens[0]) - 1
-        if work.restore:
-            self.store.restore(self.pool, work.tables[0], work.restore)
+        last = None
+        if all(len(tokens) == 1 for tokens in work.tokens) and not any(work.restore):
+            ids, inputs = self._prepare_decode(work)
+        else:  # each sequence's logits from its chunk's last token
+            ids, inputs = self._prepare_prefill(work)
+            last = torch.tensor(list(itertools.accumulate(len(t) for t in work.tokens)), device=self.device) - 1
+        for table, slots in zip(work.tables, work.restore, strict=False):  # no restores: an empty tuple
+            if slots:
+                self.store.restore(self.pool, table, slots)
         return self._forward(ids, inputs, self._windowed(inputs), last)
 
     def _run_compiled(self, work: Work) -> torch.Tensor | None:
         """One token of a lone sequence (a decode step, or a prompt's last one-token chunk) through
         the compiled pass; None for any other work. Should the pass ever fail, the model runs
         uncompiled from then on: rewriting the new token's keys is harmless."""
-        if len(work.tables) != 1 or len(work.tokens[0]) != 1 or work.restore:
+        if len(work.tables) != 1 or len(work.tokens[0]) != 1 or any(work.restore):
             return None
         try:
             ids, lone = self._prepare_lone(work)
             assert self.compiled is not None
-            return self.compiled(ids, lone, lone, -1)
+            return self.compiled(ids, lone, lone, None)
         except Exception:
             log.exception("the compiled decode pass failed; running uncompiled from now on")
             self.compiled = None
@@ -805,7 +814,7 @@ class Model:
                     table, position = list(range(blocks)), min(blocks * KV_BLOCK, self.max_context) - 2
                     self.pool.zero(tuple(table))
                     ids, lone = self._prepare_lone(Work([table], [[0]], [position]))
-                    compiled(ids, lone, lone, -1)
+                    compiled(ids, lone, lone, None)
             except Exception as exc:  # the compiler's own failure: the model runs as it would without COMPILE
                 return f"compiling failed ({type(exc).__name__}: {str(exc)[:200]})"
             finally:
@@ -814,27 +823,36 @@ class Model:
         return None
 
     def _prepare_prefill(self, work: Work) -> tuple[torch.Tensor, Prefill]:
-        """The chunk is padded to a multiple of PREFILL_BUCKET: each new input shape costs the
-        matrix libraries a kernel (and its memory) of its own. Causal attention keeps the padding
-        out of the real positions, and only the real tokens' keys are written to the pool."""
-        (table,), (tokens,), (start,) = work.tables, work.tokens, work.starts
-        length = len(tokens)
-        padded = min(math.ceil(length / PREFILL_BUCKET) * PREFILL_BUCKET, max(self.max_context - start, length))
-        ids = torch.tensor([tokens + [tokens[-1]] * (padded - length)], device=self.device)  # [1, T]
-        positions = torch.arange(start, start + padded, device=self.device)[None]  # [1, T]
-        mask = None
-        # Attend to the earlier positions and causally within this chunk; Gemma 2's capped attention
-        # always takes a mask (no SDPA kernel caps).
-        if start or self.arch.attn_softcap:
-            mask = self._prefill_mask(positions, start + padded, None)
-        cos, sin = self._rotary(positions, self.arch.inv_freq, self.arch.rope_scale)
-        slots = self.pool.slots([table] * length, list(range(start, start + length)))
-        return ids, Prefill(positions, table, start, slots, mask, cos, sin)
+        """The chunks run as one row, padded to a multiple of PREFILL_BUCKET: each new input shape
+        costs the matrix libraries a kernel (and its memory) of its own. Several short prompts in
+        one pass read the weights once, where each alone cost a pass of ~16 tokens. The padding
+        (positions 0.., a sequence of its own) is seen by no real token, and only the real tokens'
+        keys are written to the pool."""
+        d, count = self.device, len(work.tables)
+        lengths = [len(tokens) for tokens in work.tokens]
+        pad = -sum(lengths) % PREFILL_BUCKET
+        ids = torch.tensor([[t for tokens in work.tokens for t in tokens] + [0] * pad], device=d)  # [1, T]
+        row = torch.cat([torch.arange(s, s + n, device=d) for s, n in zip(work.starts, lengths, strict=True)]
+                        + [torch.arange(pad, device=d)])  # fmt: skip
+        owners = torch.repeat_interleave(torch.arange(count + 1, device=d), torch.tensor([*lengths, pad], device=d))
+        pasts = [(table, start) for table, start in zip(work.tables, work.starts, strict=True) if start]
+        past = [seq for seq, start in enumerate(work.starts) if start]
+        key_owners = torch.cat([torch.full((work.starts[seq],), seq, device=d) for seq in past] + [owners])
+        key_positions = torch.cat([torch.arange(work.starts[seq], device=d) for seq in past] + [row])
+        tables = [table for table, n in zip(work.tables, lengths, strict=True) for _ in range(n)]
+        slots = self.pool.slots(tables, row[: len(tables)].tolist())
+        cos, sin = self._rotary(row[None], self.arch.inv_freq, self.arch.rope_scale)
+        prefill = Prefill(row[None], owners, pasts, (key_owners, key_positions), slots, None, cos, sin)
+        # One sequence from its start needs no mask; Gemma 2's capped attention always takes one
+        # (no SDPA kernel caps).
+        if count > 1 or pasts or self.arch.attn_softcap:
+            prefill = replace(prefill, mask=self._prefill_mask(prefill, None))
+        return ids, prefill
 
-    def _prefill_mask(self, positions: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
-        """Which of the `length` positions each query sees: [1, 1, T, length] bool."""
-        keys = torch.arange(length, device=self.device)[None, :]
-        return _visible(keys, positions[0, :, None], window)[None, None]
+    def _prefill_mask(self, p: Prefill, window: int | None) -> torch.Tensor:
+        """Which keys each token of the row sees: its own sequence's, up to its position, [1, 1, T, K] bool."""
+        (key_owners, key_positions), queries = p.keys, p.positions[0, :, None]
+        return ((key_owners == p.owners[:, None]) & _visible(key_positions[None], queries, window))[None, None]
 
     def _prepare_lone(self, work: Work) -> tuple[torch.Tensor, LoneDecode]:
         (table,), (tokens,), (start,) = work.tables, work.tokens, work.starts
@@ -915,7 +933,7 @@ class Model:
         length = int(inputs.positions.max()) + 1  # the positions this pass sees: 0..length-1
         if a.window is not None and length > a.window:
             if isinstance(inputs, Prefill):
-                changes["mask"] = self._prefill_mask(inputs.positions, length, a.window)
+                changes["mask"] = self._prefill_mask(inputs, a.window)
             elif inputs.gathered is not None:
                 changes["gathered"] = tuple(
                     replace(g, mask=self._gathered_mask(g.positions, g.mask.shape[-1], a.window))
@@ -931,8 +949,9 @@ class Model:
         ids: torch.Tensor,
         inputs: Prefill | Decode | LoneDecode,
         windowed: Prefill | Decode | LoneDecode,
-        last: int,
+        last: torch.Tensor | None,
     ) -> torch.Tensor:
+        """The next-token logits [B, V] of each decode row (`last` None) or of the row's tokens at `last`."""
         x = self.embed(ids)  # [B, T, C]
         if self.arch.embed_scale != 1.0:
             x = x * self.embed_scale
@@ -940,7 +959,7 @@ class Model:
             x = x + F.embedding(inputs.positions, self.pos_embed)
         for index, layer in enumerate(self.layers):
             x = self._layer(index, layer, x, windowed if index in self.arch.windowed else inputs)
-        x = self._norm(x[:, last], *self.final_norm)  # only the last real position needs logits
+        x = self._norm(x[:, -1] if last is None else x[0, last], *self.final_norm)  # only they need logits
         logits = self.lm_head(x)  # [B, V]
         cap = self.arch.logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
@@ -983,9 +1002,9 @@ class Model:
         scale, cap = self.arch.scale, self.arch.attn_softcap
         if p.mask is None:  # a prompt's first chunk, seeing only itself: plain causal attention
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        if p.start:  # the earlier positions, gathered from the sequence's blocks (a prefill's one copy)
-            k = torch.cat([self.pool.gather(keys, p.table, p.start), k], dim=2)
-            v = torch.cat([self.pool.gather(values, p.table, p.start), v], dim=2)
+        if p.pasts:  # the earlier positions, gathered from the sequences' blocks (a prefill's one copy)
+            k = torch.cat([*(self.pool.gather(keys, table, start) for table, start in p.pasts), k], dim=2)
+            v = torch.cat([*(self.pool.gather(values, table, start) for table, start in p.pasts), v], dim=2)
         if cap is not None:
             return _softcapped_attention(q, k, v, p.mask, scale, cap)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale, enable_gqa=gqa)

@@ -117,12 +117,33 @@ def test_greedy_matches_transformers_after_a_prefix_cache_hit(
         eng.close()
 
 
+@pytest.mark.parametrize("wait", [model.PREFIX_BLOCK, 10_000])
+def test_prompts_sharing_blocks_that_arrive_together_get_transformers_tokens(
+    model_dir: Path, wait: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three prompts sharing their first blocks, sent at once. Each waits for the pass before it
+    to cache the shared blocks (PREFIX_WAIT one block), so the later two restore them; or they
+    share passes, computing the blocks each; either way every text is transformers'."""
+    monkeypatch.setattr(engine, "PREFIX_WAIT", wait)
+    eng = open_engine(model_dir, prefix_cache_tokens=1024)
+    try:
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        results = run_staggered(eng, [(SHARED + tail, params) for tail in TAILS], gap=0.0)
+        for tail, result in zip(TAILS, results, strict=True):
+            expected = reference_tokens(model_dir, SHARED + tail, 12)
+            assert result.text == eng.loaded.tokenizer.decode(expected, skip_special_tokens=True), tail
+        if wait == model.PREFIX_BLOCK:
+            assert sorted(r.cached_tokens > 0 for r in results) == [False, True, True]
+    finally:
+        eng.close()
+
+
 def prompt_logits(eng: Engine, ids: list[int], table: list[int], cached: int = 0) -> tuple[torch.Tensor, ...]:
     """The logits after a prompt whose first `cached` tokens come from the prefix store (its
     first blocks, in order), and after one decode step more."""
     restore = tuple(range(cached // model.PREFIX_BLOCK))
     with torch.inference_mode():
-        first = eng.model.run(model.Work([table], [ids[cached:]], [cached], tuple(table), restore))[0].float()
+        first = eng.model.run(model.Work([table], [ids[cached:]], [cached], tuple(table), (restore,)))[0].float()
         second = eng.model.run(model.Work([table], [[int(first.argmax())]], [len(ids)]))[0].float()
     return first, second
 
@@ -142,7 +163,7 @@ def test_bfloat16_logits_after_a_prefix_hit_follow_the_uncached_run(model_dir: P
         assert cached >= 4 * model.PREFIX_BLOCK
         saves = tuple((i, i) for i in range(cached // model.PREFIX_BLOCK))
         with torch.inference_mode():  # the first prompt's whole blocks go into the store
-            eng.model.run(model.Work([[0, 1]], [one], [0], (0, 1), save=saves))
+            eng.model.run(model.Work([[0, 1]], [one], [0], (0, 1), save=(saves,)))
         whole = prompt_logits(eng, two, [2, 3])
         restored = prompt_logits(eng, two, [5, 4], cached)  # other blocks, in another order
         for expected, got in zip(whole, restored, strict=True):
@@ -176,11 +197,13 @@ def run_staggered(eng: Engine, jobs: list[tuple[str, SamplingParams]], gap: floa
     return results  # type: ignore[return-value]
 
 
-def test_greedy_is_the_same_alone_and_in_a_batch(eng: Engine) -> None:
-    """float32: eight different prompts joining at different steps change nobody's tokens."""
+@pytest.mark.parametrize("gap", [0.03, 0.0])
+def test_greedy_is_the_same_alone_and_in_a_batch(eng: Engine, gap: float) -> None:
+    """float32: eight different prompts joining at different steps (or arriving together, their
+    prompts prefilled in shared passes) change nobody's tokens."""
     params = [SamplingParams(max_new_tokens=12 + 3 * i, ignore_eos=True) for i in range(len(PROMPTS))]
     alone = [eng.generate(p, sp) for p, sp in zip(PROMPTS, params, strict=True)]
-    batched = run_staggered(eng, list(zip(PROMPTS, params, strict=True)), gap=0.03)
+    batched = run_staggered(eng, list(zip(PROMPTS, params, strict=True)), gap=gap)
     assert [r.text for r in batched] == [r.text for r in alone]
 
 

@@ -64,6 +64,12 @@ class FakePool:
         self.held: dict[int, list[int | None]] = {}  # the token at each position of a block; None: zeroed
 
 
+def is_prefill(work: model.Work) -> bool:
+    """Prompt chunks (a one-token chunk only at a prompt's start), not a decode step."""
+    chunks = zip(work.tokens, work.starts, strict=True)
+    return any(len(tokens) > 1 or start == 0 for tokens, start in chunks) or any(work.restore)
+
+
 class FakeModel:
     """Next token = last token of the sequence's own history + 1 (mod VOCAB), or `next_of(history)`."""
 
@@ -81,7 +87,7 @@ class FakeModel:
         self.next_of = next_of
         self.step_delay = step_delay
         self.batch_sizes: list[int] = []
-        self.prefills: list[int] = []  # tokens in each prefill call
+        self.prefills: list[int] = []  # tokens in each prefill pass, all its sequences' chunks together
         self.fail_next_step = False
 
     def _logits(self, history: list[int]) -> torch.Tensor:
@@ -102,11 +108,11 @@ class FakeModel:
         """Write each sequence's tokens into its blocks where its cached length says they go."""
         for block in work.fresh:
             self.pool.held[block] = [None] * model.KV_BLOCK
-        prefill = len(work.tokens[0]) > 1 or work.starts[0] == 0 or bool(work.restore)
-        if work.restore:  # the sequence starts with the store's blocks
-            self._write(work.tables[0], 0, [token for slot in work.restore for token in self.store.held[slot]])
+        prefill = is_prefill(work)
+        for table, slots in zip(work.tables, work.restore, strict=False):  # a sequence starts with the store's blocks
+            self._write(table, 0, [token for slot in slots for token in self.store.held[slot]])
         if prefill:
-            self.prefills.append(len(work.tokens[0]))
+            self.prefills.append(sum(len(tokens) for tokens in work.tokens))
         else:
             if self.fail_next_step:
                 self.fail_next_step = False
@@ -120,8 +126,9 @@ class FakeModel:
             assert len(table) * model.KV_BLOCK >= start + len(tokens), "the table must cover the new tokens"
             self._write(table, start, tokens)
             histories.append(self._read(table, start + len(tokens)))
-        for block, slot in work.save:
-            self.store.held[slot] = histories[0][block * model.PREFIX_BLOCK : (block + 1) * model.PREFIX_BLOCK]
+        for history, pairs in zip(histories, work.save, strict=False):
+            for block, slot in pairs:
+                self.store.held[slot] = history[block * model.PREFIX_BLOCK : (block + 1) * model.PREFIX_BLOCK]
         return torch.stack([self._logits(history) for history in histories])
 
     def clear(self) -> None:
@@ -503,7 +510,7 @@ def test_a_prompts_last_one_token_chunk_is_saved_on_the_compiled_path_too() -> N
     network.store.save = lambda pool, table, pairs: saved.append(pairs)  # type: ignore[method-assign]
     network.compiled = lambda *inputs: calls.append(inputs) or network._forward(*inputs)
     with torch.inference_mode():
-        network.run(model.Work([[0]], [[3]], [16], fresh=(0,), save=((0, 1),)))
+        network.run(model.Work([[0]], [[3]], [16], fresh=(0,), save=(((0, 1),),)))
     assert len(calls) == 1 and saved == [((0, 1),)]
 
 
@@ -768,14 +775,15 @@ class TimedModel(FakeModel):
     def __init__(self, step_delay: float, token_delay: float):
         super().__init__(step_delay, pool_blocks=16)
         self.token_delay = token_delay
-        self.steps: list[list[int]] = [[]]  # the prefill chunks before each decode step, and after the last
+        self.steps: list[list[int]] = [[]]  # the prefill passes' tokens before each decode step, and after the last
 
     def run(self, work: model.Work) -> torch.Tensor:
-        if len(work.tokens[0]) > 1:
-            time.sleep(self.token_delay * len(work.tokens[0]))
+        tokens = sum(len(chunk) for chunk in work.tokens)
+        if is_prefill(work):
+            time.sleep(self.token_delay * tokens)
         logits = super().run(work)
-        if len(work.tokens[0]) > 1 or work.starts[0] == 0:
-            self.steps[-1].append(len(work.tokens[0]))
+        if is_prefill(work):
+            self.steps[-1].append(tokens)
         else:
             self.steps.append([])
         return logits
@@ -803,11 +811,11 @@ def test_while_sequences_decode_a_chunk_costs_about_one_decode_step(monkeypatch:
     eng.close()
 
 
-def test_while_prompts_queue_for_places_a_step_prefills_two_whole_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_while_prompts_queue_for_places_a_step_prefills_two_whole_passes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Three prompts arrive at once beside a decoding sequence: while two or more queue for free
     places the batch is starved, not stalled, so a step prefills PREFILL_QUEUED tokens (512 here)
-    in whole chunks (two prompts, then the third's start); once none waits, chunks cost about a
-    decode step again (25 ms / 1 ms: 16 tokens)."""
+    in passes of PREFILL_CHUNK (two prompts, then the third's start: 200 + 56, 144 + 112); once
+    none waits, chunks cost about a decode step again (25 ms / 1 ms: 16 tokens)."""
     monkeypatch.setattr(engine, "PREFILL_QUEUED", 512)
     fake = TimedModel(step_delay=0.025, token_delay=0.001)
     eng = Engine(LoadedModel(FakeTokenizer(), fake, frozenset([EOS]), 256, torch.float32), 4)  # type: ignore[arg-type]
@@ -820,7 +828,7 @@ def test_while_prompts_queue_for_places_a_step_prefills_two_whole_chunks(monkeyp
     for stream in [first, *streams]:
         list(stream)
     chunks = [step for step in fake.steps if step]
-    assert chunks == [[200, 200, 112]] + [[16]] * 5 + [[8]]
+    assert chunks == [[256, 256]] + [[16]] * 5 + [[8]]
     eng.close()
 
 
@@ -841,13 +849,11 @@ def test_a_sequence_keeps_its_blocks_and_the_lowest_free_block_goes_to_the_next(
     pending = _sequence([1, 2, 3, 4])
     scheduler.add(pending)
     assert scheduler.next_to_join() is pending and scheduler.grow(pending, 4) == [3]
-    later = _sequence([5])
-    scheduler.add(later)
-    assert scheduler.next_to_join() is None  # one prompt in chunks at a time
     scheduler.postprocess([seqs[1]], [7])  # max_new_tokens=1: it ends, and block 1 is free
     assert [seq.table for seq in scheduler.running] == [[0], [2], [3]]  # nobody moved
     assert scheduler.decoding() == [seqs[0], seqs[2]]
-    pending.prefilled = 4
+    later = _sequence([5])
+    scheduler.add(later)
     assert scheduler.next_to_join() is later and scheduler.grow(later, 1) == [1]
 
 
@@ -1093,6 +1099,50 @@ def test_a_prompt_that_starts_with_cached_blocks_prefills_only_the_rest() -> Non
     finally:
         plain.close()
         cached.close()
+
+
+def test_prompts_that_arrive_together_share_one_prefill_pass() -> None:
+    """Three prompts queued during a decode step go in one pass at the next (2 + 3 + 4 tokens),
+    each sequence still reading only its own blocks (the fake continues each one's own history)."""
+    eng = make_engine(max_batch=4, step_delay=0.3)
+    fake: FakeModel = eng.model  # type: ignore[assignment]
+    try:
+        first = eng.stream("A", SamplingParams(max_new_tokens=3))
+        time.sleep(0.1)  # "A" is in its first decode step
+        streams = [eng.stream(prompt, SamplingParams(max_new_tokens=2)) for prompt in ("BC", "DEF", "GHIJ")]
+        assert [list(stream)[-1].text for stream in [first, *streams]] == ["BCD", "DE", "GH", "KL"]  # type: ignore[union-attr]
+        assert fake.prefills == [1, 9]
+    finally:
+        eng.close()
+
+
+def test_a_prompt_whose_leading_blocks_the_pass_computes_waits_for_the_next_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prompts arriving together: one sharing a single block with the first joins its pass (and
+    computes the block too), as does one unlike them; one sharing PREFIX_WAIT tokens (two blocks
+    here) waits for the step's next pass, where they are cached (a pass claims its blocks for the
+    cache only once it has run)."""
+    block = model.PREFIX_BLOCK
+    monkeypatch.setattr(engine, "PREFIX_WAIT", 2 * block)
+    shared = "".join(chr(ord("a") + i % 26) for i in range(2 * block))
+    prompts = [shared + "first!", shared[:block] + "other!", "unlike", shared + "second"]
+    fake = FakeModel(step_delay=0.3, store_blocks=8, next_of=weighted_sum)
+    eng = Engine(LoadedModel(FakeTokenizer(), fake, frozenset([EOS]), 64, torch.float32), 4)  # type: ignore[arg-type]
+    plain = prefix_engine(weighted_sum, store_blocks=0)
+    params = SamplingParams(max_new_tokens=4)
+    try:
+        first = eng.stream("A", SamplingParams(max_new_tokens=3))
+        time.sleep(0.1)  # "A" is in its first decode step
+        streams = [eng.stream(prompt, params) for prompt in prompts]
+        results = [list(stream)[-1] for stream in streams]
+        list(first)
+        assert fake.prefills == [1, (2 * block + 6) + (block + 6) + 6, 6]
+        assert [r.cached_tokens for r in results] == [0, 0, 0, 2 * block]  # type: ignore[union-attr]
+        assert results == [plain.generate(prompt, params) for prompt in prompts]
+    finally:
+        eng.close()
+        plain.close()
 
 
 def test_blocks_claimed_by_a_failed_prefill_are_given_back() -> None:
