@@ -627,7 +627,8 @@ class PrefixStore:
 class Work:
     """One forward pass, as the engine asks for it: these tokens, at these positions, of these
     sequences (by their block tables). A decode step gives each sequence one token; a prefill
-    gives each of its sequences a prompt chunk, all run as one row (`Prefill`)."""
+    gives each of its sequences a prompt chunk, all run as one row (`Prefill`); a pass may hold
+    both (`Mixed`), the products then reading the weights once for all of them."""
 
     tables: list[list[int]]  # each sequence's pool blocks, in order, covering its new tokens too
     tokens: list[list[int]]  # each sequence's new tokens
@@ -637,6 +638,9 @@ class Work:
     # and (prompt block, store block) pairs copied into the store after the pass.
     restore: tuple[tuple[int, ...], ...] = ()
     save: tuple[tuple[tuple[int, int], ...], ...] = ()
+
+    def restores(self, row: int) -> tuple[int, ...]:
+        return self.restore[row] if self.restore else ()
 
 
 @dataclass(frozen=True)
@@ -669,6 +673,27 @@ class Decode:
     blocks: BlockMaps | None  # the in-place pass's: None when the blocks are gathered
     cos: torch.Tensor | None = None  # [B, 1, 1, D]
     sin: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """A pass of prompt chunks and decode rows: the chunks' row (T tokens) with the B decode rows'
+    tokens after it, as [1, T + B]; each part attends as it would alone."""
+
+    prefill: Prefill
+    decode: Decode
+    positions: torch.Tensor  # [1, T + B]
+    cos: torch.Tensor | None = None  # [1, T + B, 1, D]
+    sin: torch.Tensor | None = None
+
+    @staticmethod
+    def of(prefill: Prefill, decode: Decode) -> Mixed:
+        def row(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
+            return None if first is None or second is None else torch.cat([first, second.transpose(0, 1)], 1)
+
+        positions = row(prefill.positions, decode.positions)
+        assert positions is not None
+        return Mixed(prefill, decode, positions, row(prefill.cos, decode.cos), row(prefill.sin, decode.sin))
 
 
 @dataclass(frozen=True)
@@ -747,13 +772,15 @@ class Model:
         return logits
 
     def _run(self, work: Work) -> torch.Tensor:
-        inputs: Prefill | Decode
-        last = None
-        if all(len(tokens) == 1 for tokens in work.tokens) and not any(work.restore):
-            ids, inputs = self._prepare_decode(work)
-        else:  # each sequence's logits from its chunk's last token
+        inputs: Prefill | Decode | Mixed
+        chunks = [i for i, tokens in enumerate(work.tokens) if len(tokens) > 1 or work.restores(i)]
+        if not chunks:
+            ids, inputs, last = *self._prepare_decode(work), None
+        elif len(chunks) == len(work.tokens):
             ids, inputs = self._prepare_prefill(work)
             last = torch.tensor(list(itertools.accumulate(len(t) for t in work.tokens)), device=self.device) - 1
+        else:
+            ids, inputs, last = self._prepare_mixed(work, chunks)
         for table, slots in zip(work.tables, work.restore, strict=False):  # no restores: an empty tuple
             if slots:
                 self.store.restore(self.pool, table, slots)
@@ -821,6 +848,23 @@ class Model:
                 self.clear()
         self.compiled = compiled
         return None
+
+    def _prepare_mixed(self, work: Work, chunks: list[int]) -> tuple[torch.Tensor, Mixed, torch.Tensor]:
+        """The chunks' row (`_prepare_prefill`), then the other sequences' one token each as decode
+        rows; and where each sequence's logits come from in that row, in the work's order."""
+        rows = [i for i in range(len(work.tokens)) if i not in chunks]
+
+        def part(which: list[int]) -> Work:
+            pick = [work.tables[i] for i in which], [work.tokens[i] for i in which], [work.starts[i] for i in which]
+            return Work(*pick, restore=tuple(work.restores(i) for i in which))
+
+        prefill_ids, prefill = self._prepare_prefill(part(chunks))
+        decode_ids, decode = self._prepare_decode(part(rows))
+        ends = list(itertools.accumulate(len(work.tokens[i]) for i in chunks))
+        where = dict(zip(chunks, [end - 1 for end in ends], strict=True))
+        where |= {i: prefill_ids.shape[1] + n for n, i in enumerate(rows)}
+        last = torch.tensor([where[i] for i in range(len(work.tokens))], device=self.device)
+        return torch.cat([prefill_ids, decode_ids.view(1, -1)], 1), Mixed.of(prefill, decode), last
 
     def _prepare_prefill(self, work: Work) -> tuple[torch.Tensor, Prefill]:
         """The chunks run as one row, padded to a multiple of PREFILL_BUCKET: each new input shape
@@ -921,13 +965,17 @@ class Model:
         """A bool mask as one to add to scores, in the model's dtype: 0 where visible, else -inf."""
         return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -math.inf)
 
-    def _windowed(self, inputs: Prefill | Decode) -> Prefill | Decode:
+    def _windowed(self, inputs: Prefill | Decode | Mixed) -> Prefill | Decode | Mixed:
         """The sliding-window layers' inputs: their own rotary tables (Gemma 3), and a mask that
         also hides what lies `window` or more positions behind each query, once a query is that far
         in. `inputs` itself where neither differs, so short sequences keep the plain causal path."""
         a, changes = self.arch, dict[str, Any]()
         if not a.windowed:
             return inputs
+        if isinstance(inputs, Mixed):
+            prefill, decode = self._windowed(inputs.prefill), self._windowed(inputs.decode)
+            assert isinstance(prefill, Prefill) and isinstance(decode, Decode)
+            return Mixed.of(prefill, decode)
         if a.local_inv_freq is not None:
             changes["cos"], changes["sin"] = self._rotary(inputs.positions, a.local_inv_freq, a.local_rope_scale)
         length = int(inputs.positions.max()) + 1  # the positions this pass sees: 0..length-1
@@ -947,8 +995,8 @@ class Model:
     def _forward(
         self,
         ids: torch.Tensor,
-        inputs: Prefill | Decode | LoneDecode,
-        windowed: Prefill | Decode | LoneDecode,
+        inputs: Prefill | Decode | Mixed | LoneDecode,
+        windowed: Prefill | Decode | Mixed | LoneDecode,
         last: torch.Tensor | None,
     ) -> torch.Tensor:
         """The next-token logits [B, V] of each decode row (`last` None) or of the row's tokens at `last`."""
@@ -965,7 +1013,7 @@ class Model:
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _layer(
-        self, index: int, w: LayerWeights, x: torch.Tensor, inputs: Prefill | Decode | LoneDecode
+        self, index: int, w: LayerWeights, x: torch.Tensor, inputs: Prefill | Decode | Mixed | LoneDecode
     ) -> torch.Tensor:
         size, length, _ = x.shape
         a = self.arch
@@ -979,6 +1027,8 @@ class Model:
         v = v.transpose(1, 2)
         if isinstance(inputs, Prefill):
             attn = self._attend_prefill(index, q, k, v, inputs)
+        elif isinstance(inputs, Mixed):
+            attn = self._attend_mixed(index, q, k, v, inputs)
         elif isinstance(inputs, LoneDecode):
             attn = self._attend_lone_compiled(index, q, k, v, inputs)
         else:
@@ -1008,6 +1058,13 @@ class Model:
         if cap is not None:
             return _softcapped_attention(q, k, v, p.mask, scale, cap)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
+
+    def _attend_mixed(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: Mixed) -> torch.Tensor:
+        """The chunks' part of the row as a prefill, the decode rows' part as a decode step."""
+        t = m.prefill.positions.shape[1]
+        chunks = self._attend_prefill(index, q[:, :, :t], k[:, :, :t], v[:, :, :t], m.prefill)  # [1, Hq, T, D]
+        q, k, v = (x[:, :, t:].transpose(0, 2) for x in (q, k, v))  # [B, H, 1, D]
+        return torch.cat([chunks, self._attend_decode(index, q, k, v, m.decode).transpose(0, 2)], 2)
 
     def _attend_decode(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: Decode) -> torch.Tensor:
         """One new token a sequence, against its blocks gathered into rows (`_attend_gathered`), or

@@ -722,7 +722,7 @@ class Metrics:
 
     def observe_step(self, kind: str, seconds: float, size: int) -> None:
         self.steps[kind].observe(seconds)
-        if kind == "decode":
+        if kind != "prefill":  # "decode" or "mixed": the decode rows it advanced
             self.batch_sizes.observe(size)
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
@@ -783,7 +783,7 @@ def render_metrics(metrics: Metrics, settings: Settings, runtime: Runtime, lazy:
         ("llm_engine_step_duration_seconds", "histogram", "Duration of one forward pass, by kind.",
          [line for k, h in sorted(metrics.steps.items()) for line in h.lines("llm_engine_step_duration_seconds",
                                                                                 f'kind="{k}"')]),
-        ("llm_batch_size", "histogram", "Sequences advanced by each decode step.",
+        ("llm_batch_size", "histogram", "Sequences advanced by each pass with decode rows (kind decode or mixed).",
          metrics.batch_sizes.lines("llm_batch_size")),
         ("llm_model_loaded", "gauge", "1 once the model is loaded.", [f"llm_model_loaded {int(running is not None)}"]),
         ("llm_model_load_duration_seconds", "gauge", "How long the last model load took.",

@@ -64,10 +64,11 @@ class FakePool:
         self.held: dict[int, list[int | None]] = {}  # the token at each position of a block; None: zeroed
 
 
-def is_prefill(work: model.Work) -> bool:
-    """Prompt chunks (a one-token chunk only at a prompt's start), not a decode step."""
-    chunks = zip(work.tokens, work.starts, strict=True)
-    return any(len(tokens) > 1 or start == 0 for tokens, start in chunks) or any(work.restore)
+def split(work: model.Work) -> tuple[int, int]:
+    """The pass's prompt tokens (in chunks; a one-token chunk only at a prompt's start) and its
+    decode rows."""
+    rows = [i for i, tokens in enumerate(work.tokens) if len(tokens) == 1 and work.starts[i] and not work.restores(i)]
+    return sum(len(work.tokens[i]) for i in range(len(work.tokens)) if i not in rows), len(rows)
 
 
 class FakeModel:
@@ -108,17 +109,17 @@ class FakeModel:
         """Write each sequence's tokens into its blocks where its cached length says they go."""
         for block in work.fresh:
             self.pool.held[block] = [None] * model.KV_BLOCK
-        prefill = is_prefill(work)
+        prompt_tokens, rows = split(work)
         for table, slots in zip(work.tables, work.restore, strict=False):  # a sequence starts with the store's blocks
             self._write(table, 0, [token for slot in slots for token in self.store.held[slot]])
-        if prefill:
-            self.prefills.append(sum(len(tokens) for tokens in work.tokens))
-        else:
+        if prompt_tokens:
+            self.prefills.append(prompt_tokens)
+        if rows:
             if self.fail_next_step:
                 self.fail_next_step = False
                 raise RuntimeError("device fell over")
             time.sleep(self.step_delay)
-            self.batch_sizes.append(len(work.tables))
+            self.batch_sizes.append(rows)
         blocks = [block for table in work.tables for block in table]
         assert len(set(blocks)) == len(blocks), "two sequences hold one block"
         histories = []
@@ -768,24 +769,20 @@ def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(monkeypatc
 
 
 class TimedModel(FakeModel):
-    """A prefill takes `token_delay` a token, a decode step `step_delay`."""
+    """A pass takes `token_delay` a prompt token, and `step_delay` more with decode rows."""
 
     max_context = 256
 
     def __init__(self, step_delay: float, token_delay: float):
         super().__init__(step_delay, pool_blocks=16)
         self.token_delay = token_delay
-        self.steps: list[list[int]] = [[]]  # the prefill passes' tokens before each decode step, and after the last
+        self.passes: list[tuple[int, int]] = []  # each pass's prompt tokens and decode rows
 
     def run(self, work: model.Work) -> torch.Tensor:
-        tokens = sum(len(chunk) for chunk in work.tokens)
-        if is_prefill(work):
-            time.sleep(self.token_delay * tokens)
+        tokens, rows = split(work)
+        time.sleep(self.token_delay * tokens)
         logits = super().run(work)
-        if is_prefill(work):
-            self.steps[-1].append(tokens)
-        else:
-            self.steps.append([])
+        self.passes.append((tokens, rows))
         return logits
 
 
@@ -814,8 +811,9 @@ def test_while_sequences_decode_a_chunk_costs_about_one_decode_step(monkeypatch:
 def test_while_prompts_queue_for_places_a_step_prefills_two_whole_passes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Three prompts arrive at once beside a decoding sequence: while two or more queue for free
     places the batch is starved, not stalled, so a step prefills PREFILL_QUEUED tokens (512 here)
-    in passes of PREFILL_CHUNK (two prompts, then the third's start: 200 + 56, 144 + 112); once
-    none waits, chunks cost about a decode step again (25 ms / 1 ms: 16 tokens)."""
+    in passes of PREFILL_CHUNK (two prompts, then the third's start: 200 + 56, 144 + 112), the
+    first carrying the decode row; once none waits, chunks cost about a decode step again (25 ms /
+    1 ms: 16 tokens), each in the pass of the three decoding rows."""
     monkeypatch.setattr(engine, "PREFILL_QUEUED", 512)
     fake = TimedModel(step_delay=0.025, token_delay=0.001)
     eng = Engine(LoadedModel(FakeTokenizer(), fake, frozenset([EOS]), 256, torch.float32), 4)  # type: ignore[arg-type]
@@ -823,12 +821,12 @@ def test_while_prompts_queue_for_places_a_step_prefills_two_whole_passes(monkeyp
     eng.generate(prompt, SamplingParams(max_new_tokens=1))  # times a chunk
     first = eng.stream("A", SamplingParams(max_new_tokens=60))
     time.sleep(0.1)  # "A" is decoding by now, in a 25 ms step: the three below join at the next one
-    fake.steps = [[]]
+    fake.passes = []
     streams = [eng.stream(prompt[k:] + prompt[:k], SamplingParams(max_new_tokens=20)) for k in (1, 2, 3)]
     for stream in [first, *streams]:
         list(stream)
-    chunks = [step for step in fake.steps if step]
-    assert chunks == [[256, 256]] + [[16]] * 5 + [[8]]
+    passes = fake.passes[fake.passes.index((256, 1)) :]
+    assert passes[:8] == [(256, 1), (256, 0)] + [(16, 3)] * 5 + [(8, 3)]
     eng.close()
 
 

@@ -359,25 +359,29 @@ def test_float32_logits_equal_transformers(eng: Engine, family: Family) -> None:
         torch.testing.assert_close(logits(eng, ids, token), expected, atol=2e-4, rtol=1e-4)
 
 
-def test_float32_logits_equal_transformers_for_prompts_in_one_pass(eng: Engine, family: Family) -> None:
-    """Every prompt's chunk in one prefill pass, the second prompt's a later chunk (its start in
-    the pool already), the row padded: each prompt's logits are its own, so no token sees another
-    sequence's keys or the padding (windows and capped scores included)."""
+def test_float32_logits_equal_transformers_for_prompts_and_a_decode_row_in_one_pass(
+    eng: Engine, family: Family
+) -> None:
+    """Two prompts prefilled in one pass (one of them half), then one pass of the first's next
+    token as a decode row, the other's second half (its start in the pool already) and every
+    other prompt whole, the chunks' row padded: each sequence's logits are its own, so no token
+    sees another sequence's keys or the padding (windows and capped scores included)."""
     prompts = [eng.loaded.tokenizer.encode(prompt) for prompt in FAMILY_PROMPTS]
-    prompts[1], prompts[-1] = prompts[-1], prompts[1]  # the long one, split, in the middle
-    sizes = [model.blocks_for(len(ids)) for ids in prompts]
+    prompts[1], prompts[-1] = prompts[-1], prompts[1]  # the long one, split, second
+    token = reference_tokens(family.path, FAMILY_PROMPTS[0], 1)[0]
+    sizes = [model.blocks_for(len(ids) + 1) for ids in prompts]
     tables = [list(range(sum(sizes[:row]), sum(sizes[: row + 1]))) for row in range(len(prompts))]
     split = len(prompts[1]) // 2
-    starts, chunks = [0] * len(prompts), list(prompts)
-    starts[1], chunks[1] = split, prompts[1][split:]
-    assert sum(map(len, chunks)) % model.PREFILL_BUCKET  # so the row is padded
+    chunks = [[token], prompts[1][split:], *prompts[2:]]
+    assert sum(map(len, chunks[1:])) % model.PREFILL_BUCKET  # so the chunks' row is padded
     with torch.inference_mode():
-        eng.model.run(model.Work([tables[1]], [prompts[1][:split]], [0], tuple(tables[1])))
-        fresh = tuple(block for row, table in enumerate(tables) if row != 1 for block in table)
-        rows = eng.model.run(model.Work(tables, chunks, starts, fresh)).float()
-        expected = [reference(family.path)(torch.tensor([ids])).logits[0, -1] for ids in prompts]
+        eng.model.run(model.Work(tables[:2], [prompts[0], prompts[1][:split]], [0, 0], (*tables[0], *tables[1])))
+        fresh = tuple(block for table in tables[2:] for block in table)
+        rows = eng.model.run(model.Work(tables, chunks, [len(prompts[0]), split] + [0] * len(prompts[2:]), fresh))
+        wholes = [prompts[0] + [token], *prompts[1:]]
+        expected = [reference(family.path)(torch.tensor([ids])).logits[0, -1] for ids in wholes]
     eng.model.clear()
-    torch.testing.assert_close(rows, torch.stack(expected), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(rows.float(), torch.stack(expected), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("dtype", "quantize"), [("bfloat16", "none"), ("float32", "int8")])
