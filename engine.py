@@ -762,8 +762,9 @@ class Engine:
     def _join(self, chunks: list[Chunk]) -> Sequence | None:
         """The next waiting sequence to join the pass, unless the pass computes PREFIX_WAIT or
         more of its prompt's leading tokens: it then waits for the next pass, to restore them
-        from the prefix cache rather than compute them twice (a shared system prompt)."""
-        computing = {digest for c in chunks for digest in c.seq.blocks} if self.prefix.capacity else set()
+        from the prefix cache rather than compute them twice (a shared system prompt). Blocks
+        restored from the cache are not computed: prompts that share those join together."""
+        computing = {d for c in chunks for d in c.seq.blocks[c.seq.cached_tokens // PREFIX_BLOCK :]}
 
         def shares_much(seq: Sequence) -> bool:
             return sum(digest in computing for digest in seq.blocks) * PREFIX_BLOCK >= PREFIX_WAIT

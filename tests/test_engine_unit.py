@@ -1138,6 +1138,14 @@ def test_a_prompt_whose_leading_blocks_the_pass_computes_waits_for_the_next_pass
         assert fake.prefills == [1, (2 * block + 6) + (block + 6) + 6, 6]
         assert [r.cached_tokens for r in results] == [0, 0, 0, 2 * block]  # type: ignore[union-attr]
         assert results == [plain.generate(prompt, params) for prompt in prompts]
+        # Two more sharing the blocks now cached: both restore them, in one pass.
+        fake.prefills.clear()
+        first = eng.stream("A", SamplingParams(max_new_tokens=3))
+        time.sleep(0.1)
+        streams = [eng.stream(prompt, params) for prompt in (shared + "third!", shared + "fourth")]
+        results = [list(stream)[-1] for stream in streams]
+        assert fake.prefills == [1, 6 + 6] and [r.cached_tokens for r in results] == [2 * block] * 2  # type: ignore[union-attr]
+        list(first)
     finally:
         eng.close()
         plain.close()
