@@ -5,10 +5,11 @@ the capacity limiter) calls `ENGINE.get()` (loads the model once) and then `Engi
 tokenizes the prompt, hands a `Sequence` to the `Scheduler` and reads the sequence's `Output`:
 pieces of text as they are made, then the `Result`, or an error. The engine thread runs
 `Engine.step` in a loop: the scheduler admits waiting sequences while the KV pool has blocks
-for them (a prefill each, after the prompt blocks the prefix cache already holds), hands each
-sequence pool blocks as it grows, the model (model.py) advances every running sequence by one
-token in one batched forward pass, and `Scheduler.postprocess` appends each new token,
-detokenizes it once, sends the new text, decides who finished and takes their blocks back.
+for them (their prompts prefilled after the blocks the prefix cache already holds, several to a
+pass), hands each sequence pool blocks as it grows, the model (model.py) advances every running
+sequence by one token in one batched forward pass (with a prompt chunk's, when the step has one),
+and `Scheduler.postprocess` appends each new token, detokenizes it once, sends the new text,
+decides who finished and takes their blocks back.
 
 Reading order: requests, results and errors; settings; sampling; text work (incremental
 detokenizing, stop strings); the sequence and its output; the prefix cache; the scheduler; the
