@@ -57,6 +57,10 @@ PREFILL_QUEUED = 4 * PREFILL_CHUNK  # prompt tokens a step, in chunks, while pro
 # waits for the next pass (and the prefix cache) rather than compute them too: a pass costs ~35 ms
 # besides ~0.37 ms a token, about 96 tokens' worth (AMX Xeon, SmolLM2, 1-16 prompts a pass).
 PREFIX_WAIT = 96
+# Keys a prefill pass's attention spans (every chunk's earlier positions, restored prefixes too,
+# and the row) past which no other prompt joins it: each token of the row is scored against all
+# of them, masked, so many long restored prefixes in one pass would cost their square.
+PASS_KEYS = 2048
 DETOKENIZE_CONTEXT = 4  # prompt tokens detokenized ahead of the continuation (see `TextStream`)
 
 
@@ -751,11 +755,15 @@ class Engine:
         """The next prefill pass, up to `room` prompt tokens: the prompt still part way in first,
         then waiting sequences as they join, each prompt whole but the last; so between steps at
         most one prompt is part way in. Several short prompts share a pass (and its reading of
-        the weights), where each alone cost a pass of ~16 tokens."""
+        the weights), where each alone cost a pass of ~16 tokens, up to PASS_KEYS keys."""
         chunks: list[Chunk] = []
         if (seq := self.scheduler.prefilling()) is not None:
             chunks.append(Chunk(seq, min(room, len(seq.prompt_ids) - seq.prefilled)))
-        while (left := room - sum(c.tokens for c in chunks)) > 0 and (seq := self._join(chunks)) is not None:
+        while (
+            (left := room - sum(c.tokens for c in chunks)) > 0
+            and sum(c.end for c in chunks) < PASS_KEYS
+            and (seq := self._join(chunks)) is not None
+        ):
             restore = self._cached_prefix(seq)  # its prefill starts after them
             chunks.append(Chunk(seq, min(left, len(seq.prompt_ids) - seq.prefilled), restore))
         return chunks

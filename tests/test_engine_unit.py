@@ -1114,6 +1114,22 @@ def test_prompts_that_arrive_together_share_one_prefill_pass() -> None:
         eng.close()
 
 
+def test_no_prompt_joins_a_pass_whose_keys_reach_pass_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention in a pass spans all its chunks' keys: past PASS_KEYS (5 here) the next prompt
+    waits for the step's next pass."""
+    monkeypatch.setattr(engine, "PASS_KEYS", 5)
+    eng = make_engine(max_batch=4, step_delay=0.3)
+    fake: FakeModel = eng.model  # type: ignore[assignment]
+    try:
+        first = eng.stream("A", SamplingParams(max_new_tokens=3))
+        time.sleep(0.1)  # "A" is in its first decode step
+        streams = [eng.stream(prompt, SamplingParams(max_new_tokens=2)) for prompt in ("BC", "DEF", "GHIJ")]
+        assert [list(stream)[-1].text for stream in [first, *streams]] == ["BCD", "DE", "GH", "KL"]  # type: ignore[union-attr]
+        assert fake.prefills == [1, 2 + 3, 4]
+    finally:
+        eng.close()
+
+
 def test_a_prompt_whose_leading_blocks_the_pass_computes_waits_for_the_next_pass(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
