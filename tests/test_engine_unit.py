@@ -1099,9 +1099,14 @@ def test_a_prompt_that_starts_with_cached_blocks_prefills_only_the_rest() -> Non
         cached.close()
 
 
-def test_prompts_that_arrive_together_share_one_prefill_pass() -> None:
+@pytest.mark.parametrize(("pass_keys", "passes"), [(engine.PASS_KEYS, [9]), (5, [2 + 3, 4])])
+def test_prompts_that_arrive_together_share_one_prefill_pass(
+    monkeypatch: pytest.MonkeyPatch, pass_keys: int, passes: list[int]
+) -> None:
     """Three prompts queued during a decode step go in one pass at the next (2 + 3 + 4 tokens),
-    each sequence still reading only its own blocks (the fake continues each one's own history)."""
+    each sequence still reading only its own blocks (the fake continues each one's own history);
+    but once a pass's keys reach PASS_KEYS (5), the next prompt waits for the step's next pass."""
+    monkeypatch.setattr(engine, "PASS_KEYS", pass_keys)
     eng = make_engine(max_batch=4, step_delay=0.3)
     fake: FakeModel = eng.model  # type: ignore[assignment]
     try:
@@ -1109,23 +1114,7 @@ def test_prompts_that_arrive_together_share_one_prefill_pass() -> None:
         time.sleep(0.1)  # "A" is in its first decode step
         streams = [eng.stream(prompt, SamplingParams(max_new_tokens=2)) for prompt in ("BC", "DEF", "GHIJ")]
         assert [list(stream)[-1].text for stream in [first, *streams]] == ["BCD", "DE", "GH", "KL"]  # type: ignore[union-attr]
-        assert fake.prefills == [1, 9]
-    finally:
-        eng.close()
-
-
-def test_no_prompt_joins_a_pass_whose_keys_reach_pass_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Attention in a pass spans all its chunks' keys: past PASS_KEYS (5 here) the next prompt
-    waits for the step's next pass."""
-    monkeypatch.setattr(engine, "PASS_KEYS", 5)
-    eng = make_engine(max_batch=4, step_delay=0.3)
-    fake: FakeModel = eng.model  # type: ignore[assignment]
-    try:
-        first = eng.stream("A", SamplingParams(max_new_tokens=3))
-        time.sleep(0.1)  # "A" is in its first decode step
-        streams = [eng.stream(prompt, SamplingParams(max_new_tokens=2)) for prompt in ("BC", "DEF", "GHIJ")]
-        assert [list(stream)[-1].text for stream in [first, *streams]] == ["BCD", "DE", "GH", "KL"]  # type: ignore[union-attr]
-        assert fake.prefills == [1, 2 + 3, 4]
+        assert fake.prefills == [1, *passes]
     finally:
         eng.close()
 
