@@ -173,6 +173,30 @@ def test_bfloat16_logits_after_a_prefix_hit_follow_the_uncached_run(model_dir: P
         eng.close()
 
 
+def test_bfloat16_logits_of_a_shared_pass_follow_the_passes_apart(model_dir: Path) -> None:
+    """DTYPE=bfloat16: a decode row, a prompt's later chunk and a new prompt in one pass get the
+    logits each gets in a pass of its own, up to rounding (cosine > 0.99, the same top token):
+    bfloat16's fused attention over the row's mask and the decode rows' gathered blocks."""
+    eng = open_engine(model_dir, dtype="bfloat16")
+    try:
+        tokenizer = eng.loaded.tokenizer
+        one, two, three = (tokenizer.encode(SHARED + tail) for tail in TAILS)
+        half = len(two) // 2
+        tables, rows = [[0, 1], [2, 3], [4, 5]], [[one[-1]], two[half:], three]
+        with torch.inference_mode():
+            eng.model.run(model.Work(tables[:2], [one[:-1], two[:half]], [0, 0], (0, 1, 2, 3)))
+            shared = eng.model.run(model.Work(tables, rows, [len(one) - 1, half, 0], (4, 5))).float()
+            apart = [
+                eng.model.run(model.Work([t], [r], [s]))
+                for t, r, s in zip(tables, rows, [len(one) - 1, half, 0], strict=True)
+            ]
+        for expected, got in zip(apart, shared, strict=True):
+            assert F.cosine_similarity(expected[0].float(), got, dim=0) > 0.99
+            assert expected[0].argmax() == got.argmax()
+    finally:
+        eng.close()
+
+
 def test_a_long_prompt_spans_kv_blocks_correctly(eng: Engine, model_dir: Path) -> None:
     prompt = "word " * (model.KV_BLOCK + 40)  # past its first block
     expected = reference_tokens(model_dir, prompt, 8)
