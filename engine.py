@@ -594,17 +594,17 @@ StepObserver = Callable[[str, float, int], None]
 
 @dataclass(frozen=True)
 class Chunk:
-    """A sequence's part of a prefill pass: its prompt's next `tokens`, after the prompt blocks
-    the prefix cache holds (`restore`, its first chunk's)."""
+    """A sequence's part of a prefill pass: its prompt's tokens start..end, after the prompt
+    blocks the prefix cache holds (`restore`, its first chunk's)."""
 
     seq: Sequence
-    tokens: int
+    start: int
+    end: int
     restore: tuple[int, ...] = ()
 
     @property
-    def end(self) -> int:
-        """The prompt tokens in the cache once the pass has run (while it has not yet)."""
-        return self.seq.prefilled + self.tokens
+    def tokens(self) -> int:
+        return self.end - self.start
 
     @property
     def last(self) -> bool:
@@ -617,7 +617,7 @@ class Engine:
         self.scheduler = Scheduler(max_batch, self.model.pool.blocks, loaded.eos_ids)
         self.prefix = PrefixCache(self.model.store.blocks)
         self.observe = observe or (lambda kind, seconds, size: None)
-        self._decode_seconds = 0.0  # the last decode step's time
+        self._decode_seconds = 0.0  # the last decode step's time (one without a chunk)
         self._token_seconds = 0.0  # the last prefill chunk's time per token (it grows with the prompt's position)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -731,22 +731,23 @@ class Engine:
     def _chunk_budget(self) -> int:
         """The prompt tokens this step prefills. Every decoding sequence waits for them before its
         next token, so while sequences decode they are sized to cost about one decode step (the
-        last step's time over the last chunk's time a token; PREFILL_UNTIMED before any chunk
-        was timed): the gap between tokens stays near twice a step however slow this CPU's
-        prefill is, or however far into a long prompt, and where the batch's steps are long
-        (long histories) the chunks grow with them, up to PREFILL_CHUNK, each pass dearer in
-        time but cheaper a token. A prompt no one waits for goes in chunks of PREFILL_CHUNK. But
-        while more than one prompt queues for a free place, the batch is starved, not stalled:
-        each request needs all its prompt tokens for its generated ones (~650 for 200 in the
-        long-prompt benchmark), so prefill takes PREFILL_QUEUED tokens a step, else the batch
-        settles well below its places; four chunks a step rather than two spend fewer steps of
-        the few decoding sequences on the way (bench/README.md, the chunk budget)."""
+        last step's time over the last chunk's time a token; PREFILL_UNTIMED until both were
+        timed, as when every step so far carried a chunk): the gap between tokens stays near
+        twice a step however slow this CPU's prefill is, or however far into a long prompt, and
+        where the batch's steps are long (long histories) the chunks grow with them, up to
+        PREFILL_CHUNK, each pass dearer in time but cheaper a token. A prompt no one waits for
+        goes in chunks of PREFILL_CHUNK. But while more than one prompt queues for a free place,
+        the batch is starved, not stalled: each request needs all its prompt tokens for its
+        generated ones (~650 for 200 in the long-prompt benchmark), so prefill takes
+        PREFILL_QUEUED tokens a step, else the batch settles well below its places; four chunks a
+        step rather than two spend fewer steps of the few decoding sequences on the way
+        (bench/README.md, the chunk budget)."""
         scheduler = self.scheduler
         if not scheduler.decoding():
             return PREFILL_CHUNK
         if min(len(scheduler.waiting), scheduler.max_batch - len(scheduler.running)) > 1:
             return PREFILL_QUEUED
-        if not self._token_seconds:
+        if not (self._token_seconds and self._decode_seconds):
             return PREFILL_UNTIMED
         fits = int(self._decode_seconds / self._token_seconds) // PREFILL_BUCKET * PREFILL_BUCKET
         return min(PREFILL_CHUNK, max(PREFILL_CHUNK_LEAST, fits))
@@ -758,14 +759,14 @@ class Engine:
         the weights), where each alone cost a pass of ~16 tokens, up to PASS_KEYS keys."""
         chunks: list[Chunk] = []
         if (seq := self.scheduler.prefilling()) is not None:
-            chunks.append(Chunk(seq, min(room, len(seq.prompt_ids) - seq.prefilled)))
+            chunks.append(Chunk(seq, seq.prefilled, min(seq.prefilled + room, len(seq.prompt_ids))))
         while (
             (left := room - sum(c.tokens for c in chunks)) > 0
             and sum(c.end for c in chunks) < PASS_KEYS
             and (seq := self._join(chunks)) is not None
         ):
             restore = self._cached_prefix(seq)  # its prefill starts after them
-            chunks.append(Chunk(seq, min(left, len(seq.prompt_ids) - seq.prefilled), restore))
+            chunks.append(Chunk(seq, seq.prefilled, min(seq.prefilled + left, len(seq.prompt_ids)), restore))
         return chunks
 
     def _join(self, chunks: list[Chunk]) -> Sequence | None:
@@ -773,7 +774,8 @@ class Engine:
         more of its prompt's leading tokens: it then waits for the next pass, to restore them
         from the prefix cache rather than compute them twice (a shared system prompt). Blocks
         restored from the cache are not computed: prompts that share those join together."""
-        computing = {d for c in chunks for d in c.seq.blocks[c.seq.cached_tokens // PREFIX_BLOCK :]}
+        cached = self.prefix.capacity  # a prompt's blocks past it are never cached
+        computing = {d for c in chunks for d in c.seq.blocks[c.seq.cached_tokens // PREFIX_BLOCK : cached]}
 
         def shares_much(seq: Sequence) -> bool:
             return sum(digest in computing for digest in seq.blocks) * PREFIX_BLOCK >= PREFIX_WAIT
@@ -804,20 +806,21 @@ class Engine:
         for c in chunks:
             c.seq.prefilled = c.end
         self._timed(chunks, batch, time.monotonic() - start)
-        done = [row for row, seq in enumerate(seqs) if not seq.prefilling]  # their prompts are in: first tokens
-        self._postprocess([seqs[row] for row in done] + batch, logits[done + list(range(len(seqs), len(work.tables)))])
+        done = [row for row, c in enumerate(chunks) if c.last]  # their prompts are in: their first tokens
+        rows = done + list(range(len(chunks), len(chunks) + len(batch)))  # the decode rows come after the chunks
+        self._postprocess([seqs[row] for row in done] + batch, logits[rows])
         return sum(c.tokens for c in chunks)
 
     def _work(self, chunks: list[Chunk], batch: list[Sequence], saves: tuple[tuple[tuple[int, int], ...], ...]) -> Work:
         """The pass as the model takes it: the chunks' sequences, then the decode rows (which
         restore and save nothing), each with the pool blocks it lacks for its new tokens."""
-        seqs, rest = [c.seq for c in chunks] + batch, ((),) * len(batch)
+        seqs, nothing = [c.seq for c in chunks] + batch, ((),) * len(batch)
         ends = [c.end for c in chunks] + [seq.cached + 1 for seq in batch]
         fresh = tuple(block for seq, end in zip(seqs, ends, strict=True) for block in self.scheduler.grow(seq, end))
-        ids = [c.seq.prompt_ids[c.seq.prefilled : c.end] for c in chunks] + [[seq.generated[-1]] for seq in batch]
-        starts = [c.seq.prefilled for c in chunks] + [seq.cached for seq in batch]
-        restore = tuple(c.restore for c in chunks) + rest
-        return Work([seq.table for seq in seqs], ids, starts, fresh, restore, saves + rest)
+        ids = [c.seq.prompt_ids[c.start : c.end] for c in chunks] + [[seq.generated[-1]] for seq in batch]
+        starts = [c.start for c in chunks] + [seq.cached for seq in batch]
+        restore = tuple(c.restore for c in chunks) + nothing
+        return Work([seq.table for seq in seqs], ids, starts, fresh, restore, saves + nothing)
 
     def _timed(self, chunks: list[Chunk], batch: list[Sequence], seconds: float) -> None:
         """Note a pass's time: a decode step's, or a prompt token's (`_chunk_budget`; in a mixed
@@ -825,7 +828,9 @@ class Engine:
         tokens = sum(c.tokens for c in chunks)
         if not chunks:
             self._decode_seconds = seconds
-        elif tokens >= PREFILL_CHUNK_LEAST:  # a short prompt's time is mostly the pass's fixed cost
+        # A short prompt's time is mostly the pass's fixed cost; beside decode rows, the tokens'
+        # share is known only once a decode step was timed.
+        elif tokens >= PREFILL_CHUNK_LEAST and (self._decode_seconds or not batch):
             beyond = seconds - (self._decode_seconds if batch else 0.0)
             self._token_seconds = beyond / tokens if beyond > 0 else self._token_seconds
         kind = "mixed" if chunks and batch else "prefill" if chunks else "decode"

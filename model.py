@@ -639,7 +639,7 @@ class Work:
     restore: tuple[tuple[int, ...], ...] = ()
     save: tuple[tuple[tuple[int, int], ...], ...] = ()
 
-    def restores(self, row: int) -> tuple[int, ...]:
+    def restore_of(self, row: int) -> tuple[int, ...]:
         return self.restore[row] if self.restore else ()
 
 
@@ -652,7 +652,8 @@ class Prefill:
     positions: torch.Tensor  # [1, T]
     owners: torch.Tensor  # [T]: each token's sequence (its place in the work); the padding is one of its own
     pasts: list[tuple[list[int], int]]  # (table, positions in the pool) of each sequence that has any
-    keys: tuple[torch.Tensor, torch.Tensor]  # [K] each key's owner and position: the pasts', then the row's
+    key_owners: torch.Tensor  # [K]: each key's sequence: the pasts' positions, then the row's tokens
+    key_positions: torch.Tensor  # [K]
     slots: torch.Tensor  # [real Hkv]: where the real tokens' keys go (not the bucket's padding)
     mask: torch.Tensor | None  # [1, 1, T, K] bool; None: one sequence's first chunk, plain causal attention
     cos: torch.Tensor | None = None  # rotary tables for these positions: [1, T, 1, D]
@@ -773,7 +774,7 @@ class Model:
 
     def _run(self, work: Work) -> torch.Tensor:
         inputs: Prefill | Decode | Mixed
-        chunks = [i for i, tokens in enumerate(work.tokens) if len(tokens) > 1 or work.restores(i)]
+        chunks = [i for i, tokens in enumerate(work.tokens) if len(tokens) > 1 or work.restore_of(i)]
         if not chunks:
             ids, inputs, last = *self._prepare_decode(work), None
         elif len(chunks) == len(work.tokens):
@@ -856,9 +857,9 @@ class Model:
 
         def part(which: list[int]) -> Work:
             pick = [work.tables[i] for i in which], [work.tokens[i] for i in which], [work.starts[i] for i in which]
-            return Work(*pick, restore=tuple(work.restores(i) for i in which))
+            return Work(*pick, restore=tuple(work.restore_of(i) for i in which))
 
-        prefill_ids, prefill = self._prepare_prefill(part(chunks))
+        prefill_ids, prefill = self._prepare_prefill(part(chunks), after=len(rows))
         decode_ids, decode = self._prepare_decode(part(rows))
         ends = list(itertools.accumulate(len(work.tokens[i]) for i in chunks))
         where = dict(zip(chunks, [end - 1 for end in ends], strict=True))
@@ -866,37 +867,46 @@ class Model:
         last = torch.tensor([where[i] for i in range(len(work.tokens))], device=self.device)
         return torch.cat([prefill_ids, decode_ids.view(1, -1)], 1), Mixed.of(prefill, decode), last
 
-    def _prepare_prefill(self, work: Work) -> tuple[torch.Tensor, Prefill]:
-        """The chunks run as one row, padded to a multiple of PREFILL_BUCKET: each new input shape
-        costs the matrix libraries a kernel (and its memory) of its own. Several short prompts in
-        one pass read the weights once, where each alone cost a pass of ~16 tokens. The padding
-        (positions 0.., a sequence of its own) is seen by no real token, and only the real tokens'
-        keys are written to the pool."""
+    def _prepare_prefill(self, work: Work, after: int = 0) -> tuple[torch.Tensor, Prefill]:
+        """The chunks run as one row, padded so that it and the `after` decode rows that follow it
+        in a mixed pass make a multiple of PREFILL_BUCKET: each new input shape costs the matrix
+        libraries a kernel (and its memory) of its own. Several short prompts in one pass read the
+        weights once, where each alone cost a pass of ~16 tokens. The padding (positions 0.., a
+        sequence of its own) is seen by no real token, and only the real tokens' keys are written
+        to the pool."""
         d, count = self.device, len(work.tables)
         lengths = [len(tokens) for tokens in work.tokens]
-        pad = -sum(lengths) % PREFILL_BUCKET
+        pad = -(sum(lengths) + after) % PREFILL_BUCKET
         ids = torch.tensor([[t for tokens in work.tokens for t in tokens] + [0] * pad], device=d)  # [1, T]
         row = torch.cat([torch.arange(s, s + n, device=d) for s, n in zip(work.starts, lengths, strict=True)]
                         + [torch.arange(pad, device=d)])  # fmt: skip
         owners = torch.repeat_interleave(torch.arange(count + 1, device=d), torch.tensor([*lengths, pad], device=d))
         pasts = [(table, start) for table, start in zip(work.tables, work.starts, strict=True) if start]
-        past = [seq for seq, start in enumerate(work.starts) if start]
-        key_owners = torch.cat([torch.full((work.starts[seq],), seq, device=d) for seq in past] + [owners])
-        key_positions = torch.cat([torch.arange(work.starts[seq], device=d) for seq in past] + [row])
         tables = [table for table, n in zip(work.tables, lengths, strict=True) for _ in range(n)]
         slots = self.pool.slots(tables, row[: len(tables)].tolist())
         cos, sin = self._rotary(row[None], self.arch.inv_freq, self.arch.rope_scale)
-        prefill = Prefill(row[None], owners, pasts, (key_owners, key_positions), slots, None, cos, sin)
+        key_owners, key_positions = self._prefill_keys(work.starts, owners, row)
+        prefill = Prefill(row[None], owners, pasts, key_owners, key_positions, slots, None, cos, sin)
         # One sequence from its start needs no mask; Gemma 2's capped attention always takes one
         # (no SDPA kernel caps).
         if count > 1 or pasts or self.arch.attn_softcap:
             prefill = replace(prefill, mask=self._prefill_mask(prefill, None))
         return ids, prefill
 
+    def _prefill_keys(
+        self, starts: list[int], owners: torch.Tensor, row: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each key's sequence and position: the earlier positions of every sequence that has any,
+        in order (as `_attend_prefill` gathers them), then the row's tokens."""
+        earlier = [(seq, start) for seq, start in enumerate(starts) if start]
+        sequence = [torch.full((start,), seq, device=self.device) for seq, start in earlier]
+        position = [torch.arange(start, device=self.device) for _, start in earlier]
+        return torch.cat([*sequence, owners]), torch.cat([*position, row])
+
     def _prefill_mask(self, p: Prefill, window: int | None) -> torch.Tensor:
         """Which keys each token of the row sees: its own sequence's, up to its position, [1, 1, T, K] bool."""
-        (key_owners, key_positions), queries = p.keys, p.positions[0, :, None]
-        return ((key_owners == p.owners[:, None]) & _visible(key_positions[None], queries, window))[None, None]
+        same = p.key_owners == p.owners[:, None]
+        return (same & _visible(p.key_positions[None], p.positions[0, :, None], window))[None, None]
 
     def _prepare_lone(self, work: Work) -> tuple[torch.Tensor, LoneDecode]:
         (table,), (tokens,), (start,) = work.tables, work.tokens, work.starts

@@ -67,7 +67,7 @@ class FakePool:
 def split(work: model.Work) -> tuple[int, int]:
     """The pass's prompt tokens (in chunks; a one-token chunk only at a prompt's start) and its
     decode rows."""
-    rows = [i for i, tokens in enumerate(work.tokens) if len(tokens) == 1 and work.starts[i] and not work.restores(i)]
+    rows = [i for i, tokens in enumerate(work.tokens) if len(tokens) == 1 and work.starts[i] and not work.restore_of(i)]
     return sum(len(work.tokens[i]) for i in range(len(work.tokens)) if i not in rows), len(rows)
 
 
@@ -805,6 +805,22 @@ def test_while_sequences_decode_a_chunk_costs_about_one_decode_step(monkeypatch:
 
     in_threads([lambda: eng.generate("A", SamplingParams(max_new_tokens=40)), late_long])
     assert fake.prefills == [1] + [16] * 12 + [8]
+    eng.close()
+
+
+def test_beside_a_batch_no_decode_step_has_timed_a_chunk_is_untimed() -> None:
+    """A prompt arrives while another's prefill runs, so every step carries a chunk and no decode
+    step is timed alone: the chunks are PREFILL_UNTIMED (64), not sized from a decode time of 0."""
+    fake = TimedModel(step_delay=0.05, token_delay=0.002)
+    eng = Engine(LoadedModel(FakeTokenizer(), fake, frozenset([EOS]), 1024, torch.float32), 4)  # type: ignore[arg-type]
+    prompt = "".join(chr(33 + i % 90) for i in range(300))
+
+    def late_long() -> object:
+        time.sleep(0.03)  # during the first one's prefill (256 tokens, 512 ms)
+        return eng.generate(prompt[::-1], SamplingParams(max_new_tokens=1))
+
+    in_threads([lambda: eng.generate(prompt[:256], SamplingParams(max_new_tokens=10)), late_long])
+    assert fake.passes[:5] == [(256, 0)] + [(64, 1)] * 4
     eng.close()
 
 
