@@ -602,6 +602,11 @@ class Chunk:
     end: int
     restore: tuple[int, ...] = ()
 
+    @staticmethod
+    def next(seq: Sequence, room: int, restore: tuple[int, ...] = ()) -> Chunk:
+        """The sequence's next chunk: its prompt from where its prefill stands, at most `room` tokens."""
+        return Chunk(seq, seq.prefilled, min(seq.prefilled + room, len(seq.prompt_ids)), restore)
+
     @property
     def tokens(self) -> int:
         return self.end - self.start
@@ -759,14 +764,14 @@ class Engine:
         the weights), where each alone cost a pass of ~16 tokens, up to PASS_KEYS keys."""
         chunks: list[Chunk] = []
         if (seq := self.scheduler.prefilling()) is not None:
-            chunks.append(Chunk(seq, seq.prefilled, min(seq.prefilled + room, len(seq.prompt_ids))))
+            chunks.append(Chunk.next(seq, room))
         while (
             (left := room - sum(c.tokens for c in chunks)) > 0
             and sum(c.end for c in chunks) < PASS_KEYS
             and (seq := self._join(chunks)) is not None
         ):
             restore = self._cached_prefix(seq)  # its prefill starts after them
-            chunks.append(Chunk(seq, seq.prefilled, min(seq.prefilled + left, len(seq.prompt_ids)), restore))
+            chunks.append(Chunk.next(seq, left, restore))
         return chunks
 
     def _join(self, chunks: list[Chunk]) -> Sequence | None:

@@ -881,11 +881,12 @@ class Model:
         row = torch.cat([torch.arange(s, s + n, device=d) for s, n in zip(work.starts, lengths, strict=True)]
                         + [torch.arange(pad, device=d)])  # fmt: skip
         owners = torch.repeat_interleave(torch.arange(count + 1, device=d), torch.tensor([*lengths, pad], device=d))
-        pasts = [(table, start) for table, start in zip(work.tables, work.starts, strict=True) if start]
+        earlier = [seq for seq, start in enumerate(work.starts) if start]  # the sequences with positions in the pool
+        pasts = [(work.tables[seq], work.starts[seq]) for seq in earlier]
         tables = [table for table, n in zip(work.tables, lengths, strict=True) for _ in range(n)]
         slots = self.pool.slots(tables, row[: len(tables)].tolist())
         cos, sin = self._rotary(row[None], self.arch.inv_freq, self.arch.rope_scale)
-        key_owners, key_positions = self._prefill_keys(work.starts, owners, row)
+        key_owners, key_positions = self._prefill_keys(earlier, work.starts, owners, row)
         prefill = Prefill(row[None], owners, pasts, key_owners, key_positions, slots, None, cos, sin)
         # One sequence from its start needs no mask; Gemma 2's capped attention always takes one
         # (no SDPA kernel caps).
@@ -894,13 +895,12 @@ class Model:
         return ids, prefill
 
     def _prefill_keys(
-        self, starts: list[int], owners: torch.Tensor, row: torch.Tensor
+        self, earlier: list[int], starts: list[int], owners: torch.Tensor, row: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each key's sequence and position: the earlier positions of every sequence that has any,
-        in order (as `_attend_prefill` gathers them), then the row's tokens."""
-        earlier = [(seq, start) for seq, start in enumerate(starts) if start]
-        sequence = [torch.full((start,), seq, device=self.device) for seq, start in earlier]
-        position = [torch.arange(start, device=self.device) for _, start in earlier]
+        """Each key's sequence and position: the earlier positions of the `earlier` sequences, in
+        their order (as `_attend_prefill` gathers them from `Prefill.pasts`), then the row's tokens."""
+        sequence = [torch.full((starts[seq],), seq, device=self.device) for seq in earlier]
+        position = [torch.arange(starts[seq], device=self.device) for seq in earlier]
         return torch.cat([*sequence, owners]), torch.cat([*position, row])
 
     def _prefill_mask(self, p: Prefill, window: int | None) -> torch.Tensor:
