@@ -943,7 +943,7 @@ def _load_and_start(config: ModelConfig, observe: StepObserver | None) -> Engine
     log.info(
         "model %s (%s, context %d) loaded in %.1f s (activations %s, weights %s); KV cache %d MiB: %d blocks of %d "
         "tokens%s", config.name, loaded.family, loaded.max_context, time.perf_counter() - start, loaded.dtype,
-        loaded.weights, pool.bytes // 2**20, pool.blocks, KV_BLOCK, f"; {loaded.compiled}" if loaded.compiled else "",
+        loaded.weights, pool.bytes // 2**20, pool.blocks, KV_BLOCK, f"; {loaded.lone_pass}" if loaded.lone_pass else "",
     )  # fmt: skip
     return Engine(loaded, config.max_batch, observe)
 

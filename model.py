@@ -25,7 +25,8 @@ import socket
 import time
 import types
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -287,7 +288,7 @@ class LoadedModel:
     int8_rows: int = 0  # `resolve_int8`'s choice
     family: str = ""  # the checkpoint's model type (`BUILDERS` lists those we run): gpt2, llama, qwen2...
     int4_rows: int = 0  # `resolve_int4`'s choice, for the weights int4 holds exactly
-    compiled: str = ""  # COMPILE=1: what `compile_decode` did, in words for the load log
+    lone_pass: str = ""  # how a lone sequence's decode pass runs (`trace_decode`, `compile_decode`), for the load log
 
     @property
     def weights(self) -> str:
@@ -366,7 +367,7 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     context = min(model.max_context, config.max_context)
     model.pool = KVPool(len(model.layers), kv_blocks(config, model, context), model.arch, dtype, device)
     model.store = PrefixStore(len(model.layers), config.prefix_cache_tokens // PREFIX_BLOCK, model.arch, dtype, device)
-    compiled = compile_decode(model, device) if config.compile else ""
+    lone_pass = compile_decode(model, device) if config.compile else trace_decode(model)
     eos, family = hf_model.generation_config.eos_token_id, hf_model.config.model_type
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -374,7 +375,7 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     gc.collect()
     _return_freed_memory()
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-    return LoadedModel(tokenizer, model, eos_ids, context, dtype, int8_rows, family, int4_rows, compiled)
+    return LoadedModel(tokenizer, model, eos_ids, context, dtype, int8_rows, family, int4_rows, lone_pass)
 
 
 def cpp_compiler() -> str | None:
@@ -392,6 +393,12 @@ def compile_decode(model: Model, device: torch.device) -> str:
     if why_not:
         return f"decode not compiled: {why_not}"
     return f"a lone sequence's decode pass compiled in {time.monotonic() - start:.0f} s"
+
+
+def trace_decode(model: Model) -> str:
+    """Without COMPILE: `Model.trace`; what it did, in words."""
+    why_not = model.trace()
+    return f"decode not traced: {why_not}" if why_not else "a lone sequence's decode pass traced"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -723,8 +730,10 @@ class BlockMaps:
 
 @dataclass(frozen=True)
 class LoneDecode:
-    """One sequence's decode step for the compiled pass (COMPILE=1), in tensors only: the compiler
-    takes a list or a number as a constant, and would compile again for each new one."""
+    """One sequence's decode step for the traced or compiled pass (`Model.trace`, `Model.compile`),
+    in tensors only: the compiler takes a list or a number as a constant, and would compile again
+    for each new one; a trace would replay it. The pool's layers come in as inputs too: a trace
+    holds the tensors it read as constants, and the pool is made again after each idle spell."""
 
     positions: torch.Tensor  # [1, 1]
     slots: torch.Tensor  # [Hkv]: where the new key goes in a flat pool layer
@@ -732,6 +741,8 @@ class LoneDecode:
     visible: torch.Tensor  # [1, 1, 1, N KV_BLOCK] bool: the positions it holds, the new one's included
     cos: torch.Tensor | None = None  # [1, 1, 1, D]
     sin: torch.Tensor | None = None
+    keys: tuple[torch.Tensor, ...] = ()  # the pool's layers (`KVPool.k`)
+    values: tuple[torch.Tensor, ...] = ()
 
 
 class Model:
@@ -757,14 +768,14 @@ class Model:
         self.store = PrefixStore(len(layers), 0, arch, self.dtype, self.device)
         # In the model's dtype, as transformers' Gemma multiplies (sqrt(3072) = 55.43 is 55.5 in bfloat16).
         self.embed_scale = torch.tensor(arch.embed_scale, dtype=self.dtype, device=self.device)
-        self.compiled: Callable[..., torch.Tensor] | None = None  # a lone sequence's decode pass (`compile`)
+        self.lone_pass: Callable[[torch.Tensor, LoneDecode], torch.Tensor] | None = None  # `trace`, `compile`
 
     def run(self, work: Work) -> torch.Tensor:
         """Run the work's tokens into their sequences' blocks; return each one's next-token logits
         [B, V]. A prefill may first restore cached prompt blocks, and save blocks after."""
         if work.fresh:
             self.pool.zero(work.fresh)
-        logits = self._run_compiled(work) if self.compiled is not None else None
+        logits = self._run_lone(work) if self.lone_pass is not None else None
         if logits is None:
             logits = self._run(work)
         for table, pairs in zip(work.tables, work.save, strict=False):  # no saves: an empty tuple
@@ -787,19 +798,19 @@ class Model:
                 self.store.restore(self.pool, table, slots)
         return self._forward(ids, inputs, self._windowed(inputs), last)
 
-    def _run_compiled(self, work: Work) -> torch.Tensor | None:
+    def _run_lone(self, work: Work) -> torch.Tensor | None:
         """One token of a lone sequence (a decode step, or a prompt's last one-token chunk) through
-        the compiled pass; None for any other work. Should the pass ever fail, the model runs
-        uncompiled from then on: rewriting the new token's keys is harmless."""
+        the traced or compiled pass; None for any other work. Should the pass ever fail, the model
+        runs the plain step from then on: rewriting the new token's keys is harmless."""
         if len(work.tables) != 1 or len(work.tokens[0]) != 1 or any(work.restore):
             return None
         try:
             ids, lone = self._prepare_lone(work)
-            assert self.compiled is not None
-            return self.compiled(ids, lone, lone, None)
+            assert self.lone_pass is not None
+            return self.lone_pass(ids, lone)
         except Exception:
-            log.exception("the compiled decode pass failed; running uncompiled from now on")
-            self.compiled = None
+            log.exception("the lone sequence's decode pass failed; running the plain step from now on")
+            self.lone_pass = None
             return None
 
     @property
@@ -811,21 +822,54 @@ class Model:
         """Nothing runs: give the pool's memory back."""
         self.pool.clear()
 
+    def trace(self) -> str | None:
+        """The default: a lone sequence's decode pass recorded once with torch.jit.trace, and
+        replayed by TorchScript's executor with no Python between its ~40 operations a layer (AMX
+        Xeon, SmolLM2 on int4: a step 10.3 against 13.7 ms, the same logits bit for bit,
+        bench/README.md). torch.jit.trace is deprecated, and torch.compile (COMPILE=1) needs a C++
+        compiler and ~50 s; a trace takes a fraction of a second. Where the pass cannot be traced
+        (as for `compile`), where tracing fails (a torch without it), or where the traced pass's
+        logits differ at all from the plain step's at one, two or three blocks: why not."""
+        why_not = self._lone_unsupported()
+        if why_not:
+            return why_not
+        rotary = self.arch.inv_freq is not None
+
+        def replay(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, blocks: torch.Tensor,
+                   visible: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: tuple[torch.Tensor, ...],
+                   values: tuple[torch.Tensor, ...]) -> torch.Tensor:  # fmt: skip
+            tables = (cos, sin) if rotary else (None, None)
+            lone = LoneDecode(positions, slots, blocks, visible, tables[0], tables[1], keys, values)
+            return self._forward(ids, lone, lone, None)
+
+        def inputs(ids: torch.Tensor, lone: LoneDecode) -> tuple[Any, ...]:  # a trace takes tensors and tuples of them
+            cos, sin = (lone.cos, lone.sin) if rotary else (ids.new_empty(0), ids.new_empty(0))  # GPT-2: no rotary
+            return ids, lone.positions, lone.slots, lone.blocks, lone.visible, cos, sin, lone.keys, lone.values
+
+        try:
+            with self._lone_warm_ups() as warm_ups, warnings.catch_warnings():
+                # its deprecation; and the products' weight formats, which it takes as picked for
+                # one row (`Linear.format_at`): the pass has one row at every call
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(replay, inputs(*warm_ups[0]), check_trace=False)
+                for ids, lone in warm_ups:  # the executor's first calls also profile the graph
+                    if not torch.equal(traced(*inputs(ids, lone)), self._forward(ids, lone, lone, None)):
+                        return "the traced pass's logits differ from the plain step's"
+        except Exception as exc:
+            return f"tracing failed ({type(exc).__name__}: {str(exc)[:200]})"
+        self.lone_pass = lambda ids, lone: traced(*inputs(ids, lone))
+        return None
+
     def compile(self) -> str | None:
         """COMPILE=1: compile a lone sequence's decode pass with torch.compile, which fuses the
         small operations around the products into loops of its own (AMX Xeon, SmolLM2 on int4: a
-        batch-1 step 7.75 against 11.0 ms, bench/README.md). Only on a CPU, where every product at
-        one row runs an int8 or int4 kernel (oneDNN's packed float weights cannot be compiled) and
-        no layer slides a window or caps its scores; else, or should compiling fail, why not.
-        Compiled here, at load, for one, two and three blocks (the compiler treats a size of 1
-        apart, and makes a size dynamic once it changes), so nothing compiles while requests run."""
-        a = self.arch
-        if self.device.type != "cpu":
-            return "not on a CPU (the only device it was measured on)"
-        if a.windowed or a.attn_softcap is not None:
-            return "a sliding window or capped attention scores"
-        if any(lin.format_at(1) == "float" for lin in self.linears):
-            return "float weights at one row (QUANTIZE=none, or where int8 does not win)"
+        batch-1 step 7.75 against 11.0 ms, bench/README.md). Where the pass cannot be compiled
+        (`_lone_unsupported`), or should compiling fail, why not. Compiled here, at load, for one,
+        two and three blocks (the compiler treats a size of 1 apart, and makes a size dynamic once
+        it changes), so nothing compiles while requests run."""
+        why_not = self._lone_unsupported()
+        if why_not:
+            return why_not
         import torch._inductor.config
 
         torch._inductor.config.compile_threads = 1  # in this process: no pool of compiler processes left holding memory
@@ -834,21 +878,42 @@ class Model:
         forward = types.MethodType(types.FunctionType(Model._forward.__code__.replace(), globals()), self)
         # (sizes that change between calls become dynamic)
         compiled = torch.compile(forward, options={"guard_filter_fn": _guards_on_inputs})
+        try:
+            with self._lone_warm_ups() as warm_ups:
+                for ids, lone in warm_ups:
+                    compiled(ids, lone, lone, None)
+        except Exception as exc:  # the compiler's own failure: the model runs as it would without COMPILE
+            return f"compiling failed ({type(exc).__name__}: {str(exc)[:200]})"
+        self.lone_pass = lambda ids, lone: compiled(ids, lone, lone, None)
+        return None
+
+    def _lone_unsupported(self) -> str | None:
+        """Why a lone sequence's decode pass cannot be traced or compiled; None if it can. Only on
+        a CPU (the only device it was measured on), where every product at one row runs an int8
+        or int4 kernel (oneDNN's packed float weights can be neither) and no layer slides a window
+        or caps its scores (paths `_attend_lone` lacks)."""
+        if self.device.type != "cpu":
+            return "not on a CPU (the only device it was measured on)"
+        if self.arch.windowed or self.arch.attn_softcap is not None:
+            return "a sliding window or capped attention scores"
+        if any(lin.format_at(1) == "float" for lin in self.linears):
+            return "float weights at one row (QUANTIZE=none, or where int8 does not win)"
+        return None
+
+    @contextlib.contextmanager
+    def _lone_warm_ups(self) -> Iterator[list[tuple[torch.Tensor, LoneDecode]]]:
+        """A lone sequence's decode inputs at one, two and three blocks (as many as the pool and
+        the context hold), in inference mode and a pool made as the engine makes it (the compiled
+        pass checks how its tensors were made), handed back after."""
         with torch.inference_mode():
-            # a pool made as the engine makes it, in inference mode: the compiled pass checks how its tensors were made
             self.pool = KVPool(self.pool.layers, self.pool.blocks, self.arch, self.dtype, self.device)
             try:
-                for blocks in range(1, min(3, self.pool.blocks) + 1):  # as many as the pool and the context hold
-                    table, position = list(range(blocks)), min(blocks * KV_BLOCK, self.max_context) - 2
-                    self.pool.zero(tuple(table))
-                    ids, lone = self._prepare_lone(Work([table], [[0]], [position]))
-                    compiled(ids, lone, lone, None)
-            except Exception as exc:  # the compiler's own failure: the model runs as it would without COMPILE
-                return f"compiling failed ({type(exc).__name__}: {str(exc)[:200]})"
+                counts = range(1, min(3, self.pool.blocks) + 1)
+                self.pool.zero(tuple(range(len(counts))))
+                yield [self._prepare_lone(Work([list(range(n))], [[0]], [min(n * KV_BLOCK, self.max_context) - 2]))
+                       for n in counts]  # fmt: skip
             finally:
                 self.clear()
-        self.compiled = compiled
-        return None
 
     def _prepare_mixed(self, work: Work, chunks: list[int]) -> tuple[torch.Tensor, Mixed, torch.Tensor]:
         """The chunks' row (`_prepare_prefill`), then the other sequences' one token each as decode
@@ -915,7 +980,8 @@ class Model:
         blocks = torch.tensor(table[: blocks_for(start + 1)], device=self.device)
         visible = (torch.arange(len(blocks) * KV_BLOCK, device=self.device) <= start)[None, None, None]
         cos, sin = self._rotary(positions, self.arch.inv_freq, self.arch.rope_scale)
-        return ids, LoneDecode(positions, self.pool.slots([table], [start]), blocks, visible, cos, sin)
+        slots, pool = self.pool.slots([table], [start]), self.pool
+        return ids, LoneDecode(positions, slots, blocks, visible, cos, sin, tuple(pool.k), tuple(pool.v))
 
     def _prepare_decode(self, work: Work) -> tuple[torch.Tensor, Decode]:
         ids = torch.tensor(work.tokens, device=self.device)  # [B, 1]
@@ -1040,7 +1106,7 @@ class Model:
         elif isinstance(inputs, Mixed):
             attn = self._attend_mixed(index, q, k, v, inputs)
         elif isinstance(inputs, LoneDecode):
-            attn = self._attend_lone_compiled(index, q, k, v, inputs)
+            attn = self._attend_lone(index, q, k, v, inputs)
         else:
             attn = self._attend_decode(index, q, k, v, inputs)
         x = x + self._post_norm(w.out(attn.transpose(1, 2).reshape(size, length, -1)), w.post_attn_norm)
@@ -1124,12 +1190,13 @@ class Model:
         v = torch.index_select(values.view(-1, KV_BLOCK, dim), 0, g.index, out=g.values).view(size, heads, -1, dim)
         return F.scaled_dot_product_attention(grouped, k, v, attn_mask=g.mask, scale=self.arch.scale)
 
-    def _attend_lone_compiled(
+    def _attend_lone(
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: LoneDecode
     ) -> torch.Tensor:
-        """A lone sequence's `_attend_gathered` as the compiler takes it: blocks and positions as tensors,
-        and the new key written with index_put_, which it writes in place (index_copy_ it copies)."""
-        keys, values = self.pool.k[index], self.pool.v[index]
+        """A lone sequence's `_attend_gathered` as a trace and the compiler take it: the pool, blocks
+        and positions as tensors, and the new key written with index_put_, which the compiler
+        writes in place (index_copy_ it copies)."""
+        keys, values = d.keys[index], d.values[index]
         a, dim = self.arch, q.shape[-1]
         keys.view(-1, dim).index_put_((d.slots,), k[:, :, 0].reshape(-1, dim))
         values.view(-1, dim).index_put_((d.slots,), v[:, :, 0].reshape(-1, dim))

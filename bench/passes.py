@@ -52,7 +52,8 @@ def main() -> None:
     config = engine.ModelConfig(name=args.model, max_batch=32, prefix_cache_tokens=0)
     loaded = model.load_model(config, engine.PREFILL_CHUNK)
     network = loaded.model
-    network.pool.zero(tuple(range(min(network.pool.blocks, 32 * model.blocks_for(args.cached + 1) + 16))))
+    with torch.inference_mode():  # the pool is made in inference mode (`Model.trace`)
+        network.pool.zero(tuple(range(min(network.pool.blocks, 32 * model.blocks_for(args.cached + 1) + 16))))
     print(f"{args.model}, activations {loaded.dtype}, weights {loaded.weights}; {cpu_description()}")
     packs: list[dict[str, float]] = []
     mixes: list[dict[str, float]] = []

@@ -127,7 +127,7 @@ def main() -> None:
                          "ratio": round(step / bare, 2), "weight_mb": round(read / 1e6, 1),
                          "kv_mb": round(kv / 1e6, 1), "floor": round((read + kv) / read, 2)})  # fmt: skip
     cpu = cpu_description()
-    weights = f"{loaded.weights}{f'; {loaded.compiled}' if loaded.compiled else ''}"
+    weights = f"{loaded.weights}{f'; {loaded.lone_pass}' if loaded.lone_pass else ''}"
     print(f"{args.model}, activations {loaded.dtype}, weights {weights}, {args.cached} cached tokens; {cpu}\n")
     print("| batch | decode step (ms) | bare matrix products (ms) | ratio | weights read (MB) | keys and values "
           "read (MB) | memory's floor for the ratio |\n|---|---|---|---|---|---|---|")  # fmt: skip

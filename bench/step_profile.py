@@ -32,16 +32,17 @@ def main() -> None:
     parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[], help="also time passes of these sizes")
     args = parser.parse_args()
     engine.use_threads(0)
-    config = engine.ModelConfig(name=args.model, max_batch=args.batch, prefix_cache_tokens=0)
+    # the server's MAX_BATCH_SIZE unless the batch is larger: `auto` picks the dtype for it
+    config = engine.ModelConfig(name=args.model, max_batch=max(args.batch, 32), prefix_cache_tokens=0)
     loaded = model.load_model(config, engine.PREFILL_CHUNK)
     network, batch, blocks = loaded.model, args.batch, model.blocks_for(args.cached + 1)
     tables = [[b * batch + seq for b in range(blocks)] for seq in range(batch)]
     # one prompt's blocks after the batch's, room for its longest pass at --chunk-at
     longest = max([engine.PREFILL_CHUNK, *args.chunk_sizes])
     prompt = list(range(batch * blocks, batch * blocks + model.blocks_for(args.chunk_at + longest)))
-    network.pool.zero(tuple(range(batch * blocks)) + tuple(prompt))
     print(f"{args.model}, activations {loaded.dtype}, weights {loaded.weights}; {cpu_description()}")
-    with torch.inference_mode():
+    with torch.inference_mode():  # the pool is made in inference mode (`Model.trace`)
+        network.pool.zero(tuple(range(batch * blocks)) + tuple(prompt))
         decode = model.Work(tables, [[1]] * batch, [args.cached] * batch)
         alone = model.Work([list(range(blocks))], [[1]], [args.cached])
         chunk = model.Work([prompt], [[5] * engine.PREFILL_CHUNK], [args.chunk_at])

@@ -397,8 +397,8 @@ def test_the_compiled_decode_pass_follows_the_uncompiled_one(model_dir: Path, mo
     config = engine.ModelConfig(name=str(model_dir), dtype=dtype, quantize="int8", compile=True)
     loaded = model.load_model(config, engine.PREFILL_CHUNK)
     network, graphs = loaded.model, torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled = network.compiled
-    assert compiled is not None and loaded.compiled.startswith("a lone sequence's decode pass compiled in")
+    compiled = network.lone_pass
+    assert compiled is not None and loaded.lone_pass.startswith("a lone sequence's decode pass compiled in")
     with torch.inference_mode():
         for prompt in PROMPTS[:2]:
             ids = loaded.tokenizer.encode(prompt * 12)  # 60-120 tokens: the steps cross into a second block
@@ -407,14 +407,43 @@ def test_the_compiled_decode_pass_follows_the_uncompiled_one(model_dir: Path, mo
             token = int(network.run(model.Work([table], [ids], [0], fresh=tuple(table))).argmax())
             for position in range(len(ids), len(ids) + 24):
                 work = model.Work([table], [[token]], [position])
-                network.compiled = None
+                network.lone_pass = None
                 expected = network.run(work)[0].float()
-                network.compiled = compiled
+                network.lone_pass = compiled
                 got = network.run(work)[0].float()
                 assert int(got.argmax()) == int(expected.argmax())
                 assert F.cosine_similarity(got, expected, dim=0) > 0.99
                 token = int(expected.argmax())
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_traced_decode_pass_replays_the_lone_step(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default lone pass (`Model.trace`), on int4 weights where the checkpoint holds them and
+    int8 else (forced: `auto` times the formats, and may keep packed float weights, which are not
+    traced), SmolLM2 in bfloat16 and GPT-2 in float32: 24 decode steps after each of two real
+    prompts (the pool handed back between them) give the uncompiled lone pass's logits bit for
+    bit, and the batched step's top token."""
+    monkeypatch.setattr(model, "resolve_int4", lambda *settings: 4)
+    dtype = "bfloat16" if "smollm2" in str(model_dir) else "float32"
+    config = engine.ModelConfig(name=str(model_dir), dtype=dtype, quantize="int8")
+    loaded = model.load_model(config, engine.PREFILL_CHUNK)
+    network, traced = loaded.model, loaded.model.lone_pass
+    assert traced is not None and loaded.lone_pass == "a lone sequence's decode pass traced"
+    with torch.inference_mode():
+        for prompt in PROMPTS[:2]:
+            ids = loaded.tokenizer.encode(prompt * 12)  # 60-120 tokens: the steps cross into a second block
+            table = list(range(model.blocks_for(len(ids) + 24)))
+            network.clear()
+            token = int(network.run(model.Work([table], [ids], [0], fresh=tuple(table))).argmax())
+            for position in range(len(ids), len(ids) + 24):
+                work = model.Work([table], [[token]], [position])
+                got = network.run(work)
+                step, lone = network._prepare_lone(work)
+                assert torch.equal(got, network._forward(step, lone, lone, None))
+                network.lone_pass = None
+                assert int(got.argmax()) == int(network.run(work).argmax())
+                network.lone_pass = traced
+                token = int(got.argmax())
 
 
 def test_int8_weights_serve_a_staggered_batch(model_dir: Path) -> None:

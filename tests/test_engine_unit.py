@@ -444,16 +444,60 @@ def test_gather_reads_a_sequences_blocks_in_order_in_a_row_or_not(table: list[in
     assert pool.gather(layer, [*table, 7], length).equal(expected)  # blocks past the length: not read
 
 
-def test_compile_says_why_a_model_runs_uncompiled() -> None:
-    """Capped scores (and sliding windows) take paths the compiled pass lacks; float weights at
-    one row (oneDNN's packed ones cannot be compiled) are not compiled either. Each leaves the
-    pass uncompiled, with the reason for the log."""
+@pytest.mark.parametrize("method", ["compile", "trace"])
+def test_compile_and_trace_say_why_a_model_runs_the_plain_step(method: str) -> None:
+    """Capped scores (and sliding windows) take paths the lone pass lacks; float weights at one
+    row (oneDNN's packed ones can be neither compiled nor traced) are left too. Each leaves the
+    plain step, with the reason for the log."""
     capped = _int8_head(_tiny_model(torch.float32, blocks=4, softcap=50.0))
-    assert capped.compile() == "a sliding window or capped attention scores" and capped.compiled is None
+    assert getattr(capped, method)() == "a sliding window or capped attention scores" and capped.lone_pass is None
     for weight in (torch.zeros(VOCAB, 48), model.pack_float(torch.zeros(VOCAB, 48), 4)):
         floats = _tiny_model(torch.float32, blocks=4)
         floats.lm_head = model.Linear(48, weight, None)
-        assert (floats.compile() or "").startswith("float weights at one row") and floats.compiled is None
+        assert (getattr(floats, method)() or "").startswith("float weights at one row") and floats.lone_pass is None
+
+
+def test_the_traced_pass_writes_into_the_pool_of_the_day() -> None:
+    """The pool's layers are the trace's inputs, not constants of it: after the pool is handed back
+    and made again, a traced step writes its key into the new pool and reads it from there."""
+    torch.manual_seed(0)
+    network = _int8_head(_tiny_model(torch.float32, blocks=4))
+    network.embed = model.Embedding(torch.randn(VOCAB, 48), torch.float32)
+
+    def int8(rows: int, width: int) -> model.Linear:
+        return model.Linear(width, None, None, model.pack_int8(torch.randn(rows, width)), model.INT8_ALWAYS)
+
+    ones = torch.ones(48)  # one layer: 6 query heads and 2 key heads of 8, a gated MLP 64 wide
+    layer = model.LayerWeights(ones, None, int8(80, 48), int8(48, 48), ones, None, int8(128, 48), int8(48, 64))
+    network.layers = [layer]
+    assert network.trace() is None and network.lone_pass is not None
+    with torch.inference_mode():
+        for position in (5, 70, 130):  # one block, then past the blocks it was traced with
+            network.clear()
+            table = [2, 0, 3]
+            network.run(model.Work([table], [torch.randint(0, VOCAB, (position,)).tolist()], [0], fresh=(2, 0, 3)))
+            work = model.Work([table], [[position % VOCAB]], [position])
+            traced = network.run(work)
+            block, offset = table[position // model.KV_BLOCK], position % model.KV_BLOCK
+            assert bool(network.pool.k[0][block, :, offset].any())  # the new key, in the new pool
+            plain, network.lone_pass = network.lone_pass, None
+            assert torch.equal(traced, network.run(work))  # and the prompt's keys read from it
+            network.lone_pass = plain
+
+
+def test_a_trace_that_fails_or_differs_leaves_the_plain_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch without torch.jit.trace (it is deprecated), or a trace whose logits are not the
+    plain step's bit for bit at any warm-up length: the reason, and no lone pass."""
+
+    def missing(*arguments: object, **options: object) -> object:
+        raise AttributeError("module 'torch.jit' has no attribute 'trace'")
+
+    monkeypatch.setattr(torch.jit, "trace", missing)
+    network = _int8_head(_tiny_model(torch.float32, blocks=4))
+    assert network.trace() == "tracing failed (AttributeError: module 'torch.jit' has no attribute 'trace')"
+    assert network.lone_pass is None
+    monkeypatch.setattr(torch.jit, "trace", lambda replay, inputs, **options: lambda *i: replay(*i) + 1e-6)
+    assert network.trace() == "the traced pass's logits differ from the plain step's" and network.lone_pass is None
 
 
 def _int8_head(network: model.Model) -> model.Model:
@@ -465,7 +509,7 @@ def _int8_head(network: model.Model) -> model.Model:
 def test_compile_warms_up_within_a_small_pool() -> None:
     """The load's warm-up asks for at most the blocks the pool has (KV_CACHE_MB may allow one)."""
     network = _int8_head(_tiny_model(torch.float32, blocks=1))
-    assert network.compile() is None and network.compiled is not None
+    assert network.compile() is None and network.lone_pass is not None
     with torch.inference_mode():
         logits = network.run(model.Work([[0]], [[3]], [5], fresh=(0,)))
     assert logits.shape == (1, VOCAB)
@@ -485,7 +529,7 @@ def test_each_model_compiles_a_pass_of_its_own() -> None:
         work = model.Work([[0]], [[3]], [5], fresh=(0,))
         with torch.inference_mode():
             compiled = network.run(work)
-            network.compiled = None
+            network.lone_pass = None
             torch.testing.assert_close(compiled, network.run(work))
 
 
@@ -509,7 +553,7 @@ def test_a_prompts_last_one_token_chunk_is_saved_on_the_compiled_path_too() -> N
     network.store = model.PrefixStore(1, 2, network.arch, torch.float32, torch.device("cpu"))
     saved: list[tuple[tuple[int, int], ...]] = []
     network.store.save = lambda pool, table, pairs: saved.append(pairs)  # type: ignore[method-assign]
-    network.compiled = lambda *inputs: calls.append(inputs) or network._forward(*inputs)
+    network.lone_pass = lambda ids, lone: calls.append(lone) or network._forward(ids, lone, lone, None)
     with torch.inference_mode():
         network.run(model.Work([[0]], [[3]], [16], fresh=(0,), save=(((0, 1),),)))
     assert len(calls) == 1 and saved == [((0, 1),)]
@@ -523,11 +567,11 @@ def test_a_compiler_that_fails_leaves_the_model_uncompiled(monkeypatch: pytest.M
 
     monkeypatch.setattr(torch, "compile", lambda function, **options: broken)
     network = _int8_head(_tiny_model(torch.float32, blocks=4))
-    assert network.compile() == "compiling failed (RuntimeError: no kernel)" and network.compiled is None
-    network.compiled = broken
+    assert network.compile() == "compiling failed (RuntimeError: no kernel)" and network.lone_pass is None
+    network.lone_pass = broken
     with torch.inference_mode():  # as the engine runs, and as compile() makes the pool
         logits = network.run(model.Work([[0]], [[3]], [5], fresh=(0,)))
-    assert logits.shape == (1, VOCAB) and network.compiled is None
+    assert logits.shape == (1, VOCAB) and network.lone_pass is None
 
 
 def test_a_cleared_pool_hands_its_memory_back_every_time() -> None:
