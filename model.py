@@ -825,7 +825,7 @@ class Model:
     def trace(self) -> str | None:
         """The default: a lone sequence's decode pass recorded once with torch.jit.trace, and
         replayed by TorchScript's executor with no Python between its ~40 operations a layer (AMX
-        Xeon, SmolLM2 on int4: a step 10.3 against 13.7 ms, the same logits bit for bit,
+        Xeon, SmolLM2 on int4: a step 12.9 against 16.5 ms, the same logits bit for bit,
         bench/README.md). torch.jit.trace is deprecated, and torch.compile (COMPILE=1) needs a C++
         compiler and ~50 s; a trace takes a fraction of a second. Where the pass cannot be traced
         (as for `compile`), where tracing fails (a torch without it), or where the traced pass's
