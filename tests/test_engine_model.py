@@ -6,7 +6,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -399,22 +399,32 @@ def test_the_compiled_decode_pass_follows_the_uncompiled_one(model_dir: Path, mo
     network, graphs = loaded.model, torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = network.lone_pass
     assert compiled is not None and loaded.lone_pass.startswith("a lone sequence's decode pass compiled in")
+
+    def check(work: model.Work) -> int:
+        network.lone_pass = None
+        expected = network.run(work)[0].float()
+        network.lone_pass = compiled
+        got = network.run(work)[0].float()
+        assert int(got.argmax()) == int(expected.argmax())
+        assert F.cosine_similarity(got, expected, dim=0) > 0.99
+        return int(expected.argmax())
+
+    _lone_steps(loaded, check)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def _lone_steps(loaded: model.LoadedModel, check: Callable[[model.Work], int]) -> None:
+    """24 decode steps of a lone sequence after each of two real prompts of 60-120 tokens (so the
+    steps cross into a second block), the pool handed back between them: `check` runs each step's
+    work and says the next token."""
     with torch.inference_mode():
         for prompt in PROMPTS[:2]:
-            ids = loaded.tokenizer.encode(prompt * 12)  # 60-120 tokens: the steps cross into a second block
+            ids = loaded.tokenizer.encode(prompt * 12)
             table = list(range(model.blocks_for(len(ids) + 24)))
-            network.clear()
-            token = int(network.run(model.Work([table], [ids], [0], fresh=tuple(table))).argmax())
+            loaded.model.clear()
+            token = int(loaded.model.run(model.Work([table], [ids], [0], fresh=tuple(table))).argmax())
             for position in range(len(ids), len(ids) + 24):
-                work = model.Work([table], [[token]], [position])
-                network.lone_pass = None
-                expected = network.run(work)[0].float()
-                network.lone_pass = compiled
-                got = network.run(work)[0].float()
-                assert int(got.argmax()) == int(expected.argmax())
-                assert F.cosine_similarity(got, expected, dim=0) > 0.99
-                token = int(expected.argmax())
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+                token = check(model.Work([table], [[token]], [position]))
 
 
 def test_the_traced_decode_pass_replays_the_lone_step(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -429,21 +439,17 @@ def test_the_traced_decode_pass_replays_the_lone_step(model_dir: Path, monkeypat
     loaded = model.load_model(config, engine.PREFILL_CHUNK)
     network, traced = loaded.model, loaded.model.lone_pass
     assert traced is not None and loaded.lone_pass == "a lone sequence's decode pass traced"
-    with torch.inference_mode():
-        for prompt in PROMPTS[:2]:
-            ids = loaded.tokenizer.encode(prompt * 12)  # 60-120 tokens: the steps cross into a second block
-            table = list(range(model.blocks_for(len(ids) + 24)))
-            network.clear()
-            token = int(network.run(model.Work([table], [ids], [0], fresh=tuple(table))).argmax())
-            for position in range(len(ids), len(ids) + 24):
-                work = model.Work([table], [[token]], [position])
-                got = network.run(work)
-                step, lone = network._prepare_lone(work)
-                assert torch.equal(got, network._forward(step, lone, lone, None))
-                network.lone_pass = None
-                assert int(got.argmax()) == int(network.run(work).argmax())
-                network.lone_pass = traced
-                token = int(got.argmax())
+
+    def check(work: model.Work) -> int:
+        got = network.run(work)
+        step, lone = network._prepare_lone(work)
+        assert torch.equal(got, network._forward(step, lone, lone, None))
+        network.lone_pass = None
+        assert int(got.argmax()) == int(network.run(work).argmax())
+        network.lone_pass = traced
+        return int(got.argmax())
+
+    _lone_steps(loaded, check)
 
 
 def test_int8_weights_serve_a_staggered_batch(model_dir: Path) -> None:
