@@ -879,8 +879,10 @@ class Generation:
     last), counts it in /metrics and the request log, and gives the place back. A rendering only
     reads events and writes an answer: no race, no accounting, no cancel of its own."""
 
-    def __init__(self, request: Request, prompt: str | list[dict[str, str]], params: engine.SamplingParams):
+    def __init__(self, request: Request, prompt: str | list[dict[str, str]], params: engine.SamplingParams,
+                 pieces: bool) -> None:  # fmt: skip
         self.request, self.prompt, self.params = request, prompt, params
+        self.pieces = pieces  # the rendering streams; else the engine sends the text once, at the end
         self.settings: Settings = request.app.state.settings
         self.runtime: Runtime = request.app.state.runtime
         self.arrived = time.monotonic()
@@ -939,7 +941,7 @@ class Generation:
         deadline = self.arrived + self.settings.request_timeout
         running: engine.Engine = self.request.app.state.engine.get()
         prompt = self.prompt if isinstance(self.prompt, str) else running.chat_prompt(self.prompt)
-        for event in running.stream(prompt, self.params, self.cancel, deadline):
+        for event in running.stream(prompt, self.params, self.cancel, deadline, self.pieces):
             if isinstance(event, engine.Result):
                 self.result = event
             try:
@@ -1313,7 +1315,7 @@ async def openai_generation(request: Request, chat: bool) -> Response | OpenAISt
     body = await read_json(request, settings.limits.max_body_bytes, settings.body_timeout)
     parsed = parse_openai(body, settings.limits, chat)
     answer = OpenAIAnswer(parsed, settings.served_model, chat)
-    job = Generation(request, parsed.prompt, parsed.params)
+    job = Generation(request, parsed.prompt, parsed.params, parsed.stream)
     if parsed.stream:
         return OpenAIStream(job, answer)
     deltas, result = await job.serve(all_events)
@@ -1496,7 +1498,7 @@ async def generate(request: Request) -> Response | EventStream:
     parsed = parse_generate(body, settings.limits)
     if settings.log_prompts:
         request.state.prompt = parsed.prompt
-    job = Generation(request, parsed.prompt, parsed.params)
+    job = Generation(request, parsed.prompt, parsed.params, parsed.stream)
     if parsed.stream:
         return EventStream(job)
     _, result = await job.serve(all_events)

@@ -788,6 +788,20 @@ def test_engine_stream_pieces_add_up_to_the_result() -> None:
     eng.close()
 
 
+def test_a_whole_answer_arrives_once_with_what_the_pieces_carry() -> None:
+    """Without pieces (a reader of the whole answer) the engine sends one Delta at the end: the
+    same text, token ids and log-probabilities as the pieces add up to, and the same result."""
+    eng = make_engine()
+    params = SamplingParams(max_new_tokens=6, stop=("fg",), logprobs=1)
+    *pieces, streamed = eng.stream("a", params)
+    *whole, result = eng.stream("a", params, pieces=False)
+    assert len(pieces) > 1 and len(whole) == 1 and result == streamed
+    assert whole[0] == engine.Delta([t for d in pieces for t in d.token_ids], "".join(d.text for d in pieces), 6,
+                                    tuple(lp for d in pieces for lp in d.logprobs))  # fmt: skip
+    assert whole[0].text == result.text == "bcde" and len(whole[0].logprobs) == 6
+    eng.close()
+
+
 def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of 8 tokens, one per step: the running sequences advance between them, and
     sequences that finish mid-prefill give their blocks back without mixing anyone's history up."""

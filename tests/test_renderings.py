@@ -36,7 +36,7 @@ class FakeEngine:
         self.cancels: list[threading.Event] = []
 
     def stream(self, prompt: str, params: engine.SamplingParams, cancel: threading.Event,
-               deadline: float) -> Iterator[engine.Delta | engine.Result]:  # fmt: skip
+               deadline: float, pieces: bool) -> Iterator[engine.Delta | engine.Result]:  # fmt: skip
         self.cancels.append(cancel)
         if self.error is not None:
             raise self.error
