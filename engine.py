@@ -294,13 +294,18 @@ class TextStream:
 
 class Output:
     """One request's events, fed by the engine thread and read by the request's worker thread:
-    `Delta`s as text is made, then the `Result`, or a `GenerationFailed` instead."""
+    `Delta`s as text is made, then the `Result`, or a `GenerationFailed` instead. Given `relay`,
+    the Deltas go to it instead, on the engine thread (see `Engine.stream`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, relay: Callable[[Delta], None] | None = None) -> None:
         self._events: queue.SimpleQueue[Delta | Result | GenerationFailed] = queue.SimpleQueue()
+        self._relay = relay
 
     def put(self, event: Delta | Result | GenerationFailed) -> None:
-        self._events.put(event)
+        if self._relay is not None and isinstance(event, Delta):
+            self._relay(event)
+        else:
+            self._events.put(event)
 
     def __iter__(self) -> Iterator[Delta | Result]:
         while True:
@@ -645,19 +650,21 @@ class Engine:
         cancel: threading.Event | None = None,
         deadline: float = math.inf,
         pieces: bool = True,
+        relay: Callable[[Delta], None] | None = None,
     ) -> Iterator[Delta | Result]:
         """Queue the prompt; yield a `Delta` whenever new text is safe to show (with `pieces`;
         else one at the end), then the `Result` (whose text the deltas add up to). Raises on bad
         input or failure. Setting `cancel` ends the sequence at the next step; so does `deadline`
         (a `time.monotonic()` value), with what it has so far. The prompt is text, or token ids
-        (see `chat_prompt`)."""
+        (see `chat_prompt`). Given `relay`, the engine thread calls it with each Delta instead
+        of yielding it: it must neither block nor raise."""
         ids = self.loaded.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         self._check_fits(len(ids), params.max_new_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         text = TextStream(self.loaded.tokenizer, ids, params.stop)
         blocks = block_digests(ids) if self.prefix.capacity else []  # hashed here, off the engine thread
         seq = Sequence(ids, params, torch.Generator().manual_seed(seed), text, cancel or threading.Event(), deadline,
-                       blocks=blocks, pieces=pieces)  # fmt: skip
+                       Output(relay), blocks=blocks, pieces=pieces)  # fmt: skip
         self.scheduler.add(seq)
         return iter(seq.output)
 

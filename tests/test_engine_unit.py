@@ -802,6 +802,19 @@ def test_a_whole_answer_arrives_once_with_what_the_pieces_carry() -> None:
     eng.close()
 
 
+def test_relayed_pieces_come_from_the_engine_thread_before_the_result() -> None:
+    """With a relay the engine thread hands it each Delta (a streaming reader's event loop), and
+    the request's own iterator yields only the result, after every piece was relayed."""
+    eng = make_engine()
+    relayed: list[tuple[engine.Delta, str]] = []
+    params = SamplingParams(max_new_tokens=6, stop=("fg",))
+    events = list(eng.stream("a", params, relay=lambda d: relayed.append((d, threading.current_thread().name))))
+    assert events == [engine.Result("bcde", 6, "stop")]
+    assert [d for d, _ in relayed] == list(eng.stream("a", params))[:-1]
+    assert {thread for _, thread in relayed} == {"engine"}
+    eng.close()
+
+
 def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of 8 tokens, one per step: the running sequences advance between them, and
     sequences that finish mid-prefill give their blocks back without mixing anyone's history up."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -36,11 +36,16 @@ class FakeEngine:
         self.cancels: list[threading.Event] = []
 
     def stream(self, prompt: str, params: engine.SamplingParams, cancel: threading.Event,
-               deadline: float, pieces: bool) -> Iterator[engine.Delta | engine.Result]:  # fmt: skip
+               deadline: float, pieces: bool,
+               relay: Callable[[engine.Delta], None] | None) -> Iterator[engine.Delta | engine.Result]:  # fmt: skip
         self.cancels.append(cancel)
         if self.error is not None:
             raise self.error
-        yield from EVENTS
+        for event in EVENTS:
+            if relay is not None and isinstance(event, engine.Delta):
+                relay(event)  # as the engine thread does
+            else:
+                yield event
 
     def drain(self, deadline: float) -> None: ...
 
