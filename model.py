@@ -446,9 +446,12 @@ class Linear:
 
     def _weight_only(self, x: torch.Tensor, kernel: Callable[..., torch.Tensor], *weights: Any) -> torch.Tensor:
         """An int8 or int4 kernel's product: it takes [rows, in] contiguous bfloat16 activations and
-        its weights; the answer goes back to x's dtype and shape, plus the bias."""
-        out = kernel(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), *weights)
-        out = out.to(x.dtype).view(*x.shape[:-1], -1)
+        its weights; the answer goes back to x's dtype and shape, plus the bias. A cast or copy
+        that would change nothing is not called: each is an operation a traced pass replays."""
+        rows = x.reshape(-1, self.in_features)
+        rows = rows if rows.dtype == torch.bfloat16 else rows.to(torch.bfloat16)
+        out = kernel(rows if rows.is_contiguous() else rows.contiguous(), *weights)
+        out = (out if out.dtype == x.dtype else out.to(x.dtype)).view(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias
 
 
