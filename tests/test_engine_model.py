@@ -438,7 +438,7 @@ def test_the_traced_decode_pass_replays_the_lone_step(model_dir: Path, monkeypat
     config = engine.ModelConfig(name=str(model_dir), dtype=dtype, quantize="int8")
     loaded = model.load_model(config, engine.PREFILL_CHUNK)
     network, traced = loaded.model, loaded.model.lone_pass
-    assert traced is not None and loaded.lone_pass == "a lone sequence's decode pass traced"
+    assert traced is not None and loaded.lone_pass.startswith("a lone sequence's decode pass traced;")
 
     def check(work: model.Work) -> int:
         got = network.run(work)
@@ -450,6 +450,34 @@ def test_the_traced_decode_pass_replays_the_lone_step(model_dir: Path, monkeypat
         return int(got.argmax())
 
     _lone_steps(loaded, check)
+
+
+def test_traced_batch_passes_replay_the_batched_step(model_dir: Path) -> None:
+    """The default batched decode passes (`Model.trace_batches`), on the weights `auto` picks:
+    12 steps of real sequences, all in one block (one group of rows), then every third in three
+    (two groups), the pool handed back between them, give the plain batched step's logits bit for
+    bit, through the traces."""
+    loaded = model.load_model(engine.ModelConfig(name=str(model_dir), max_batch=16), engine.PREFILL_CHUNK)
+    network, text = loaded.model, loaded.tokenizer.encode("The history of the city is long. " * 40)
+    assert loaded.lone_pass.endswith(f"batched decode passes of {network.batch_least}+ rows traced")
+    rows, ran = max(6, network.batch_least), []
+    for groups, traced in list(network.batch_passes.items()):
+        network.batch_passes[groups] = lambda ids, d, traced=traced, groups=groups: ran.append(groups) or traced(ids, d)
+    with torch.inference_mode():
+        for lengths in ([40] * rows, [150 if row % 3 == 0 else 10 + row for row in range(rows)]):
+            network.clear()
+            tables = [list(range(4 * row, 4 * row + 4)) for row in range(rows)]
+            for table, length in zip(tables, lengths, strict=True):
+                network.run(model.Work([table], [text[:length]], [0], fresh=tuple(table)))
+            tokens = [[text[length]] for length in lengths]
+            for _ in range(12):
+                work = model.Work(tables, tokens, lengths)
+                traced_logits = network.run(work)
+                passes, network.batch_passes = network.batch_passes, {}
+                assert torch.equal(traced_logits, network.run(work))
+                network.batch_passes = passes
+                tokens, lengths = [[int(t)] for t in traced_logits.argmax(-1)], [n + 1 for n in lengths]
+    assert ran == [1] * 12 + [2] * 12
 
 
 def test_int8_weights_serve_a_staggered_batch(model_dir: Path) -> None:

@@ -500,6 +500,61 @@ def test_a_trace_that_fails_or_differs_leaves_the_plain_step(monkeypatch: pytest
     assert network.trace() == "the traced pass's logits differ from the plain step's" and network.lone_pass is None
 
 
+def _packed_layer_model(blocks: int) -> model.Model:
+    """A tiny float32 model of one layer on oneDNN's packed float weights (as bfloat16 and float32
+    run past a few rows), its embedding random: each token's keys differ."""
+    network = _tiny_model(torch.float32, blocks=blocks)
+    network.embed = model.Embedding(torch.randn(VOCAB, 48), torch.float32)
+    network.lm_head = model.Linear(48, model.pack_float(torch.randn(VOCAB, 48), 8), None)
+
+    def packed(rows: int, width: int) -> model.Linear:
+        return model.Linear(width, model.pack_float(torch.randn(rows, width) / 8, 8), None)
+
+    ones = torch.ones(48)  # 6 query heads and 2 key heads of 8, a gated MLP 64 wide
+    layer = model.LayerWeights(ones, None, packed(80, 48), packed(48, 48), ones, None, packed(128, 48), packed(48, 64))
+    network.layers = [layer]
+    return network
+
+
+def test_traced_batches_run_on_the_pool_of_the_day_at_any_shape() -> None:
+    """The batched decode passes (one trace for rows gathered in one group, one for two) run
+    steps of other sizes, lengths and blocks than they were traced at, in pools made after
+    them: each gives the plain step's logits bit for bit and writes its keys into that pool."""
+    torch.manual_seed(0)
+    network = _packed_layer_model(blocks=40)
+    assert network.trace_batches(max_batch=6) is None and sorted(network.batch_passes) == [1, 2]
+    assert network.batch_least == 1  # no int8 or int4 weights: one format at every size
+    ran: list[int] = []
+    for groups, traced in list(network.batch_passes.items()):
+        network.batch_passes[groups] = lambda ids, d, traced=traced, groups=groups: ran.append(groups) or traced(ids, d)
+    with torch.inference_mode():
+        for lengths in ([3, 70, 75], [130, 5, 9, 140, 7, 66], [60, 61], [200, 190, 180, 170, 10]):
+            network.clear()
+            tables = [list(range(4 * row, 4 * row + 4)) for row in range(len(lengths))]
+            for table, length in zip(tables, lengths, strict=True):
+                network.run(model.Work([table], [torch.randint(0, VOCAB, (length,)).tolist()], [0], fresh=tuple(table)))
+            work = model.Work(tables, [[row] for row in range(len(lengths))], lengths)
+            traced_logits = network.run(work)
+            block, offset = tables[-1][lengths[-1] // model.KV_BLOCK], lengths[-1] % model.KV_BLOCK
+            assert bool(network.pool.k[0][block, :, offset].any())  # the new key, in this pool
+            passes, network.batch_passes = network.batch_passes, {}
+            assert torch.equal(traced_logits, network.run(work))
+            network.batch_passes = passes
+    assert ran == [1, 2, 1, 2]  # blocks 1-2 are one group; 1 and 3 two
+
+
+def test_batches_are_not_traced_where_their_formats_do_not_settle() -> None:
+    """int8 weights up to the batch's largest size leave no rows where every product runs one
+    format; capped scores take paths the pass lacks: the reason, and no batch passes."""
+    network = _packed_layer_model(blocks=60)
+    network.lm_head.int8, network.lm_head.int8_rows = model.pack_int8(torch.randn(VOCAB, 48)), 6
+    assert network.trace_batches(max_batch=6) == "batches too small for their weight formats to settle, or a small pool"
+    assert network.trace_batches(max_batch=10) is None and network.batch_least == 7
+    capped = _tiny_model(torch.float32, blocks=40, softcap=50.0)
+    assert capped.trace_batches(max_batch=6) == "a sliding window or capped attention scores"
+    assert not capped.batch_passes
+
+
 def _int8_head(network: model.Model) -> model.Model:
     network.lm_head = model.Linear(48, None, None, model.pack_int8(torch.randn(VOCAB, 48)), model.INT8_ALWAYS)
     return network
