@@ -793,7 +793,8 @@ class Model:
         # In the model's dtype, as transformers' Gemma multiplies (sqrt(3072) = 55.43 is 55.5 in bfloat16).
         self.embed_scale = torch.tensor(arch.embed_scale, dtype=self.dtype, device=self.device)
         self.lone_pass: Callable[[torch.Tensor, LoneDecode], torch.Tensor] | None = None  # `trace`, `compile`
-        self.batch_passes: dict[int, Callable[[torch.Tensor, Decode], torch.Tensor]] = {}  # by groups: `trace_batches`
+        # `trace_batches`, by the number of groups: the final norm's output [B, C]
+        self.batch_passes: dict[int, Callable[[torch.Tensor, Decode], torch.Tensor]] = {}
         self.batch_least = 0  # the fewest rows a traced batch pass runs (every product's format settled)
 
     def run(self, work: Work) -> torch.Tensor:
@@ -850,7 +851,7 @@ class Model:
         try:
             ids, decode = self._prepare_decode(work)
             traced = self.batch_passes.get(len(decode.gathered)) if decode.gathered is not None else None
-            return self._forward(ids, decode, decode, None) if traced is None else traced(ids, decode)
+            return self._forward(ids, decode, decode, None) if traced is None else self._logits(traced(ids, decode))
         except Exception:
             log.exception("a traced batch pass failed; running the plain step from now on")
             self.batch_passes = {}
@@ -909,8 +910,11 @@ class Model:
         `batch_least` rows or more, where every product runs one weight format (a trace keeps the
         formats it saw). Sizes stay the replay's inputs (rows, blocks): each trace is checked bit
         for bit against the plain pass at two shapes. The packed float weights come in as inputs
-        (a trace cannot hold them as constants; `Linear._recordable`). Where it cannot, why not
-        (AMX Xeon, 160 cached: 26.1 against 28.8 ms at 8 rows, 48.0 against 51.1 at 32)."""
+        (a trace cannot hold them as constants; `Linear._recordable`). The output head runs
+        after the trace, in the plain form: the binary form keeps a float32 buffer of rows x
+        outputs for each batch size, ~80 MB for a 49,152-token vocabulary at 9-32 rows. Where it
+        cannot, why not (AMX Xeon, 160 cached: 27.7 against 30.6 ms at 8 rows, 50.8 against 53.5
+        at 32)."""
         why_not = self._traced_unsupported()
         least = 1 + max((r for lin in self.linears for r in lin.settled_from()), default=0)
         if why_not or max(least, 2) > max_batch or 5 * min(max_batch, max(least, 2) + 3) > self.pool.blocks:
@@ -931,7 +935,7 @@ class Model:
             gathered = tuple(Gathered(g[5] if len(g) > 5 else None, *g[:5]) for g in groups)
             tables = (cos, sin) if rotary else (None, None)
             decode = Decode(positions, slots, gathered, None, *tables)
-            return self._forward(ids, decode, decode, None)
+            return self._final(ids, decode, decode, None)
 
         try:
             with self._batch_warm_ups(least, max_batch) as warm_ups, warnings.catch_warnings():
@@ -939,7 +943,8 @@ class Model:
                 for groups, shapes in warm_ups.items():
                     traced = torch.jit.trace(replay, inputs(*shapes[0]), check_trace=False)
                     for ids, decode in shapes:
-                        if not torch.equal(traced(*inputs(ids, decode)), self._forward(ids, decode, decode, None)):
+                        logits = self._logits(traced(*inputs(ids, decode)))
+                        if not torch.equal(logits, self._forward(ids, decode, decode, None)):
                             return f"the traced pass's logits differ from the plain step's ({groups} groups)"
                     self.batch_passes[groups] = functools.partial(_replayed, traced, inputs)
         except Exception as exc:
@@ -1200,6 +1205,16 @@ class Model:
         last: torch.Tensor | None,
     ) -> torch.Tensor:
         """The next-token logits [B, V] of each decode row (`last` None) or of the row's tokens at `last`."""
+        return self._logits(self._final(ids, inputs, windowed, last))
+
+    def _final(
+        self,
+        ids: torch.Tensor,
+        inputs: Prefill | Decode | Mixed | LoneDecode,
+        windowed: Prefill | Decode | Mixed | LoneDecode,
+        last: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`_forward` up to the output head: the final norm's output [B, C]."""
         x = self.embed(ids)  # [B, T, C]
         if self.arch.embed_scale != 1.0:
             x = x * self.embed_scale
@@ -1207,7 +1222,9 @@ class Model:
             x = x + F.embedding(inputs.positions, self.pos_embed)
         for index, layer in enumerate(self.layers):
             x = self._layer(index, layer, x, windowed if index in self.arch.windowed else inputs)
-        x = self._norm(x[:, -1] if last is None else x[0, last], *self.final_norm)  # only they need logits
+        return self._norm(x[:, -1] if last is None else x[0, last], *self.final_norm)  # only they need logits
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)  # [B, V]
         cap = self.arch.logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
