@@ -851,7 +851,9 @@ class Model:
         try:
             ids, decode = self._prepare_decode(work)
             traced = self.batch_passes.get(len(decode.gathered)) if decode.gathered is not None else None
-            return self._forward(ids, decode, decode, None) if traced is None else self._logits(traced(ids, decode))
+            if traced is None:
+                return self._forward(ids, decode, self._windowed(decode), None)
+            return self._logits(traced(ids, decode))
         except Exception:
             log.exception("a traced batch pass failed; running the plain step from now on")
             self.batch_passes = {}
@@ -891,17 +893,13 @@ class Model:
             return ids, lone.positions, lone.slots, lone.pieces, lone.visible, cos, sin, lone.keys, lone.values
 
         try:
-            with self._lone_warm_ups() as warm_ups, warnings.catch_warnings():
-                # its deprecation; and the products' weight formats, which it takes as picked for
-                # one row (`Linear.format_at`): the pass has one row at every call
-                warnings.simplefilter("ignore")
-                traced = torch.jit.trace(replay, inputs(*warm_ups[0]), check_trace=False)
-                for ids, lone in warm_ups:  # the executor's first calls also profile the graph
-                    if not torch.equal(traced(*inputs(ids, lone)), self._forward(ids, lone, lone, None)):
-                        return "the traced pass's logits differ from the plain step's"
+            with self._lone_warm_ups() as warm_ups:
+                lone_pass = self._trace_checked(replay, inputs, warm_ups, lambda out: out)
         except Exception as exc:
             return f"tracing failed ({type(exc).__name__}: {str(exc)[:200]})"
-        self.lone_pass = lambda ids, lone: traced(*inputs(ids, lone))
+        if lone_pass is None:
+            return "the traced pass's logits differ from the plain step's"
+        self.lone_pass = lone_pass
         return None
 
     def trace_batches(self, max_batch: int) -> str | None:
@@ -917,7 +915,8 @@ class Model:
         at 32)."""
         why_not = self._traced_unsupported()
         least = 1 + max((r for lin in self.linears for r in lin.settled_from()), default=0)
-        if why_not or max(least, 2) > max_batch or 5 * min(max_batch, max(least, 2) + 3) > self.pool.blocks:
+        shapes = _batch_shapes(least, max_batch)
+        if why_not or max(least, 2) > max_batch or max(map(sum, shapes[1] + shapes[2])) > self.pool.blocks:
             return why_not or "batches too small for their weight formats to settle, or a small pool"
         rotary = self.arch.inv_freq is not None
         weights = tuple(lin.weight for lin in self.linears if lin.weight is not None and lin.weight.is_mkldnn)
@@ -937,37 +936,46 @@ class Model:
             decode = Decode(positions, slots, gathered, None, *tables)
             return self._final(ids, decode, decode, None)
 
+        passes: dict[int, Callable[[torch.Tensor, Decode], torch.Tensor]] = {}
         try:
-            with self._batch_warm_ups(least, max_batch) as warm_ups, warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit.trace's deprecation
-                for groups, shapes in warm_ups.items():
-                    traced = torch.jit.trace(replay, inputs(*shapes[0]), check_trace=False)
-                    for ids, decode in shapes:
-                        logits = self._logits(traced(*inputs(ids, decode)))
-                        if not torch.equal(logits, self._forward(ids, decode, decode, None)):
-                            return f"the traced pass's logits differ from the plain step's ({groups} groups)"
-                    self.batch_passes[groups] = functools.partial(_replayed, traced, inputs)
+            for groups, blocks in shapes.items():
+                with self._fresh_pool():
+                    warm_ups = [self._prepare_decode(self._warm_up_work(rows)) for rows in blocks]
+                    batch_pass = self._trace_checked(replay, inputs, warm_ups, self._logits)
+                if batch_pass is None:
+                    return f"the traced pass's logits differ from the plain step's ({groups} groups)"
+                passes[groups] = batch_pass
         except Exception as exc:
-            self.batch_passes = {}
             return f"tracing failed ({type(exc).__name__}: {str(exc)[:200]})"
-        self.batch_least = least
+        self.batch_passes, self.batch_least = passes, least
         return None
 
+    def _trace_checked(
+        self, replay: Callable[..., torch.Tensor], inputs: Callable[..., tuple[Any, ...]], warm_ups: list[Any],
+        head: Callable[[torch.Tensor], torch.Tensor],
+    ) -> Callable[..., torch.Tensor] | None:  # fmt: skip
+        """`replay` traced at the first warm-up's inputs (`inputs` makes them from a step's), then
+        run at every warm-up, its output through `head`, against the plain pass's logits: the
+        traced pass, or None where any differs at all."""
+        with warnings.catch_warnings():
+            # its deprecation; and the products' weight formats, which it takes as picked for the
+            # rows it saw (`Linear.format_at`): each pass runs at rows of one format
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(replay, inputs(*warm_ups[0]), check_trace=False)
+            for ids, step in warm_ups:  # the executor's first calls also profile the graph
+                if not torch.equal(head(traced(*inputs(ids, step))), self._forward(ids, step, step, None)):
+                    return None
+        return functools.partial(_replayed, traced, inputs)
+
     @contextlib.contextmanager
-    def _batch_warm_ups(self, least: int, max_batch: int) -> Iterator[dict[int, list[tuple[torch.Tensor, Decode]]]]:
-        """Decode inputs of `least` rows and more, in one group and in two, each at two shapes
-        (rows and blocks), their positions near their blocks' ends; in a fresh pool, handed back."""
-        few = max(least, 2)  # two groups need two rows
-        most = min(max_batch, few + 3)
-        shapes = {
-            1: [[2] * least, [3, 4] * (most // 2) + [4] * (most % 2)],
-            2: [[1] * (few - few // 2) + [3] * (few // 2), [2] * (most // 2) + [5] * (most - most // 2)],
-        }
+    def _fresh_pool(self) -> Iterator[None]:
+        """In inference mode, a pool made as the engine makes it (the compiled pass checks how its
+        tensors were made), handed back after: for the warm-ups of `trace`, `trace_batches` and
+        `compile`."""
         with torch.inference_mode():
             self.pool = KVPool(self.pool.layers, self.pool.blocks, self.arch, self.dtype, self.device)
             try:
-                yield {groups: [self._prepare_decode(self._warm_up_work(blocks)) for blocks in rows]
-                       for groups, rows in shapes.items()}  # fmt: skip
+                yield
             finally:
                 self.clear()
 
@@ -1030,17 +1038,9 @@ class Model:
     @contextlib.contextmanager
     def _lone_warm_ups(self) -> Iterator[list[tuple[torch.Tensor, LoneDecode]]]:
         """A lone sequence's decode inputs at one, two and three blocks (as many as the pool and
-        the context hold), in inference mode and a pool made as the engine makes it (the compiled
-        pass checks how its tensors were made), handed back after."""
-        with torch.inference_mode():
-            self.pool = KVPool(self.pool.layers, self.pool.blocks, self.arch, self.dtype, self.device)
-            try:
-                counts = range(1, min(3, self.pool.blocks) + 1)
-                self.pool.zero(tuple(range(len(counts))))
-                yield [self._prepare_lone(Work([list(range(n))], [[0]], [min(n * KV_BLOCK, self.max_context) - 2]))
-                       for n in counts]  # fmt: skip
-            finally:
-                self.clear()
+        the context hold), in a fresh pool (`_fresh_pool`)."""
+        with self._fresh_pool():
+            yield [self._prepare_lone(self._warm_up_work([n])) for n in range(1, min(3, self.pool.blocks) + 1)]
 
     def _prepare_mixed(self, work: Work, chunks: list[int]) -> tuple[torch.Tensor, Mixed, torch.Tensor]:
         """The chunks' row (`_prepare_prefill`), then the other sequences' one token each as decode
@@ -1410,6 +1410,17 @@ def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> t
     if window is not None:
         visible &= keys > queries - window
     return visible
+
+
+def _batch_shapes(least: int, max_batch: int) -> dict[int, list[list[int]]]:
+    """`trace_batches`' warm-ups, by the number of groups their rows are gathered in: each at two
+    shapes, the blocks each row holds, from `least` rows (two at least, for two groups) up."""
+    few = max(least, 2)
+    most = min(max_batch, few + 3)
+    return {
+        1: [[2] * least, [3, 4] * (most // 2) + [4] * (most % 2)],
+        2: [[1] * (few - few // 2) + [3] * (few // 2), [2] * (most // 2) + [5] * (most - most // 2)],
+    }
 
 
 def _replayed(traced: Callable[..., torch.Tensor], inputs: Callable[..., tuple[Any, ...]], *args: Any) -> torch.Tensor:
