@@ -946,11 +946,8 @@ class Generation:
         relay = self._relay if self.pieces else None
         for event in running.stream(prompt, self.params, self.cancel, deadline, self.pieces, relay):
             if isinstance(event, engine.Result):
-                self.result = event
-            try:
-                anyio.from_thread.run_sync(self._sender.send_nowait, event)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self.cancel.set()  # nobody reads any more; the result is still kept and counted
+                self.result = event  # kept and counted even if nobody reads it any more
+            anyio.from_thread.run_sync(self._deliver, event)
 
     def _relay(self, delta: engine.Delta) -> None:
         """On the engine thread: hand a streamed piece to the event loop without waiting. Each
@@ -963,11 +960,12 @@ class Generation:
         except RuntimeError:  # the loop has closed (the server is stopping)
             self.cancel.set()
 
-    def _deliver(self, delta: engine.Delta) -> None:
+    def _deliver(self, event: Event) -> None:
+        """In the event loop: an event to the rendering; if nobody reads any more, the cancel."""
         try:
-            self._sender.send_nowait(delta)
+            self._sender.send_nowait(event)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self.cancel.set()  # nobody reads any more
+            self.cancel.set()
 
     def _give_up_waiting(self, last: Event) -> None:
         """End a generation that has no place yet with `last`; once it holds one (or has ended
