@@ -916,8 +916,11 @@ class Model:
         why_not = self._traced_unsupported()
         least = 1 + max((r for lin in self.linears for r in lin.settled_from()), default=0)
         shapes = _batch_shapes(least, max_batch)
-        if why_not or max(least, 2) > max_batch or max(map(sum, shapes[1] + shapes[2])) > self.pool.blocks:
+        largest = max(map(sum, shapes[1] + shapes[2]))  # blocks of the largest warm-up step
+        if why_not or max(least, 2) > max_batch or largest > self.pool.blocks:
             return why_not or "batches too small for their weight formats to settle, or a small pool"
+        if largest * self.pool.block_bytes // self.pool.layers > GATHER_BYTES:  # as `_prepare_decode` decides
+            return "keys and values too wide to gather the warm-up batches' blocks into rows (GATHER_BYTES)"
         rotary = self.arch.inv_freq is not None
         weights = tuple(lin.weight for lin in self.linears if lin.weight is not None and lin.weight.is_mkldnn)
 
@@ -1414,12 +1417,13 @@ def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> t
 
 def _batch_shapes(least: int, max_batch: int) -> dict[int, list[list[int]]]:
     """`trace_batches`' warm-ups, by the number of groups their rows are gathered in: each at two
-    shapes, the blocks each row holds, from `least` rows (two at least, for two groups) up."""
+    shapes, the blocks each row holds, from `least` rows (two at least, for two groups) up. Few
+    blocks, so that wide keys and values (distilgpt2's 12 heads in float32) are still gathered."""
     few = max(least, 2)
     most = min(max_batch, few + 3)
     return {
-        1: [[2] * least, [3, 4] * (most // 2) + [4] * (most % 2)],
-        2: [[1] * (few - few // 2) + [3] * (few // 2), [2] * (most // 2) + [5] * (most - most // 2)],
+        1: [[1] * least, [2] * most],
+        2: [[1] * (few - few // 2) + [3] * (few // 2), [1] * (most - most // 2) + [3] * (most // 2)],
     }
 
 

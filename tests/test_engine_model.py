@@ -452,12 +452,20 @@ def test_the_traced_decode_pass_replays_the_lone_step(model_dir: Path, monkeypat
     _lone_steps(loaded, check)
 
 
-def test_traced_batch_passes_replay_the_batched_step(model_dir: Path) -> None:
-    """The default batched decode passes (`Model.trace_batches`), on the weights `auto` picks:
-    12 steps of real sequences, all in one block (one group of rows), then every third in three
-    (two groups), the pool handed back between them, give the plain batched step's logits bit for
-    bit, through the traces."""
-    loaded = model.load_model(engine.ModelConfig(name=str(model_dir), max_batch=16), engine.PREFILL_CHUNK)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])  # both paths `auto` picks between CPUs
+def test_traced_batch_passes_replay_the_batched_step(
+    model_dir: Path, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default batched decode passes (`Model.trace_batches`), past int4 (where the checkpoint
+    holds it) and int8 weights up to 4 rows, packed float weights beyond (pinned: `auto` times the
+    formats, and in float32 may keep int8 up to the whole batch, leaving no rows to trace): 12
+    steps of real sequences, all in one block (one group of rows), then every third in three (two
+    groups), the pool handed back between them, give the plain batched step's logits bit for bit,
+    through the traces."""
+    monkeypatch.setattr(model, "resolve_int8", lambda *settings: 4)
+    monkeypatch.setattr(model, "resolve_int4", lambda *settings: 4)
+    config = engine.ModelConfig(name=str(model_dir), max_batch=16, dtype=dtype)
+    loaded = model.load_model(config, engine.PREFILL_CHUNK)
     network, text = loaded.model, loaded.tokenizer.encode("The history of the city is long. " * 40)
     assert loaded.lone_pass.endswith(f"batched decode passes of {network.batch_least}+ rows traced")
     rows, ran = max(6, network.batch_least), []
