@@ -915,10 +915,12 @@ class Model:
         at 32)."""
         why_not = self._traced_unsupported()
         least = 1 + max((r for lin in self.linears for r in lin.settled_from()), default=0)
+        if why_not or max(least, 2) > max_batch:  # (int4 or int8 at every size: `least` is past any batch)
+            return why_not or "batches too small for their weight formats to settle, or a small pool"
         shapes = _batch_shapes(least, max_batch)
         largest = max(map(sum, shapes[1] + shapes[2]))  # blocks of the largest warm-up step
-        if why_not or max(least, 2) > max_batch or largest > self.pool.blocks:
-            return why_not or "batches too small for their weight formats to settle, or a small pool"
+        if largest > self.pool.blocks:
+            return "batches too small for their weight formats to settle, or a small pool"
         if largest * self.pool.block_bytes // self.pool.layers > GATHER_BYTES:  # as `_prepare_decode` decides
             return "keys and values too wide to gather the warm-up batches' blocks into rows (GATHER_BYTES)"
         rotary = self.arch.inv_freq is not None
