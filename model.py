@@ -436,20 +436,11 @@ class Linear:
             return self._weight_only(x, torch.ops.aten._weight_int8pack_mm, *self.int8)
         assert self.weight is not None
         if self.weight.is_mkldnn:
-            if torch._C._get_tracing_state() is not None:  # `_recordable`
-                return self._recordable(x, self.weight)
+            if torch._C._get_tracing_state() is not None:  # a trace records the product as a call
+                return _packed_product()(x, self.weight, self.bias)
             out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
             return out
         return F.linear(x, self.weight, self.bias)
-
-    def _recordable(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """oneDNN's packed product in a form a trace records (`Model.trace_batches`): the tracer
-        cannot record the plain form's `Scalar?[]` argument, and its binary form has none. It
-        adds zeros to the product, which changes no bit."""
-        rows = x.reshape(-1, self.in_features)
-        zeros = rows.new_zeros(rows.shape[0], weight.shape[0])
-        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise.binary(rows, zeros, weight, self.bias, "add")
-        return out.view(*x.shape[:-1], -1)
 
     def settled_from(self) -> tuple[int, ...]:
         """The rows up to which a product may run another format than at more rows."""
@@ -474,6 +465,21 @@ class Linear:
         out = kernel(rows if rows.is_contiguous() else rows.contiguous(), *weights)
         out = (out if out.dtype == x.dtype else out.to(x.dtype)).view(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias
+
+
+@functools.cache
+def _packed_product() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """oneDNN's packed product as a TorchScript function, made once, which a trace records as a
+    call (`Model.trace_batches`): the tracer cannot record the op's `Scalar?[]` argument itself,
+    a scripted call can. (The op's binary form, which has no such argument, adds a tensor to
+    the product: 1 ms a step at 8 rows, 2 at 32, AMX Xeon.)"""
+
+    def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        none: list[int | float | complex | None] = []  # the schema's `Scalar?[]`
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", none, "")
+        return out
+
+    return torch.jit.script(product)
 
 
 @dataclass
@@ -793,7 +799,7 @@ class Model:
         # In the model's dtype, as transformers' Gemma multiplies (sqrt(3072) = 55.43 is 55.5 in bfloat16).
         self.embed_scale = torch.tensor(arch.embed_scale, dtype=self.dtype, device=self.device)
         self.lone_pass: Callable[[torch.Tensor, LoneDecode], torch.Tensor] | None = None  # `trace`, `compile`
-        # `trace_batches`, by the number of groups: the final norm's output [B, C]
+        # `trace_batches`, by the number of groups its rows are gathered in
         self.batch_passes: dict[int, Callable[[torch.Tensor, Decode], torch.Tensor]] = {}
         self.batch_least = 0  # the fewest rows a traced batch pass runs (every product's format settled)
 
@@ -853,7 +859,7 @@ class Model:
             traced = self.batch_passes.get(len(decode.gathered)) if decode.gathered is not None else None
             if traced is None:
                 return self._forward(ids, decode, self._windowed(decode), None)
-            return self._logits(traced(ids, decode))
+            return traced(ids, decode)
         except Exception:
             log.exception("a traced batch pass failed; running the plain step from now on")
             self.batch_passes = {}
@@ -894,7 +900,7 @@ class Model:
 
         try:
             with self._lone_warm_ups() as warm_ups:
-                lone_pass = self._trace_checked(replay, inputs, warm_ups, lambda out: out)
+                lone_pass = self._trace_checked(replay, inputs, warm_ups)
         except Exception as exc:
             return f"tracing failed ({type(exc).__name__}: {str(exc)[:200]})"
         if lone_pass is None:
@@ -908,11 +914,8 @@ class Model:
         `batch_least` rows or more, where every product runs one weight format (a trace keeps the
         formats it saw). Sizes stay the replay's inputs (rows, blocks): each trace is checked bit
         for bit against the plain pass at two shapes. The packed float weights come in as inputs
-        (a trace cannot hold them as constants; `Linear._recordable`). The output head runs
-        after the trace, in the plain form: the binary form keeps a float32 buffer of rows x
-        outputs for each batch size, ~80 MB for a 49,152-token vocabulary at 9-32 rows. Where it
-        cannot, why not (AMX Xeon, 160 cached: 27.7 against 30.6 ms at 8 rows, 50.8 against 53.5
-        at 32)."""
+        (a trace cannot hold them as constants; `_packed_product`). Where it cannot, why not (AMX
+        Xeon, 160 cached: 27.7 against 30.6 ms at 8 rows, 50.8 against 53.5 at 32)."""
         why_not = self._traced_unsupported()
         least = 1 + max((r for lin in self.linears for r in lin.settled_from()), default=0)
         if why_not or max(least, 2) > max_batch:  # (int4 or int8 at every size: `least` is past any batch)
@@ -939,14 +942,14 @@ class Model:
             gathered = tuple(Gathered(g[5] if len(g) > 5 else None, *g[:5]) for g in groups)
             tables = (cos, sin) if rotary else (None, None)
             decode = Decode(positions, slots, gathered, None, *tables)
-            return self._final(ids, decode, decode, None)
+            return self._forward(ids, decode, decode, None)
 
         passes: dict[int, Callable[[torch.Tensor, Decode], torch.Tensor]] = {}
         try:
             for groups, blocks in shapes.items():
                 with self._fresh_pool():
                     warm_ups = [self._prepare_decode(self._warm_up_work(rows)) for rows in blocks]
-                    batch_pass = self._trace_checked(replay, inputs, warm_ups, self._logits)
+                    batch_pass = self._trace_checked(replay, inputs, warm_ups)
                 if batch_pass is None:
                     return f"the traced pass's logits differ from the plain step's ({groups} groups)"
                 passes[groups] = batch_pass
@@ -956,19 +959,18 @@ class Model:
         return None
 
     def _trace_checked(
-        self, replay: Callable[..., torch.Tensor], inputs: Callable[..., tuple[Any, ...]], warm_ups: list[Any],
-        head: Callable[[torch.Tensor], torch.Tensor],
-    ) -> Callable[..., torch.Tensor] | None:  # fmt: skip
+        self, replay: Callable[..., torch.Tensor], inputs: Callable[..., tuple[Any, ...]], warm_ups: list[Any]
+    ) -> Callable[..., torch.Tensor] | None:
         """`replay` traced at the first warm-up's inputs (`inputs` makes them from a step's), then
-        run at every warm-up, its output through `head`, against the plain pass's logits: the
-        traced pass, or None where any differs at all."""
+        run at every warm-up against the plain pass's logits: the traced pass, or None where any
+        differs at all."""
         with warnings.catch_warnings():
             # its deprecation; and the products' weight formats, which it takes as picked for the
             # rows it saw (`Linear.format_at`): each pass runs at rows of one format
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(replay, inputs(*warm_ups[0]), check_trace=False)
             for ids, step in warm_ups:  # the executor's first calls also profile the graph
-                if not torch.equal(head(traced(*inputs(ids, step))), self._forward(ids, step, step, None)):
+                if not torch.equal(traced(*inputs(ids, step)), self._forward(ids, step, step, None)):
                     return None
         return functools.partial(_replayed, traced, inputs)
 
@@ -1210,16 +1212,6 @@ class Model:
         last: torch.Tensor | None,
     ) -> torch.Tensor:
         """The next-token logits [B, V] of each decode row (`last` None) or of the row's tokens at `last`."""
-        return self._logits(self._final(ids, inputs, windowed, last))
-
-    def _final(
-        self,
-        ids: torch.Tensor,
-        inputs: Prefill | Decode | Mixed | LoneDecode,
-        windowed: Prefill | Decode | Mixed | LoneDecode,
-        last: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """`_forward` up to the output head: the final norm's output [B, C]."""
         x = self.embed(ids)  # [B, T, C]
         if self.arch.embed_scale != 1.0:
             x = x * self.embed_scale
@@ -1227,9 +1219,7 @@ class Model:
             x = x + F.embedding(inputs.positions, self.pos_embed)
         for index, layer in enumerate(self.layers):
             x = self._layer(index, layer, x, windowed if index in self.arch.windowed else inputs)
-        return self._norm(x[:, -1] if last is None else x[0, last], *self.final_norm)  # only they need logits
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._norm(x[:, -1] if last is None else x[0, last], *self.final_norm)  # only they need logits
         logits = self.lm_head(x)  # [B, V]
         cap = self.arch.logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
