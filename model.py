@@ -768,7 +768,9 @@ class LoneDecode:
     positions: torch.Tensor  # [1, 1]
     slots: torch.Tensor  # [Hkv]: where the new key goes in a flat pool layer
     pieces: torch.Tensor  # [Hkv N]: its (block, key head) pieces of a pool layer, each key head's blocks in order
-    visible: torch.Tensor  # [1, 1, 1, N KV_BLOCK] bool: the positions it holds, the new one's included
+    # [1, 1, 1, N KV_BLOCK]: 0 at the positions it holds, the new one's included, else -inf; made
+    # additive once a step, not by the fused attention from a bool mask in every layer
+    visible: torch.Tensor
     cos: torch.Tensor | None = None  # [1, 1, 1, D]
     sin: torch.Tensor | None = None
     keys: tuple[torch.Tensor, ...] = ()  # the pool's layers (`KVPool.k`)
@@ -1114,7 +1116,7 @@ class Model:
         used, pool = table[: blocks_for(start + 1)], self.pool
         pieces = torch.tensor([block * pool.heads + head for head in range(pool.heads) for block in used],
                               device=self.device)  # fmt: skip
-        visible = (torch.arange(len(used) * KV_BLOCK, device=self.device) <= start)[None, None, None]
+        visible = self._additive(torch.arange(len(used) * KV_BLOCK, device=self.device) <= start)[None, None, None]
         cos, sin = self._rotary(positions, self.arch.inv_freq, self.arch.rope_scale)
         slots = pool.slots([table], [start])
         return ids, LoneDecode(positions, slots, pieces, visible, cos, sin, tuple(pool.k), tuple(pool.v))
