@@ -881,24 +881,26 @@ class Model:
         replayed by TorchScript's executor with no Python between its ~40 operations a layer (AMX
         Xeon, SmolLM2 on int4: a step 12.9 against 16.5 ms, the same logits bit for bit,
         bench/README.md). torch.jit.trace is deprecated, and torch.compile (COMPILE=1) needs a C++
-        compiler and ~50 s; a trace takes a fraction of a second. Where the pass cannot be traced
-        (as for `compile`), where tracing fails (a torch without it), or where the traced pass's
-        logits differ at all from the plain step's at one, two or three blocks: why not."""
-        why_not = self._lone_unsupported()
+        compiler and ~50 s; a trace takes a fraction of a second. Packed float weights (QUANTIZE=none,
+        or where int8 does not win at one row) come in as inputs, as in `trace_batches`. Where the
+        pass cannot be traced (`_traced_unsupported`), where tracing fails (a torch without it), or
+        where the traced pass's logits differ at all from the plain step's at one, two or three
+        blocks: why not."""
+        why_not = self._traced_unsupported()
         if why_not:
             return why_not
-        rotary = self.arch.inv_freq is not None
+        rotary, weights = self.arch.inv_freq is not None, self._packed_weights()
 
         def replay(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, pieces: torch.Tensor,
                    visible: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: tuple[torch.Tensor, ...],
-                   values: tuple[torch.Tensor, ...]) -> torch.Tensor:  # fmt: skip
+                   values: tuple[torch.Tensor, ...], weights: tuple[torch.Tensor, ...]) -> torch.Tensor:  # fmt: skip
             tables = (cos, sin) if rotary else (None, None)
             lone = LoneDecode(positions, slots, pieces, visible, tables[0], tables[1], keys, values)
             return self._forward(ids, lone, lone, None)
 
         def inputs(ids: torch.Tensor, lone: LoneDecode) -> tuple[Any, ...]:  # a trace takes tensors and tuples of them
             cos, sin = (lone.cos, lone.sin) if rotary else (ids.new_empty(0), ids.new_empty(0))  # GPT-2: no rotary
-            return ids, lone.positions, lone.slots, lone.pieces, lone.visible, cos, sin, lone.keys, lone.values
+            return ids, lone.positions, lone.slots, lone.pieces, lone.visible, cos, sin, lone.keys, lone.values, weights
 
         try:
             with self._lone_warm_ups() as warm_ups:
@@ -929,7 +931,7 @@ class Model:
         if largest * self.pool.block_bytes // self.pool.layers > GATHER_BYTES:  # as `_prepare_decode` decides
             return "keys and values too wide to gather the warm-up batches' blocks into rows (GATHER_BYTES)"
         rotary = self.arch.inv_freq is not None
-        weights = tuple(lin.weight for lin in self.linears if lin.weight is not None and lin.weight.is_mkldnn)
+        weights = self._packed_weights()
 
         def inputs(ids: torch.Tensor, d: Decode) -> tuple[Any, ...]:  # tensors and tuples of them only
             assert d.gathered is not None
@@ -1033,10 +1035,14 @@ class Model:
             return "a sliding window or capped attention scores"
         return None
 
+    def _packed_weights(self) -> tuple[torch.Tensor, ...]:
+        """oneDNN's packed float weights: a traced pass takes them as inputs (it cannot hold them
+        as constants) and records their products through `_packed_product`."""
+        return tuple(lin.weight for lin in self.linears if lin.weight is not None and lin.weight.is_mkldnn)
+
     def _lone_unsupported(self) -> str | None:
-        """Why a lone sequence's decode pass cannot be traced or compiled (`_traced_unsupported`),
-        or where a product at one row runs oneDNN's packed float weights, which its trace cannot
-        hold and `compile` cannot take; None if it can."""
+        """Why a lone sequence's decode pass cannot be compiled (`_traced_unsupported`), or where a
+        product at one row runs float weights, which `compile` cannot take; None if it can."""
         why_not = self._traced_unsupported()
         if why_not:
             return why_not

@@ -446,15 +446,37 @@ def test_gather_reads_a_sequences_blocks_in_order_in_a_row_or_not(table: list[in
 
 @pytest.mark.parametrize("method", ["compile", "trace"])
 def test_compile_and_trace_say_why_a_model_runs_the_plain_step(method: str) -> None:
-    """Capped scores (and sliding windows) take paths the lone pass lacks; float weights at one
-    row (oneDNN's packed ones can be neither compiled nor traced) are left too. Each leaves the
-    plain step, with the reason for the log."""
+    """Capped scores (and sliding windows) take paths the lone pass lacks: the plain step, with
+    the reason for the log."""
     capped = _int8_head(_tiny_model(torch.float32, blocks=4, softcap=50.0))
     assert getattr(capped, method)() == "a sliding window or capped attention scores" and capped.lone_pass is None
+
+
+def test_compile_leaves_float_weights_at_one_row() -> None:
+    """Float weights at one row, plain or oneDNN's packed ones, cannot be compiled: the plain
+    step, with the reason (the trace takes them: `test_a_lone_pass_on_float_weights_is_traced`)."""
     for weight in (torch.zeros(VOCAB, 48), model.pack_float(torch.zeros(VOCAB, 48), 4)):
         floats = _tiny_model(torch.float32, blocks=4)
         floats.lm_head = model.Linear(48, weight, None)
-        assert (getattr(floats, method)() or "").startswith("float weights at one row") and floats.lone_pass is None
+        assert (floats.compile() or "").startswith("float weights at one row") and floats.lone_pass is None
+
+
+def test_a_lone_pass_on_float_weights_is_traced() -> None:
+    """QUANTIZE=none: a lone sequence's pass on oneDNN's packed float weights is traced too (the
+    weights come in as inputs) and gives the untraced lone pass's logits bit for bit, step after
+    step. (The batched step's attention groups the queries otherwise: in float32 it may differ in
+    the last bits, as batch sizes may.)"""
+    torch.manual_seed(0)
+    network = _packed_layer_model(blocks=4)
+    assert network.trace() is None and network.lone_pass is not None
+    with torch.inference_mode():
+        network.run(model.Work([[0, 1]], [torch.randint(0, VOCAB, (70,)).tolist()], [0], fresh=(0, 1)))
+        for start in range(70, 75):
+            work = model.Work([[0, 1]], [[start % VOCAB]], [start])
+            traced_logits = network.run(work)
+            assert network.lone_pass is not None  # a pass that fails is dropped
+            ids, lone = network._prepare_lone(work)
+            assert torch.equal(traced_logits, network._forward(ids, lone, lone, None))
 
 
 def test_the_traced_pass_writes_into_the_pool_of_the_day() -> None:
