@@ -23,6 +23,10 @@ Formats:
              exactly (a checkpoint made of 4-bit blocks), int8-bf16 for the others
   int4-g32-all, int4-g64-all  every nn.Linear and the lm_head on int4, groups of 32 or 64, whatever
              the error (a tied input embedding stays float: a lookup, not a product)
+  w8a8-rows  what oneDNN's int8 x int8 product would run at 5+ rows: every nn.Linear but the
+             lm_head on the int8 weights, its activations rounded to 8 bits with one symmetric
+             scale per row (token), in float32 (the error of the formats, not of a kernel); the
+             head stays float32, as the engine's runs bfloat16 past a few rows
 
 The issue's rule: int8 weight-only must stay within 1% of float32 perplexity to be a default.
 
@@ -47,7 +51,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model
 
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
-FORMATS = ("float32", "bfloat16", "int8", "int8-bf16", "int8-dynamic", "int4", "int4-g32-all", "int4-g64-all")
+FORMATS = (
+    "float32",
+    "bfloat16",
+    "int8",
+    "int8-bf16",
+    "int8-dynamic",
+    "int4",
+    "int4-g32-all",
+    "int4-g64-all",
+    "w8a8-rows",
+)
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +113,20 @@ class DynamicInt8Linear(nn.Module):
         return torch.ops.quantized.linear_dynamic(x, self.packed, True)  # type: ignore[no-any-return]
 
 
+class RowInt8Linear(nn.Module):
+    """`w8a8-rows`: int8 weights per output channel, and each row of activations rounded to int8
+    with its own symmetric scale (max |x| / 127) before the product, dequantized in float32."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        q, scale = quantize(linear.weight.detach().float())
+        self.weight, self.bias = q.float() * scale[:, None], linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+        return F.linear(torch.round(x / scale).clamp(-127, 127) * scale, self.weight, self.bias)
+
+
 class Int4Linear(nn.Module):
     """A Linear whose weight is int4 in groups (the engine's `model.pack_int4`), run by the CPU
     kernel in bfloat16."""
@@ -118,6 +146,8 @@ class Int4Linear(nn.Module):
 def quantized(linear: nn.Linear, kind: str) -> nn.Module:
     """`int4`: as the engine runs one row on the offline SmolLM2 (int4 where it holds a weight
     exactly, int8 elsewhere); `int4-gN-all`: every weight on int4 in groups of N."""
+    if kind == "w8a8-rows":
+        return RowInt8Linear(linear)
     if kind.startswith("int4"):
         group = int(kind.split("-")[1].removeprefix("g")) if kind != "int4" else model.INT4_GROUP
         packed = model.pack_int4(linear.weight, group, None if kind.endswith("-all") else model.INT4_EXACT)
@@ -128,10 +158,12 @@ def quantized(linear: nn.Linear, kind: str) -> nn.Module:
 
 
 def quantize_linears(model: nn.Module, kind: str) -> nn.Module:
-    """Swap every nn.Linear (the lm_head too; a tied head gets its own copy) for a quantized one."""
+    """Swap every nn.Linear (the lm_head too, but for `w8a8-rows`; a tied head gets its own copy)
+    for a quantized one."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
     for parent in list(model.modules()):
         for attr, sub in list(parent.named_children()):
-            if isinstance(sub, nn.Linear):
+            if isinstance(sub, nn.Linear) and not (kind == "w8a8-rows" and sub is head):
                 setattr(parent, attr, quantized(sub, kind))
     return model
 
@@ -227,7 +259,7 @@ def main() -> None:
         print(f"| {fmt} | {r['top1_agreement']:.2%} | {r['perplexity']:.3f} | {r['perplexity'] / base - 1:+.2%} | "
               f"{r['next_token_accuracy']:.2%} | {r['seconds']} |")  # fmt: skip
     for fmt in results:
-        if fmt.startswith("int"):
+        if fmt.startswith(("int", "w8a8")):
             rise = results[fmt]["perplexity"] / base - 1
             verdict = "may be the default" if rise <= 0.01 else "may NOT be the default"
             print(f"{fmt}: perplexity {rise:+.2%} vs float32 (rule: within 1%): {verdict}")
