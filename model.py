@@ -368,7 +368,10 @@ def load_model(config: LoadSettings, prefill_chunk: int) -> LoadedModel:
     context = min(model.max_context, config.max_context)
     model.pool = KVPool(len(model.layers), kv_blocks(config, model, context), model.arch, dtype, device)
     model.store = PrefixStore(len(model.layers), config.prefix_cache_tokens // PREFIX_BLOCK, model.arch, dtype, device)
-    lone_pass = compile_decode(model, device) if config.compile else trace_decode(model, config.max_batch)
+    if config.compile:
+        lone_pass = compile_decode(model, device, config.max_batch)
+    else:
+        lone_pass = trace_decode(model, config.max_batch)
     eos, family = hf_model.generation_config.eos_token_id, hf_model.config.model_type
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -384,25 +387,34 @@ def cpp_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX") or "g++")
 
 
-def compile_decode(model: Model, device: torch.device) -> str:
-    """COMPILE=1: `Model.compile`, timed; what it did, in words."""
+def compile_decode(model: Model, device: torch.device, max_batch: int) -> str:
+    """COMPILE=1: `Model.compile`, timed, and the batched passes traced as without it
+    (`trace_batches`); what they did, in words."""
     if device.type == "cpu" and not cpp_compiler():
         raise LoadError("COMPILE=1 needs a C++ compiler for torch.compile's CPU code (g++, or $CXX); "
                         "install one, or unset COMPILE")  # fmt: skip
     start = time.monotonic()
     why_not = model.compile()
-    if why_not:
-        return f"decode not compiled: {why_not}"
-    return f"a lone sequence's decode pass compiled in {time.monotonic() - start:.0f} s"
+    took = time.monotonic() - start
+    lone = f"decode not compiled: {why_not}" if why_not else f"a lone sequence's decode pass compiled in {took:.0f} s"
+    return f"{lone}; {_trace_batches(model, max_batch)}"
 
 
 def trace_decode(model: Model, max_batch: int) -> str:
     """Without COMPILE: `Model.trace` and `Model.trace_batches`; what they did, in words."""
-    why_not, batches = model.trace(), model.trace_batches(max_batch)
+    why_not = model.trace()
     lone = f"decode not traced: {why_not}" if why_not else "a lone sequence's decode pass traced"
-    if batches:
-        return f"{lone}; batched decode not traced: {batches}"
-    return f"{lone}; batched decode passes of {model.batch_least}+ rows traced"
+    return f"{lone}; {_trace_batches(model, max_batch)}"
+
+
+def _trace_batches(model: Model, max_batch: int) -> str:
+    """`Model.trace_batches`, for COMPILE=1 and without it; what it did, in words."""
+    why_not = model.trace_batches(max_batch)
+    return (
+        f"batched decode not traced: {why_not}"
+        if why_not
+        else f"batched decode passes of {model.batch_least}+ rows traced"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

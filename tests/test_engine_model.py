@@ -387,18 +387,20 @@ NO_COMPILER = model.cpp_compiler() is None
 
 @pytest.mark.skipif(NO_COMPILER, reason="torch.compile's CPU code needs a C++ compiler")
 def test_the_compiled_decode_pass_follows_the_uncompiled_one(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """COMPILE=1, on weights the compiled pass takes (int4 where the checkpoint holds it, int8
-    else, forced: `auto` may keep packed float weights, which stay uncompiled), SmolLM2 in
-    bfloat16 and GPT-2 in float32: each of 24 decode steps after a real prompt runs uncompiled
+    """COMPILE=1, on weights the compiled pass takes (int4 up to 4 rows where the checkpoint holds
+    it, int8 else, forced: `auto` may keep packed float weights, which stay uncompiled), SmolLM2
+    in bfloat16 and GPT-2 in float32: each of 24 decode steps after a real prompt runs uncompiled
     and compiled; the top token is the same at every step and the logits close. Nothing compiles
-    after the load: not for new lengths, not after the pool is handed back and made again."""
-    monkeypatch.setattr(model, "resolve_int4", lambda *settings: model.INT8_ALWAYS)
+    after the load: not for new lengths, not after the pool is handed back and made again. The
+    batched passes are traced as without COMPILE."""
+    monkeypatch.setattr(model, "resolve_int4", lambda *settings: 4)
     dtype = "bfloat16" if "smollm2" in str(model_dir) else "float32"
     config = engine.ModelConfig(name=str(model_dir), dtype=dtype, quantize="int8", compile=True)
     loaded = model.load_model(config, engine.PREFILL_CHUNK)
     network, graphs = loaded.model, torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = network.lone_pass
     assert compiled is not None and loaded.lone_pass.startswith("a lone sequence's decode pass compiled in")
+    assert loaded.lone_pass.endswith("+ rows traced") and network.batch_passes  # 5+ for SmolLM2, 1+ for GPT-2
 
     def check(work: model.Work) -> int:
         network.lone_pass = None
@@ -429,10 +431,9 @@ def _lone_steps(loaded: model.LoadedModel, check: Callable[[model.Work], int]) -
 
 def test_the_traced_decode_pass_replays_the_lone_step(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default lone pass (`Model.trace`), on int4 weights where the checkpoint holds them and
-    int8 else (forced: `auto` times the formats, and may keep packed float weights, which are not
-    traced), SmolLM2 in bfloat16 and GPT-2 in float32: 24 decode steps after each of two real
-    prompts (the pool handed back between them) give the uncompiled lone pass's logits bit for
-    bit, and the batched step's top token."""
+    int8 else (forced: `auto` times the formats), SmolLM2 in bfloat16 and GPT-2 in float32: 24
+    decode steps after each of two real prompts (the pool handed back between them) give the
+    uncompiled lone pass's logits bit for bit, and the batched step's top token."""
     monkeypatch.setattr(model, "resolve_int4", lambda *settings: 4)
     dtype = "bfloat16" if "smollm2" in str(model_dir) else "float32"
     config = engine.ModelConfig(name=str(model_dir), dtype=dtype, quantize="int8")

@@ -620,7 +620,7 @@ def test_guards_kept_are_the_inputs_ones() -> None:
 def test_compile_without_a_compiler_is_refused_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(model.shutil, "which", lambda name: None)
     with pytest.raises(model.LoadError, match=r"needs a C\+\+ compiler .*unset COMPILE"):
-        model.compile_decode(_tiny_model(torch.float32, blocks=4), torch.device("cpu"))
+        model.compile_decode(_tiny_model(torch.float32, blocks=4), torch.device("cpu"), 4)
 
 
 def test_a_prompts_last_one_token_chunk_is_saved_on_the_compiled_path_too() -> None:
