@@ -482,7 +482,7 @@ class Linear:
 @functools.cache
 def _packed_product() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """oneDNN's packed product as a TorchScript function, made once, which a trace records as a
-    call (`Model.trace_batches`): the tracer cannot record the op's `Scalar?[]` argument itself,
+    call (`Model.trace`, `Model.trace_batches`): the tracer cannot record the op's `Scalar?[]` argument itself,
     a scripted call can. (The op's binary form, which has no such argument, adds a tensor to
     the product: 1 ms a step at 8 rows, 2 at 32, AMX Xeon.)"""
 
@@ -931,7 +931,8 @@ class Model:
         formats it saw). Sizes stay the replay's inputs (rows, blocks): each trace is checked bit
         for bit against the plain pass at two shapes. The packed float weights come in as inputs
         (a trace cannot hold them as constants; `_packed_product`). Where it cannot, why not (AMX
-        Xeon, 160 cached: 27.7 against 30.6 ms at 8 rows, 50.8 against 53.5 at 32)."""
+        Xeon, 160 cached: 25.0-25.4 against 30.3-31.1 ms at 8 rows, 46.1-47.4 against 52.3-54.7 at
+        32, bench/README.md)."""
         why_not = self._traced_unsupported()
         least = 1 + max((r for lin in self.linears for r in lin.settled_from()), default=0)
         if why_not or max(least, 2) > max_batch:  # (int4 or int8 at every size: `least` is past any batch)
