@@ -482,9 +482,9 @@ class Linear:
 @functools.cache
 def _packed_product() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """oneDNN's packed product as a TorchScript function, made once, which a trace records as a
-    call (`Model.trace`, `Model.trace_batches`): the tracer cannot record the op's `Scalar?[]` argument itself,
-    a scripted call can. (The op's binary form, which has no such argument, adds a tensor to
-    the product: 1 ms a step at 8 rows, 2 at 32, AMX Xeon.)"""
+    call (`Model.trace`, `Model.trace_batches`): the tracer cannot record the op's `Scalar?[]`
+    argument itself, a scripted call can. (The op's binary form, which has no such argument,
+    adds a tensor to the product: 1 ms a step at 8 rows, 2 at 32, AMX Xeon.)"""
 
     def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         none: list[int | float | complex | None] = []  # the schema's `Scalar?[]`
@@ -901,7 +901,7 @@ class Model:
         why_not = self._traced_unsupported()
         if why_not:
             return why_not
-        rotary, weights = self.arch.inv_freq is not None, self._packed_weights()
+        rotary, weights = self.arch.inv_freq is not None, self._packed_weights(1)
 
         def replay(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, pieces: torch.Tensor,
                    visible: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: tuple[torch.Tensor, ...],
@@ -944,7 +944,7 @@ class Model:
         if largest * self.pool.block_bytes // self.pool.layers > GATHER_BYTES:  # as `_prepare_decode` decides
             return "keys and values too wide to gather the warm-up batches' blocks into rows (GATHER_BYTES)"
         rotary = self.arch.inv_freq is not None
-        weights = self._packed_weights()
+        weights = self._packed_weights(least)
 
         def inputs(ids: torch.Tensor, d: Decode) -> tuple[Any, ...]:  # tensors and tuples of them only
             assert d.gathered is not None
@@ -1048,10 +1048,15 @@ class Model:
             return "a sliding window or capped attention scores"
         return None
 
-    def _packed_weights(self) -> tuple[torch.Tensor, ...]:
-        """oneDNN's packed float weights: a traced pass takes them as inputs (it cannot hold them
-        as constants) and records their products through `_packed_product`."""
-        return tuple(lin.weight for lin in self.linears if lin.weight is not None and lin.weight.is_mkldnn)
+    def _packed_weights(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """oneDNN's packed float weights that products of this many rows read: a traced pass takes
+        them as inputs (it cannot hold them as constants) and records their products through
+        `_packed_product`. Only those: each input is passed at every replay."""
+        return tuple(
+            lin.weight
+            for lin in self.linears
+            if lin.weight is not None and lin.weight.is_mkldnn and lin.format_at(rows) == "float"
+        )
 
     def _lone_unsupported(self) -> str | None:
         """Why a lone sequence's decode pass cannot be compiled (`_traced_unsupported`), or where a
