@@ -475,7 +475,9 @@ class Linear:
         rows = x.reshape(-1, self.in_features)
         rows = rows if rows.dtype == torch.bfloat16 else rows.to(torch.bfloat16)
         out = kernel(rows if rows.is_contiguous() else rows.contiguous(), *weights)
-        out = (out if out.dtype == x.dtype else out.to(x.dtype)).view(*x.shape[:-1], -1)
+        out = out if out.dtype == x.dtype else out.to(x.dtype)
+        # back to x's shape; sizes read while tracing are operations a traced pass replays: only the middle ones
+        out = out if x.dim() == 2 else out.unflatten(0, (-1, *x.shape[1:-1]))
         return out if self.bias is None else out + self.bias
 
 
@@ -803,6 +805,7 @@ class Model:
     ):
         self.arch, self.layers, self.embed, self.pos_embed = arch, layers, embed, pos_embed
         self.final_norm, self.lm_head = final_norm, lm_head
+        self.width = final_norm[0].shape[0]
         self.max_context = arch.max_context
         self.dtype, self.device = embed.dtype, embed.table.device
         # The batched decode's products with the blocks' keys and values as the rows (`_scores`):
@@ -1245,7 +1248,7 @@ class Model:
             x = x + F.embedding(inputs.positions, self.pos_embed)
         for index, layer in enumerate(self.layers):
             x = self._layer(index, layer, x, windowed if index in self.arch.windowed else inputs)
-        x = self._norm(x[:, -1] if last is None else x[0, last], *self.final_norm)  # only they need logits
+        x = self._norm(x.select(1, -1) if last is None else x[0, last], *self.final_norm)  # only they need logits
         logits = self.lm_head(x)  # [B, V]
         cap = self.arch.logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
@@ -1253,9 +1256,8 @@ class Model:
     def _layer(
         self, index: int, w: LayerWeights, x: torch.Tensor, inputs: Prefill | Decode | Mixed | LoneDecode
     ) -> torch.Tensor:
-        size, length, _ = x.shape
         a = self.arch
-        qkv = w.qkv(self._norm(x, w.norm1, w.norm1_b)).view(size, length, a.heads + 2 * a.kv_heads, a.head_dim)
+        qkv = w.qkv(self._norm(x, w.norm1, w.norm1_b)).unflatten(-1, (a.heads + 2 * a.kv_heads, a.head_dim))
         qk, v = qkv.split([a.heads + a.kv_heads, a.kv_heads], 2)
         if w.qk_norm is not None:  # each head's queries and keys, before the rotary
             qk = F.rms_norm(qk, (a.head_dim,), None, a.eps) * w.qk_norm
@@ -1271,7 +1273,7 @@ class Model:
             attn = self._attend_lone(index, q, k, v, inputs)
         else:
             attn = self._attend_decode(index, q, k, v, inputs)
-        x = x + self._post_norm(w.out(attn.transpose(1, 2).reshape(size, length, -1)), w.post_attn_norm)
+        x = x + self._post_norm(w.out(attn.transpose(1, 2).flatten(2)), w.post_attn_norm)
         h = w.up(self._norm(x, w.norm2, w.norm2_b))
         if a.gated_mlp:
             gate, up = h.chunk(2, dim=-1)
@@ -1312,12 +1314,14 @@ class Model:
         the softmax runs across each sequence's blocks. bench/paged_attention.py measured this
         against gathering the blocks (on an AVX2 EPYC, before torch's fused attention ran on them)."""
         keys, values = self.pool.k[index], self.pool.v[index]
-        size, heads, _, dim = q.shape
-        keys.view(-1, dim).index_copy_(0, d.slots, k[:, :, 0].reshape(-1, dim))
-        values.view(-1, dim).index_copy_(0, d.slots, v[:, :, 0].reshape(-1, dim))
-        grouped = q.view(size, self.arch.kv_heads, -1, dim)  # [B, Hkv, G, D]
+        a = self.arch
+        heads, dim = a.heads, a.head_dim
+        keys.view(-1, dim).index_copy_(0, d.slots, k.select(2, 0).reshape(-1, dim))
+        values.view(-1, dim).index_copy_(0, d.slots, v.select(2, 0).reshape(-1, dim))
+        grouped = q.view(-1, a.kv_heads, heads // a.kv_heads, dim)  # [B, Hkv, G, D]
         if d.gathered is not None:
-            return self._attend_gathered(keys, values, grouped, d.gathered).view(size, heads, 1, dim)
+            return self._attend_gathered(keys, values, grouped, d.gathered).view(-1, heads, 1, dim)
+        size = q.shape[0]
         assert d.blocks is not None
         (lo, hi), owner, mask = d.blocks.span, d.blocks.owner, d.blocks.mask
         past_k = keys[lo:hi].view(-1, KV_BLOCK, dim)  # [N Hkv, KV_BLOCK, D]
@@ -1347,7 +1351,7 @@ class Model:
         fused attention, the grouped query heads as a key head's queries: [R, Hkv, G, D]. The copy
         is one index_select of whole blocks; bfloat16's fused attention reads rows ~3x faster than
         the batched products read blocks in place (57 against 206 us a layer at 8 x 192, AMX Xeon)."""
-        size, heads, _, dim = grouped.shape
+        size, heads, dim = grouped.shape[0], self.arch.kv_heads, self.arch.head_dim
         k = torch.index_select(keys.view(-1, KV_BLOCK, dim), 0, g.index, out=g.keys).view(size, heads, -1, dim)
         v = torch.index_select(values.view(-1, KV_BLOCK, dim), 0, g.index, out=g.values).view(size, heads, -1, dim)
         return F.scaled_dot_product_attention(grouped, k, v, attn_mask=g.mask, scale=self.arch.scale)
@@ -1361,9 +1365,9 @@ class Model:
         one copy, as `_attend_rows` takes them (whole blocks, then a transposing copy, took 11.69
         against 10.84 ms a step at 160 cached, 13.77 against 12.91 at 750, AMX Xeon)."""
         keys, values = d.keys[index], d.values[index]
-        a, dim = self.arch, q.shape[-1]
-        keys.view(-1, dim).index_put_((d.slots,), k[:, :, 0].reshape(-1, dim))
-        values.view(-1, dim).index_put_((d.slots,), v[:, :, 0].reshape(-1, dim))
+        a, dim = self.arch, self.arch.head_dim
+        keys.view(-1, dim).index_put_((d.slots,), k.select(2, 0).reshape(-1, dim))
+        values.view(-1, dim).index_put_((d.slots,), v.select(2, 0).reshape(-1, dim))
         k = keys.view(-1, KV_BLOCK, dim).index_select(0, d.pieces).view(1, a.kv_heads, -1, dim)
         v = values.view(-1, KV_BLOCK, dim).index_select(0, d.pieces).view(1, a.kv_heads, -1, dim)
         return F.scaled_dot_product_attention(q, k, v, d.visible, scale=a.scale, enable_gqa=a.gqa)
@@ -1401,7 +1405,7 @@ class Model:
         return (out[:size] / norm[:size, ..., None]).to(scores.dtype)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        width = x.shape[-1]
+        width = self.width
         if self.arch.rms_norm:
             # RMS norm through torch's one-kernel layer norm: over [x, -x] the mean is 0 and the
             # variance mean(x^2), so the first half is x / sqrt(mean(x^2) + eps). F.rms_norm runs
@@ -1416,12 +1420,15 @@ class Model:
     def _rotary(
         self, positions: torch.Tensor, inv_freq: torch.Tensor | None, scale: float
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """cos and sin tables for these positions [B, T, 1, D], one for every head; GPT-2 has none."""
+        """cos and sin tables for these positions [B, T, 1, D], one for every head, the first half
+        of sin negated as `_rotate` takes it (one negation a step, not one a layer); GPT-2 has none."""
         if inv_freq is None:
             return None, None
         freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
-        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # [B, T, 1, D]
-        return (angles.cos() * scale).to(self.dtype), (angles.sin() * scale).to(self.dtype)
+        cos, sin = freqs.cos() * scale, freqs.sin() * scale
+        return torch.cat([cos, cos], -1)[:, :, None].to(self.dtype), torch.cat([-sin, sin], -1)[:, :, None].to(
+            self.dtype
+        )
 
 
 def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -1473,9 +1480,12 @@ def _guards_on_inputs(guards: Sequence[Any]) -> list[bool]:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """x's two halves turned by the angles: [a, b] * cos + [b, a] * sin, sin's first half negated
+    (`_rotary`), as transformers' [a, b] * cos + [-b, a] * sin, bit for bit. The halves are taken
+    by chunk, not by slices at x.shape[-1] // 2: a size read while tracing is an operation the
+    traced pass replays."""
+    first, second = x.chunk(2, -1)
+    return x * cos + torch.cat([second, first], dim=-1) * sin
 
 
 def _softcapped_attention(
