@@ -476,7 +476,7 @@ class Linear:
         rows = rows if rows.dtype == torch.bfloat16 else rows.to(torch.bfloat16)
         out = kernel(rows if rows.is_contiguous() else rows.contiguous(), *weights)
         out = out if out.dtype == x.dtype else out.to(x.dtype)
-        # back to x's shape; sizes read while tracing are operations a traced pass replays: only the middle ones
+        # back to x's leading shape, reading its middle sizes only: a traced pass replays each size read
         out = out if x.dim() == 2 else out.unflatten(0, (-1, *x.shape[1:-1]))
         return out if self.bias is None else out + self.bias
 
@@ -805,6 +805,9 @@ class Model:
     ):
         self.arch, self.layers, self.embed, self.pos_embed = arch, layers, embed, pos_embed
         self.final_norm, self.lm_head = final_norm, lm_head
+        # The hidden width as a number: a size read from a tensor while tracing is recorded, and
+        # replayed every step as operations of its own (hence the architecture's head counts in
+        # `_layer`, not x.shape's).
         self.width = final_norm[0].shape[0]
         self.max_context = arch.max_context
         self.dtype, self.device = embed.dtype, embed.table.device
@@ -1426,9 +1429,8 @@ class Model:
             return None, None
         freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
         cos, sin = freqs.cos() * scale, freqs.sin() * scale
-        return torch.cat([cos, cos], -1)[:, :, None].to(self.dtype), torch.cat([-sin, sin], -1)[:, :, None].to(
-            self.dtype
-        )
+        cos, sin = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)  # [B, T, D]
+        return cos[:, :, None].to(self.dtype), sin[:, :, None].to(self.dtype)
 
 
 def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:
