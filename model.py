@@ -101,25 +101,28 @@ def native_bfloat16() -> bool:
 
 
 def _first_is_faster(first: Callable[[], object], second: Callable[[], object], rounds: int, repeats: int) -> bool:
-    """Whether `first` runs faster than `second`: the best of `rounds` timings each, taken in
-    turns so a busy machine cannot tip it, each of `repeats` runs after a warm-up call (first
-    calls pick kernels)."""
+    """Whether `first` runs faster than `second`: the best of `rounds` timings each, of `repeats`
+    runs, taken in turns after a warm-up call each (first calls pick kernels). Many short
+    timings, so that a busy machine cannot tip it: another process on one of two cores preempts
+    some of them, and the best are those it did not (with three timings of three passes over
+    the sample weights, a busy core put int8's edge anywhere from 0 to 8 rows, and a second
+    server loading beside one left it without int4; with fifteen of one pass, 3 to 5 rows, as
+    on a quiet machine's 4; bench/README.md)."""
 
     def seconds(run: Callable[[], object]) -> float:
-        run()
         start = time.perf_counter()
         for _ in range(repeats):
             run()
         return time.perf_counter() - start
 
+    first(), second()
     timings = [(seconds(first), seconds(second)) for _ in range(rounds)]
     return min(a for a, _ in timings) < min(b for _, b in timings)
 
 
 def resolve_dtype(setting: str, device: torch.device, rows: int, width: int) -> torch.dtype:
     """`auto`: on CUDA bfloat16; on a CPU with native bfloat16, bfloat16 where a batch-sized
-    product measures faster (best of five, interleaved, so a busy machine cannot tip it); else
-    float32."""
+    product measures faster (`_first_is_faster`, interleaved); else float32."""
     if setting != "auto":
         return getattr(torch, setting)  # type: ignore[no-any-return]
     if device.type == "cuda":
@@ -128,7 +131,7 @@ def resolve_dtype(setting: str, device: torch.device, rows: int, width: int) -> 
         return torch.float32
     a, b = torch.randn(rows, width), torch.randn(width, 4 * width)
     a16, b16 = a.bfloat16(), b.bfloat16()
-    faster = _first_is_faster(lambda: a16 @ b16, lambda: a @ b, rounds=5, repeats=10)
+    faster = _first_is_faster(lambda: a16 @ b16, lambda: a @ b, rounds=15, repeats=3)
     return torch.bfloat16 if faster else torch.float32
 
 
@@ -160,8 +163,8 @@ def resolve_int8(setting: str, device: torch.device, dtype: torch.dtype, width: 
     """Up to how many rows (tokens in one forward pass) a product runs on int8 weights; 0: never.
     `int8`: always; `none`: never; `auto` (a CPU with the kernel): time products over several
     MLP-sized weights (so they stream from memory as a step's do) with float weights and with
-    int8 at each batch size, best of three, and use int8 up to the largest size where it wins at
-    every size below. Small batches read weights, and int8 reads a quarter of float32's bytes;
+    int8 at each batch size (`_first_is_faster`), and use int8 up to the largest size where it
+    wins at every size below. Small batches read weights, and int8 reads a quarter of float32's bytes;
     large ones compute, where float weights win."""
     if setting == "none" or (setting == "auto" and (device.type != "cpu" or not int8_kernel())):
         return 0
@@ -179,15 +182,15 @@ def resolve_int8(setting: str, device: torch.device, dtype: torch.dtype, width: 
 
 def _wins_up_to(fast: list[Linear], other: list[Linear], sizes: list[int], dtype: torch.dtype) -> int:
     """The most rows up to which a pass over the `fast` linears beats one over the `other` ones at
-    every size tried (best of three, interleaved); 0 if it loses at the first of `sizes`
-    (ascending). Where it wins at one size and loses at the next, the sizes between are halved
-    until the edge is found: the rows past the last win ran the slower format before (AMX Xeon,
-    SmolLM2: int4 up to 4 rows, not 1; a step of 2 rows 20.7 against 29.1 ms, bench/README.md)."""
+    every size tried (`_first_is_faster`); 0 if it loses at the first of `sizes` (ascending).
+    Where it wins at one size and loses at the next, the sizes between are halved until the edge
+    is found: the rows past the last win ran the slower format before (AMX Xeon, SmolLM2: int4
+    up to 4 rows, not 1; a step of 2 rows 20.7 against 29.1 ms, bench/README.md)."""
     width = fast[0].in_features
 
     def wins(batch: int) -> bool:
         x = torch.randn(batch, width, dtype=dtype)
-        return _first_is_faster(lambda: [f(x) for f in fast], lambda: [f(x) for f in other], rounds=3, repeats=3)
+        return _first_is_faster(lambda: [f(x) for f in fast], lambda: [f(x) for f in other], rounds=15, repeats=1)
 
     won = 0
     for batch in sizes:
