@@ -868,7 +868,9 @@ class Engine:
 
     def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> None:
         """Pick each sequence's next token; the scheduler takes it from there."""
-        tokens: list[int] = logits.argmax(-1).tolist()
+        # max's indices, not argmax: the same first highest token, from a vectorized kernel (AMX
+        # Xeon, bfloat16 logits of 49,152 tokens: 45 against 168 us a row, 0.57 against 2.71 ms at 32)
+        tokens: list[int] = logits.max(-1).indices.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(batch)
         special = [row for row, seq in enumerate(batch) if seq.params.temperature or seq.params.penalized
                    or seq.params.logprobs is not None]  # fmt: skip
@@ -886,7 +888,7 @@ class Engine:
         if params.penalized and seq.generated:
             counts = torch.bincount(torch.tensor(seq.generated), minlength=logits.shape[-1])[: logits.shape[-1]]
             adjusted = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
-        token = sample(adjusted, params, seq.generator) if params.temperature else int(adjusted.argmax())
+        token = sample(adjusted, params, seq.generator) if params.temperature else int(adjusted.max(-1).indices)
         if params.logprobs is None:
             return token, None
         return token, self._logprob(logits, token, params.logprobs)

@@ -169,6 +169,30 @@ def test_length(eng: Engine) -> None:
     assert eng.generate("a", SamplingParams(max_new_tokens=3)) == engine.Result("bcd", 3, "length")
 
 
+class TiedModel(FakeModel):
+    """Two tokens share the highest logit: the next one and the one after it."""
+
+    def _logits(self, history: list[int]) -> torch.Tensor:
+        logits = super()._logits(history)
+        logits[(self.next_of(history) + 1) % VOCAB] = 1.0
+        return logits
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("penalty", [0.0, 0.5])
+def test_greedy_takes_the_first_of_tied_highest_tokens(batch: int, penalty: float) -> None:
+    """As transformers' greedy argmax does (the engine reads max's indices, the same first one),
+    alone and in a batch, and on the float32 path a penalized request takes."""
+    loaded = LoadedModel(FakeTokenizer(), TiedModel(), frozenset([EOS]), 64, torch.float32)
+    eng = Engine(loaded, 4)  # type: ignore[arg-type]
+    try:
+        params = SamplingParams(max_new_tokens=3, presence_penalty=penalty)
+        results = in_threads([lambda: eng.generate("a", params)] * batch)
+        assert results == [engine.Result("bcd", 3, "length")] * batch
+    finally:
+        eng.close()
+
+
 def test_eos_ends_and_is_not_in_the_text(eng: Engine) -> None:
     # chr(126) '~' -> 127 -> 0 (EOS)
     assert eng.generate("~", SamplingParams(max_new_tokens=10)) == engine.Result("\x7f", 2, "eos")
