@@ -831,7 +831,8 @@ class Engine:
         self._timed(chunks, batch, time.monotonic() - start)
         done = [row for row, c in enumerate(chunks) if c.last]  # their prompts are in: their first tokens
         rows = done + list(range(len(chunks), len(chunks) + len(batch)))  # the decode rows come after the chunks
-        self._postprocess([seqs[row] for row in done] + batch, logits[rows])
+        in_order = rows == list(range(len(logits)))  # a decode step's: no copy (276 us of logits at 32 rows)
+        self._postprocess([seqs[row] for row in done] + batch, logits if in_order else logits[rows])
         return sum(c.tokens for c in chunks)
 
     def _work(self, chunks: list[Chunk], batch: list[Sequence], saves: tuple[tuple[tuple[int, int], ...], ...]) -> Work:
