@@ -148,17 +148,18 @@ def test_health_answers_at_once_during_long_generations(server: Server) -> None:
     deadline = time.monotonic() + 5
     while httpx.get(server.url + "/health").json()["active_sequences"] == 0:  # wait for them to start
         assert time.monotonic() < deadline
-    latencies = []
-    for _ in range(20):
+    # Each probe's own answer says whether the generations still ran when it was served, so the
+    # test counts those probes rather than betting on how long 200 tokens take on this CPU.
+    busy_latencies = []
+    while any(w.is_alive() for w in workers):
         start = time.perf_counter()
-        assert httpx.get(server.url + "/health", timeout=5).status_code == 200
-        latencies.append(time.perf_counter() - start)
-        time.sleep(0.05)
-    busy = httpx.get(server.url + "/health").json()["active_sequences"]
-    for w in workers:
-        w.join()
-    assert busy > 0  # the generations were still running while we measured
-    assert max(latencies) < 0.5
+        response = httpx.get(server.url + "/health", timeout=5)
+        latency = time.perf_counter() - start
+        assert response.status_code == 200
+        if response.json()["active_sequences"] > 0:
+            busy_latencies.append(latency)
+    assert len(busy_latencies) >= 10  # probed while the generations ran
+    assert max(busy_latencies) < 0.5
 
 
 def test_client_that_leaves_frees_its_place(server: Server) -> None:

@@ -29,16 +29,20 @@ from tests.test_replicas import Haproxy, Replica, start_haproxy, wait_for
 
 pytestmark = pytest.mark.e2e
 AUTH = {"x-api-key": KEY}
-LONG = {"prompt": "Hold the place", "max_new_tokens": 1000, "ignore_eos": True}  # ~30 s here: always cut short
-FREED_WITHIN = 3.0  # seconds from a client leaving until its place is free: a step is ~50 ms, the rest is
-# margin for a busy 2-core machine; a place that is not given back would be held for ~30 s
+# The holder must outlast haproxy's notice of a client leaving (up to 13 s, below). distilgpt2's
+# 1,024-token context gave 5.5 s on a Zen 5 EPYC, so SmolLM2 (30 layers, 8,192 tokens): a minute
+# or more at ~10 ms a token, always cut short.
+LONG = {"prompt": "Hold the place", "max_new_tokens": 8000, "ignore_eos": True}
+FREED_WITHIN = 3.0  # seconds from a client leaving until its place is free: a step is ~10 ms, the rest is
+# margin for a busy 2-core machine; a place that is not given back would be held for a minute
 
 
 @pytest.fixture(scope="module")
-def server(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = {"MODEL_NAME": str(gpt2_dir), "MAX_BATCH_SIZE": "1", "MAX_NEW_TOKENS_LIMIT": "1000", "LOAD_ON_START": "1"}
+def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    env = {"MODEL_NAME": str(smollm2_dir), "MAX_BATCH_SIZE": "1", "MAX_NEW_TOKENS_LIMIT": "8000",
+           "MAX_CONTEXT_TOKENS": "8192", "LOAD_ON_START": "1"}  # fmt: skip
     with run_server(tmp_path_factory.mktemp("stream"), **env) as s:
-        wait_for(lambda: httpx.get(s.url + "/ready").status_code == 200, 60, "the model loaded")
+        wait_for(lambda: httpx.get(s.url + "/ready").status_code == 200, 120, "the model loaded")
         yield s
 
 
