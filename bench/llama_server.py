@@ -52,7 +52,7 @@ ISA_OPTIONS: dict[str, tuple[str, ...]] = {
     "GGML_F16C": ("f16c",),
     "GGML_AVX_VNNI": ("avx_vnni",),
     "GGML_AVX512": ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"),
-    "GGML_AVX512_VBMI": ("avx512f", "avx512_vbmi"),
+    "GGML_AVX512_VBMI": ("avx512f", "avx512vbmi"),  # Linux spells it without the underscore
     "GGML_AVX512_VNNI": ("avx512f", "avx512_vnni"),
     "GGML_AVX512_BF16": ("avx512f", "avx512_bf16"),
     "GGML_AMX_TILE": ("amx_tile",),
