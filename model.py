@@ -51,6 +51,11 @@ GATHER_BYTES = 8 << 20
 # A weight runs on int4 only if int4 holds each of its rows this well (relative error). The offline
 # SmolLM2's Q4_1 rows: at most 1.1% (their scales rounded to bfloat16); float rows: 7% or more.
 INT4_EXACT = 0.02
+# The weight formats are timed at load over sample weights of this many bytes in bfloat16, so that
+# they stream from memory as a step's do: a Zen 5 EPYC's 32 MiB L3 held eight samples (7 MiB in
+# int8), int4's edge over int8 at one row shrank to 6% there (16.9 against 18.0 us a weight) and
+# the choice flipped between runs, where over 32 or more it is 35-50% (bench/README.md).
+SAMPLE_BYTES = 64 << 20
 HUB, HUB_PROBE_SECONDS = "https://huggingface.co", 5  # where hub ids come from; how long to try reaching it
 
 
@@ -161,8 +166,8 @@ def pack_float(weight: torch.Tensor, max_batch: int) -> torch.Tensor:
 
 def resolve_int8(setting: str, device: torch.device, dtype: torch.dtype, width: int, batches: Iterable[int]) -> int:
     """Up to how many rows (tokens in one forward pass) a product runs on int8 weights; 0: never.
-    `int8`: always; `none`: never; `auto` (a CPU with the kernel): time products over several
-    MLP-sized weights (so they stream from memory as a step's do) with float weights and with
+    `int8`: always; `none`: never; `auto` (a CPU with the kernel): time products over
+    `SAMPLE_BYTES` of MLP-sized weights (so they stream from memory as a step's do) with float weights and with
     int8 at each batch size (`_first_is_faster`), and use int8 up to the largest size where it
     wins at every size below. Small batches read weights, and int8 reads a quarter of float32's bytes;
     large ones compute, where float weights win."""
@@ -173,11 +178,18 @@ def resolve_int8(setting: str, device: torch.device, dtype: torch.dtype, width: 
             raise LoadError("QUANTIZE=int8 needs a CPU and torch's int8 kernel; use none")
         return INT8_ALWAYS
     sizes = sorted(set(batches))
-    weights = [torch.randn(4 * width, width) * width**-0.5 for _ in range(8)]
-    floats = [Linear(width, pack_float(w.to(dtype), sizes[-1]), None) for w in weights]
-    int8s = [Linear(width, None, None, pack_int8(w), INT8_ALWAYS) for w in weights]
+    floats, int8s = [], []
+    for _ in range(_samples(4 * width * width)):
+        weight = torch.randn(4 * width, width) * width**-0.5
+        floats.append(Linear(width, pack_float(weight.to(dtype), sizes[-1]), None))
+        int8s.append(Linear(width, None, None, pack_int8(weight), INT8_ALWAYS))
     rows = _wins_up_to(int8s, floats, sizes, dtype)
     return INT8_ALWAYS if rows == sizes[-1] else rows
+
+
+def _samples(elements: int) -> int:
+    """How many sample weights of this many elements make `SAMPLE_BYTES` in bfloat16: 8 to 64."""
+    return min(64, max(8, SAMPLE_BYTES // (2 * elements)))
 
 
 def _wins_up_to(fast: list[Linear], other: list[Linear], sizes: list[int], dtype: torch.dtype) -> int:
@@ -248,13 +260,15 @@ def resolve_int4(setting: str, device: torch.device, dtype: torch.dtype, sizes: 
     (bench/README.md: 6.2 against int8's 12.1 ms at one row, AMX)."""
     if setting != "auto" or device.type != "cpu" or not int4_kernel() or sample is None or not pack_int4(sample):
         return 0
-    convert, weights = Convert(dtype, device, int8_rows, max(sizes)), []
-    for _ in range(8):  # each group spans its codes 0..15, as a Q4_1 block spans its minimum to its maximum
+    convert, int4s, others = Convert(dtype, device, int8_rows, max(sizes)), [], []
+    for _ in range(_samples(sample.numel())):
+        # Each group spans its codes 0..15, as a Q4_1 block spans its minimum to its maximum.
         codes = torch.randint(0, 16, (sample.shape[0], sample.shape[1] // INT4_GROUP, INT4_GROUP), dtype=torch.uint8)
         codes[..., :2] = torch.tensor([0, 15], dtype=torch.uint8)
-        weights.append(((codes.float() - 8) * torch.rand(*codes.shape[:2], 1) / 100).reshape(sample.shape))
-    int4s = [Linear(sample.shape[1], None, None, int4=pack_int4(w), int4_rows=INT8_ALWAYS) for w in weights]
-    return _wins_up_to(int4s, [convert.linear(w, None) for w in weights], sorted(set(sizes)), dtype)
+        weight = ((codes.float() - 8) * torch.rand(*codes.shape[:2], 1) / 100).reshape(sample.shape)
+        int4s.append(Linear(sample.shape[1], None, None, int4=pack_int4(weight), int4_rows=INT8_ALWAYS))
+        others.append(convert.linear(weight, None))
+    return _wins_up_to(int4s, others, sorted(set(sizes)), dtype)
 
 
 def largest_projection(hf_model: Any) -> torch.Tensor | None:
