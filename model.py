@@ -427,11 +427,11 @@ def trace_decode(model: Model, max_batch: int) -> str:
 def _trace_batches(model: Model, max_batch: int) -> str:
     """`Model.trace_batches`, for COMPILE=1 and without it; what it did, in words."""
     why_not = model.trace_batches(max_batch)
-    return (
-        f"batched decode not traced: {why_not}"
-        if why_not
-        else f"batched decode passes of {model.batch_least}+ rows traced"
-    )
+    if not model.batch_passes:
+        return f"batched decode not traced: {why_not}"
+    traced = {least for least, _ in model.batch_passes}
+    spans = [f"{a}-{b}" if b < max_batch else f"{a}+" for a, b in model.batch_bands if a in traced]
+    return f"batched decode passes of {' and '.join(spans)} rows traced" + (f" ({why_not})" if why_not else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -836,9 +836,10 @@ class Model:
         # In the model's dtype, as transformers' Gemma multiplies (sqrt(3072) = 55.43 is 55.5 in bfloat16).
         self.embed_scale = torch.tensor(arch.embed_scale, dtype=self.dtype, device=self.device)
         self.lone_pass: Callable[[torch.Tensor, LoneDecode], torch.Tensor] | None = None  # `trace`, `compile`
-        # `trace_batches`, by the number of groups its rows are gathered in
-        self.batch_passes: dict[int, Callable[[torch.Tensor, Decode], torch.Tensor]] = {}
-        self.batch_least = 0  # the fewest rows a traced batch pass runs (every product's format settled)
+        # `trace_batches`, by the fewest rows of their band (`_format_bands`) and the number of
+        # groups their rows are gathered in; the bands, traced or not, as (fewest, most) rows
+        self.batch_passes: dict[tuple[int, int], Callable[[torch.Tensor, Decode], torch.Tensor]] = {}
+        self.batch_bands: tuple[tuple[int, int], ...] = ()
 
     def run(self, work: Work) -> torch.Tensor:
         """Run the work's tokens into their sequences' blocks; return each one's next-token logits
@@ -886,14 +887,16 @@ class Model:
             return None
 
     def _run_batch(self, work: Work) -> torch.Tensor | None:
-        """A decode step of `batch_least` rows or more whose blocks are gathered in a number of groups
-        that `trace_batches` traced, through that pass; the plain pass for another decode step of
-        as many rows; None for any other work. Should a pass ever fail, none runs from then on."""
-        if len(work.tables) < self.batch_least or any(len(t) != 1 for t in work.tokens) or any(work.restore):
+        """A decode step whose rows fall in a band (`_format_bands`) and whose blocks are gathered
+        in a number of groups that `trace_batches` traced for it, through that pass; the plain pass
+        for another decode step; None for any other work. Should a pass ever fail, none runs from
+        then on."""
+        if any(len(t) != 1 for t in work.tokens) or any(work.restore):
             return None
         try:
             ids, decode = self._prepare_decode(work)
-            traced = self.batch_passes.get(len(decode.gathered)) if decode.gathered is not None else None
+            band = next(least for least, most in self.batch_bands if least <= len(work.tables) <= most)
+            traced = self.batch_passes.get((band, len(decode.gathered))) if decode.gathered is not None else None
             if traced is None:
                 return self._forward(ids, decode, self._windowed(decode), None)
             return traced(ids, decode)
@@ -948,22 +951,38 @@ class Model:
         return None
 
     def trace_batches(self, max_batch: int) -> str | None:
-        """A batched decode step's pass, traced as `trace` traces a lone one, one trace for each
-        number of groups its rows are gathered in (`_by_length`: one or two), for steps of
-        `batch_least` rows or more, where every product runs one weight format (a trace keeps the
-        formats it saw). Sizes stay the replay's inputs (rows, blocks): each trace is checked bit
-        for bit against the plain pass at two shapes. The packed float weights come in as inputs
-        (a trace cannot hold them as constants; `_packed_product`). Where it cannot, why not (AMX
-        Xeon, 160 cached: 25.0-25.4 against 30.3-31.1 ms at 8 rows, 46.1-47.4 against 52.3-54.7 at
-        32, bench/README.md)."""
+        """Batched decode steps' passes, traced as `trace` traces a lone one: one for each band of
+        batch sizes whose products all run one weight format (`_format_bands`: a trace keeps the
+        formats it saw), and in each, one for each number of groups the rows are gathered in
+        (`_by_length`: one or two). Sizes stay the replay's inputs (rows, blocks): each trace is
+        checked bit for bit against the plain pass at two shapes. The packed float weights come in
+        as inputs (a trace cannot hold them as constants; `_packed_product`). Where a band cannot
+        be traced, why not; its steps run the plain pass (AMX Xeon, 160 cached: 25.0-25.4 against
+        30.3-31.1 ms at 8 rows, 46.1-47.4 against 52.3-54.7 at 32, bench/README.md)."""
         why_not = self._traced_unsupported()
-        least = 1 + max((r for lin in self.linears for r in lin.settled_from()), default=0)
-        if why_not or max(least, 2) > max_batch:  # (int4 or int8 at every size: `least` is past any batch)
-            return why_not or "batches too small for their weight formats to settle, or a small pool"
-        shapes = _batch_shapes(least, max_batch)
+        if why_not:
+            return why_not
+        bands = _format_bands(self.linears, max_batch)
+        passes: dict[tuple[int, int], Callable[[torch.Tensor, Decode], torch.Tensor]] = {}
+        reasons = []
+        for least, most in bands:
+            traced = self._trace_band(least, most)
+            if isinstance(traced, str):
+                reasons.append(f"{least}-{most} rows: {traced}")
+            else:
+                passes.update({(least, groups): batch_pass for groups, batch_pass in traced.items()})
+        self.batch_passes, self.batch_bands = passes, tuple(bands)
+        return "; ".join(reasons) or None
+
+    def _trace_band(self, least: int, most: int) -> dict[int, Callable[[torch.Tensor, Decode], torch.Tensor]] | str:
+        """`trace_batches`' passes for steps of `least` to `most` rows, by groups (none for a band of
+        one row: a lone sequence's pass serves it); or why not."""
+        shapes = _batch_shapes(least, most)
+        if not shapes:
+            return {}
         largest = max(map(sum, shapes[1] + shapes[2]))  # blocks of the largest warm-up step
         if largest > self.pool.blocks:
-            return "batches too small for their weight formats to settle, or a small pool"
+            return "a pool too small for the warm-up steps"
         if largest * self.pool.block_bytes // self.pool.layers > GATHER_BYTES:  # as `_prepare_decode` decides
             return "keys and values too wide to gather the warm-up batches' blocks into rows (GATHER_BYTES)"
         rotary = self.arch.inv_freq is not None
@@ -995,8 +1014,7 @@ class Model:
                 passes[groups] = batch_pass
         except Exception as exc:
             return f"tracing failed ({type(exc).__name__}: {str(exc)[:200]})"
-        self.batch_passes, self.batch_least = passes, least
-        return None
+        return passes
 
     def _trace_checked(
         self, replay: Callable[..., torch.Tensor], inputs: Callable[..., tuple[Any, ...]], warm_ups: list[Any]
@@ -1463,16 +1481,28 @@ def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> t
     return visible
 
 
-def _batch_shapes(least: int, max_batch: int) -> dict[int, list[list[int]]]:
-    """`trace_batches`' warm-ups, by the number of groups their rows are gathered in: each at two
-    shapes, the blocks each row holds, from `least` rows (two at least, for two groups) up. Few
-    blocks, so that wide keys and values (distilgpt2's 12 heads in float32) are still gathered."""
+def _format_bands(linears: Iterable[Linear], max_batch: int) -> list[tuple[int, int]]:
+    """Batch sizes 1 to `max_batch` in runs whose products each run one weight format throughout,
+    as (fewest, most) rows: each product's formats change only past its `settled_from` rows
+    (SmolLM2 on a Zen 5 EPYC: int4 up to 8 rows, bfloat16 past them: 1-8 and 9-32)."""
+    edges = {rows for lin in linears for rows in lin.settled_from() if rows < max_batch}
+    starts = sorted({1} | {rows + 1 for rows in edges})
+    return list(zip(starts, [start - 1 for start in starts[1:]] + [max_batch], strict=True))
+
+
+def _batch_shapes(least: int, most: int) -> dict[int, list[list[int]]]:
+    """`trace_batches`' warm-ups for steps of `least` to `most` rows, by the number of groups their
+    rows are gathered in: each at two shapes, the blocks each row holds (two rows at least, for
+    two groups; none if the band has fewer). Few blocks, so that wide keys and values
+    (distilgpt2's 12 heads in float32) are still gathered."""
     few = max(least, 2)
-    most = min(max_batch, few + 3)
-    return {
-        1: [[1] * least, [2] * most],
-        2: [[1] * (few - few // 2) + [3] * (few // 2), [1] * (most - most // 2) + [3] * (most // 2)],
-    }
+    if few > most:
+        return {}
+    top = min(most, few + 3)
+    half = few // 2
+    # A band of one size splits its rows otherwise the second time (its groups' sizes vary too).
+    second = [1] * (top - top // 2) + [3] * (top // 2) if top > few else [3] * (few - half) + [1] * half
+    return {1: [[1] * least, [2] * top], 2: [[1] * (few - half) + [3] * half, second]}
 
 
 def _replayed(traced: Callable[..., torch.Tensor], inputs: Callable[..., tuple[Any, ...]], *args: Any) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import threading
 import time
@@ -457,23 +458,24 @@ def test_the_traced_decode_pass_replays_the_lone_step(model_dir: Path, monkeypat
 def test_traced_batch_passes_replay_the_batched_step(
     model_dir: Path, dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The default batched decode passes (`Model.trace_batches`), past int4 (where the checkpoint
-    holds it) and int8 weights up to 4 rows, packed float weights beyond (pinned: `auto` times the
-    formats, and in float32 may keep int8 up to the whole batch, leaving no rows to trace): 12
-    steps of real sequences, all in one block (one group of rows), then every third in three (two
-    groups), the pool handed back between them, give the plain batched step's logits bit for bit,
-    through the traces."""
+    """The default batched decode passes (`Model.trace_batches`): int4 (where the checkpoint holds
+    it) and int8 weights up to 4 rows, packed float weights beyond (pinned: `auto` times the
+    formats, and in float32 may keep int8 up to the whole batch), one band of passes each: 12
+    steps of 3 and of 6 real sequences, all in one block (one group of rows), then every third in
+    three (two groups), the pool handed back between them, give the plain batched step's logits
+    bit for bit, through their band's traces."""
     monkeypatch.setattr(model, "resolve_int8", lambda *settings: 4)
     monkeypatch.setattr(model, "resolve_int4", lambda *settings: 4)
     config = engine.ModelConfig(name=str(model_dir), max_batch=16, dtype=dtype)
     loaded = model.load_model(config, engine.PREFILL_CHUNK)
     network, text = loaded.model, loaded.tokenizer.encode("The history of the city is long. " * 40)
-    assert loaded.lone_pass.endswith(f"batched decode passes of {network.batch_least}+ rows traced")
-    rows, ran = max(6, network.batch_least), []
-    for groups, traced in list(network.batch_passes.items()):
-        network.batch_passes[groups] = lambda ids, d, traced=traced, groups=groups: ran.append(groups) or traced(ids, d)
+    assert loaded.lone_pass.endswith("batched decode passes of 1-4 and 5+ rows traced")
+    ran: list[tuple[int, int]] = []
+    for key, traced in list(network.batch_passes.items()):
+        network.batch_passes[key] = lambda ids, d, traced=traced, key=key: ran.append(key) or traced(ids, d)
     with torch.inference_mode():
-        for lengths in ([40] * rows, [150 if row % 3 == 0 else 10 + row for row in range(rows)]):
+        for rows, spread in itertools.product((3, 6), (False, True)):
+            lengths = [150 if row % 3 == 0 else 10 + row for row in range(rows)] if spread else [40] * rows
             network.clear()
             tables = [list(range(4 * row, 4 * row + 4)) for row in range(rows)]
             for table, length in zip(tables, lengths, strict=True):
@@ -486,7 +488,7 @@ def test_traced_batch_passes_replay_the_batched_step(
                 assert torch.equal(traced_logits, network.run(work))
                 network.batch_passes = passes
                 tokens, lengths = [[int(t)] for t in traced_logits.argmax(-1)], [n + 1 for n in lengths]
-    assert ran == [1] * 12 + [2] * 12
+    assert ran == [(1, 1)] * 12 + [(1, 2)] * 12 + [(5, 1)] * 12 + [(5, 2)] * 12
 
 
 def test_int8_weights_serve_a_staggered_batch(model_dir: Path) -> None:

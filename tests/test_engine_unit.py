@@ -568,11 +568,9 @@ def test_traced_batches_run_on_the_pool_of_the_day_at_any_shape() -> None:
     them: each gives the plain step's logits bit for bit and writes its keys into that pool."""
     torch.manual_seed(0)
     network = _packed_layer_model(blocks=40)
-    assert network.trace_batches(max_batch=6) is None and sorted(network.batch_passes) == [1, 2]
-    assert network.batch_least == 1  # no int8 or int4 weights: one format at every size
-    ran: list[int] = []
-    for groups, traced in list(network.batch_passes.items()):
-        network.batch_passes[groups] = lambda ids, d, traced=traced, groups=groups: ran.append(groups) or traced(ids, d)
+    assert network.trace_batches(max_batch=6) is None and sorted(network.batch_passes) == [(1, 1), (1, 2)]
+    assert network.batch_bands == ((1, 6),)  # no int8 or int4 weights: one format at every size
+    ran = _recording(network)
     with torch.inference_mode():
         for lengths in ([3, 70, 75], [130, 5, 9, 140, 7, 66], [60, 61], [200, 190, 180, 170, 10]):
             network.clear()
@@ -586,16 +584,39 @@ def test_traced_batches_run_on_the_pool_of_the_day_at_any_shape() -> None:
             passes, network.batch_passes = network.batch_passes, {}
             assert torch.equal(traced_logits, network.run(work))
             network.batch_passes = passes
-    assert ran == [1, 2, 1, 2]  # blocks 1-2 are one group; 1 and 3 two
+    assert ran == [(1, 1), (1, 2), (1, 1), (1, 2)]  # blocks 1-2 are one group; 1 and 3 two
 
 
-def test_batches_are_not_traced_where_their_formats_do_not_settle() -> None:
-    """int8 weights up to the batch's largest size leave no rows where every product runs one
-    format; capped scores take paths the pass lacks: the reason, and no batch passes."""
+def _recording(network: model.Model) -> list[tuple[int, int]]:
+    """Which of the model's batch passes run, as their keys (band, groups), in order."""
+    ran: list[tuple[int, int]] = []
+    for key, traced in list(network.batch_passes.items()):
+        network.batch_passes[key] = lambda ids, d, traced=traced, key=key: ran.append(key) or traced(ids, d)
+    return ran
+
+
+def test_each_band_of_one_weight_format_has_its_own_traced_batch_passes() -> None:
+    """int8 weights in the head up to 6 rows: steps of 1-6 rows and of 7 or more each run a pass
+    traced at their own formats, and each gives the plain step's logits bit for bit; capped scores
+    take paths the pass lacks: the reason, and no batch passes."""
+    torch.manual_seed(0)
     network = _packed_layer_model(blocks=60)
     network.lm_head.int8, network.lm_head.int8_rows = model.pack_int8(torch.randn(VOCAB, 48)), 6
-    assert network.trace_batches(max_batch=6) == "batches too small for their weight formats to settle, or a small pool"
-    assert network.trace_batches(max_batch=10) is None and network.batch_least == 7
+    assert network.trace_batches(max_batch=6) is None and network.batch_bands == ((1, 6),)
+    assert network.trace_batches(max_batch=10) is None and network.batch_bands == ((1, 6), (7, 10))
+    assert sorted(network.batch_passes) == [(1, 1), (1, 2), (7, 1), (7, 2)]
+    ran = _recording(network)
+    with torch.inference_mode():
+        for rows in (4, 8):
+            network.clear()
+            tables = [[2 * row, 2 * row + 1] for row in range(rows)]
+            work = model.Work(tables, [[row] for row in range(rows)], [70 + row for row in range(rows)])
+            network.pool.zero(tuple(block for table in tables for block in table))
+            traced_logits = network.run(work)
+            passes, network.batch_passes = network.batch_passes, {}
+            assert torch.equal(traced_logits, network.run(work))
+            network.batch_passes = passes
+    assert ran == [(1, 1), (7, 1)]
     capped = _tiny_model(torch.float32, blocks=40, softcap=50.0)
     assert capped.trace_batches(max_batch=6) == "a sliding window or capped attention scores"
     assert not capped.batch_passes
