@@ -410,21 +410,24 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, softca
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # both paths `auto` picks between CPUs
 @pytest.mark.parametrize("softcap", [None, 50.0])
 @pytest.mark.parametrize("gather_bytes", [model.GATHER_BYTES, 0])  # the blocks gathered into rows, or read in place
+@pytest.mark.parametrize("blocks_as_rows", [True, False])  # read in place: the products' orientation, per CPU
 @pytest.mark.parametrize("tables", [[[0, 1, 2]], [[5, 1], [3], [0, 4, 7]], [[6, 2]], [[5, 1], [0, 4, 7]]])
 def test_decode_attention_reads_each_sequences_own_blocks(
     dtype: torch.dtype,
     softcap: float | None,
     gather_bytes: int,
+    blocks_as_rows: bool,
     tables: list[list[int]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """One, two or three sequences of different lengths, their blocks gathered into rows (Gemma 2's
     capped scores: read in place, where no fused attention caps them) or read in place (the softmax
-    across each one's blocks), one with a foreign block inside its span; blocks no one in the batch
-    holds hold NaN, and must not leak into anyone's answer."""
+    across each one's blocks, its products either way round), one with a foreign block inside its
+    span; blocks no one in the batch holds hold NaN, and must not leak into anyone's answer."""
     torch.manual_seed(0)
     monkeypatch.setattr(model, "GATHER_BYTES", gather_bytes)
     network = _tiny_model(dtype, blocks=8, softcap=softcap)
+    network.blocks_as_rows = blocks_as_rows
     pool, kv = network.pool, network.arch.kv_heads
     for layer in pool.k + pool.v:
         layer.fill_(math.nan)
