@@ -430,7 +430,8 @@ def _trace_batches(model: Model, max_batch: int) -> str:
     if not model.batch_passes:
         return f"batched decode not traced: {why_not}"
     traced = {least for least, _ in model.batch_passes}
-    spans = [f"{a}-{b}" if b < max_batch else f"{a}+" for a, b in model.batch_bands if a in traced]
+    bands = [(a, b) for a, b in model.batch_bands if a in traced]
+    spans = [f"{a}+" if b >= max_batch else str(a) if a == b else f"{a}-{b}" for a, b in bands]
     return f"batched decode passes of {' and '.join(spans)} rows traced" + (f" ({why_not})" if why_not else "")
 
 
