@@ -898,7 +898,8 @@ class Model:
             return None
         try:
             ids, decode = self._prepare_decode(work)
-            band = next(least for least, most in self.batch_bands if least <= len(work.tables) <= most)
+            # (band 0: rows past every band, which the engine never runs; the plain pass then)
+            band = next((least for least, most in self.batch_bands if least <= len(work.tables) <= most), 0)
             traced = self.batch_passes.get((band, len(decode.gathered))) if decode.gathered is not None else None
             if traced is None:
                 return self._forward(ids, decode, self._windowed(decode), None)
