@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import engine
 import model
 from engine import Engine, SamplingParams
+from tests.test_engine_unit import record_batch_passes
 
 pytestmark = pytest.mark.integration
 
@@ -470,9 +471,7 @@ def test_traced_batch_passes_replay_the_batched_step(
     loaded = model.load_model(config, engine.PREFILL_CHUNK)
     network, text = loaded.model, loaded.tokenizer.encode("The history of the city is long. " * 40)
     assert loaded.lone_pass.endswith("batched decode passes of 1-4 and 5+ rows traced")
-    ran: list[tuple[int, int]] = []
-    for key, traced in list(network.batch_passes.items()):
-        network.batch_passes[key] = lambda ids, d, traced=traced, key=key: ran.append(key) or traced(ids, d)
+    ran = record_batch_passes(network)
     with torch.inference_mode():
         for rows, spread in itertools.product((3, 6), (False, True)):
             lengths = [150 if row % 3 == 0 else 10 + row for row in range(rows)] if spread else [40] * rows

@@ -573,7 +573,7 @@ def test_traced_batches_run_on_the_pool_of_the_day_at_any_shape() -> None:
     network = _packed_layer_model(blocks=40)
     assert network.trace_batches(max_batch=6) is None and sorted(network.batch_passes) == [(1, 1), (1, 2)]
     assert network.batch_bands == ((1, 6),)  # no int8 or int4 weights: one format at every size
-    ran = _recording(network)
+    ran = record_batch_passes(network)
     with torch.inference_mode():
         for lengths in ([3, 70, 75], [130, 5, 9, 140, 7, 66], [60, 61], [200, 190, 180, 170, 10]):
             network.clear()
@@ -590,7 +590,7 @@ def test_traced_batches_run_on_the_pool_of_the_day_at_any_shape() -> None:
     assert ran == [(1, 1), (1, 2), (1, 1), (1, 2)]  # blocks 1-2 are one group; 1 and 3 two
 
 
-def _recording(network: model.Model) -> list[tuple[int, int]]:
+def record_batch_passes(network: model.Model) -> list[tuple[int, int]]:
     """Which of the model's batch passes run, as their keys (band, groups), in order."""
     ran: list[tuple[int, int]] = []
     for key, traced in list(network.batch_passes.items()):
@@ -608,7 +608,7 @@ def test_each_band_of_one_weight_format_has_its_own_traced_batch_passes() -> Non
     assert network.trace_batches(max_batch=6) is None and network.batch_bands == ((1, 6),)
     assert network.trace_batches(max_batch=10) is None and network.batch_bands == ((1, 6), (7, 10))
     assert sorted(network.batch_passes) == [(1, 1), (1, 2), (7, 1), (7, 2)]
-    ran = _recording(network)
+    ran = record_batch_passes(network)
     with torch.inference_mode():
         for rows in (4, 8):
             network.clear()
