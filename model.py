@@ -832,8 +832,9 @@ class Model:
         # The batched decode's products with the blocks' keys and values as the rows (`_scores`):
         # faster so in bfloat16 on AMX, slower in float32 and in bfloat16 without AMX (Zen 5 EPYC:
         # scores 22.2 against 17.5 ms over 1,152 blocks a layer; bench/block_products.py).
-        amx = self.device.type != "cpu" or torch.cpu._is_amx_tile_supported()  # (a GPU: as before)
-        self.blocks_as_rows = self.dtype == torch.bfloat16 and amx
+        self.blocks_as_rows = self.dtype == torch.bfloat16 and (
+            self.device.type != "cpu" or torch.cpu._is_amx_tile_supported()  # a GPU: as before
+        )
         self.pool = KVPool(len(layers), 0, arch, self.dtype, self.device)  # load_model sizes both
         self.store = PrefixStore(len(layers), 0, arch, self.dtype, self.device)
         # In the model's dtype, as transformers' Gemma multiplies (sqrt(3072) = 55.43 is 55.5 in bfloat16).
