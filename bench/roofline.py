@@ -3,9 +3,12 @@ of the same weights in the same format, at several batch sizes, in one run.
 
 The ratio (step / bare products) is comparable across machines: 1.0 would mean everything but
 the matrix products is free. Beside it, the floor that memory sets: a step reads its sequences'
-keys and values as well as the weights, so where the products stream their weights from memory,
-no step can cost less than (weight bytes + KV bytes) / weight bytes of them. Prints a Markdown
-table and the CPU it ran on; writes JSON.
+keys and values as well as the weights, and reading them takes at least their bytes over the
+bandwidth a plain sum streams from memory here, so no step can cost less than
+1 + (KV bytes / bandwidth) / products' time. Where the products stream their weights at that
+bandwidth this is (weight bytes + KV bytes) / weight bytes; where they are bound by arithmetic
+(bfloat16 at 32 rows without AMX) it is lower. Prints a Markdown table and the CPU it ran on;
+writes JSON.
 
 Run: python bench/roofline.py --model models/smollm2-135m-instruct [--dtype float32] [--json out.json]
 """
@@ -73,6 +76,13 @@ def weight_bytes(network: model.Model, rows: int) -> int:
     return sum(t.numel() * t.element_size() for lin in network.linears for t in read(lin) if t is not None)
 
 
+def stream_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes a second a sum reads from memory here: a tensor far larger than any cache, once."""
+    data = torch.ones(megabytes << 18)  # float32: 4 bytes an element
+    seconds = median_ms(data.sum, repeats) / 1000
+    return data.numel() * data.element_size() / seconds
+
+
 def kv_bytes(network: model.Model, batch: int, cached: int) -> int:
     """The keys and values a decode step of `batch` sequences of `cached` tokens reads: whole blocks."""
     return batch * model.blocks_for(cached + 1) * network.pool.block_bytes
@@ -117,7 +127,7 @@ def main() -> None:
     config = engine.ModelConfig(name=args.model, dtype=args.dtype, max_batch=max_batch, quantize=args.quantize,
                                 compile=args.compile)  # fmt: skip
     loaded = load_apart(config)
-    rows = []
+    bandwidth, rows = stream_bandwidth(), []
     with torch.inference_mode():
         for batch in args.batches:
             step = median_ms(full_step(loaded.model, batch, args.cached), args.repeats)
@@ -125,18 +135,23 @@ def main() -> None:
             read, kv = weight_bytes(loaded.model, batch), kv_bytes(loaded.model, batch, args.cached)
             rows.append({"batch": batch, "step_ms": round(step, 2), "products_ms": round(bare, 2),
                          "ratio": round(step / bare, 2), "weight_mb": round(read / 1e6, 1),
-                         "kv_mb": round(kv / 1e6, 1), "floor": round((read + kv) / read, 2)})  # fmt: skip
+                         "kv_mb": round(kv / 1e6, 1), "floor": round(1 + kv / bandwidth * 1000 / bare, 2),
+                         "weights_gbs": round(read / bare / 1e6, 1)})  # fmt: skip
     cpu = cpu_description()
     weights = f"{loaded.weights}{f'; {loaded.lone_pass}' if loaded.lone_pass else ''}"
-    print(f"{args.model}, activations {loaded.dtype}, weights {weights}, {args.cached} cached tokens; {cpu}\n")
-    print("| batch | decode step (ms) | bare matrix products (ms) | ratio | weights read (MB) | keys and values "
-          "read (MB) | memory's floor for the ratio |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        f"{args.model}, activations {loaded.dtype}, weights {weights}, {args.cached} cached tokens; {cpu}; "
+        f"a sum streams {bandwidth / 1e9:.1f} GB/s\n"
+    )
+    print("| batch | decode step (ms) | bare matrix products (ms) | ratio | weights read (MB) | products read "
+          "(GB/s) | keys and values read (MB) | memory's floor for the ratio |\n" + "|---" * 8 + "|")  # fmt: skip
     for r in rows:
-        print(f"| {r['batch']} | {r['step_ms']} | {r['products_ms']} | {r['ratio']} | {r['weight_mb']} | {r['kv_mb']} "
-              f"| {r['floor']} |")  # fmt: skip
+        print(f"| {r['batch']} | {r['step_ms']} | {r['products_ms']} | {r['ratio']} | {r['weight_mb']} "
+              f"| {r['weights_gbs']} | {r['kv_mb']} | {r['floor']} |")  # fmt: skip
     if args.json:
         out = {"model": args.model, "dtype": str(loaded.dtype), "weights": loaded.weights, "cpu": cpu,
-               "cached": args.cached, "compiled": args.compile, "rows": rows}  # fmt: skip
+               "cached": args.cached, "compiled": args.compile, "bandwidth_gbs": round(bandwidth / 1e9, 1),
+               "rows": rows}  # fmt: skip
         Path(args.json).write_text(json.dumps(out, indent=1))
 
 
