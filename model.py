@@ -413,7 +413,10 @@ def compile_decode(model: Model, device: torch.device, max_batch: int) -> str:
     start = time.monotonic()
     why_not = model.compile()
     took = time.monotonic() - start
-    lone = f"decode not compiled: {why_not}" if why_not else f"a lone sequence's decode pass compiled in {took:.0f} s"
+    if why_not:
+        lone = f"decode not compiled: {why_not}"
+    else:
+        lone = f"a lone sequence's decode pass compiled in {took:.0f} s{model.keep_faster_lone_pass()}"
     return f"{lone}; {_trace_batches(model, max_batch)}"
 
 
@@ -1083,6 +1086,25 @@ class Model:
             return f"compiling failed ({type(exc).__name__}: {str(exc)[:200]})"
         self.lone_pass = lambda ids, lone: compiled(ids, lone, lone, None)
         return None
+
+    def keep_faster_lone_pass(self) -> str:
+        """After `compile`: the lone pass traced too (`trace`), timed against the compiled one at
+        the warm-ups' longest, in turns (`_first_is_faster`), and the faster kept. The compiled
+        pass's loops win where the products are cheap (AMX Xeon: a step 7.75 against 11.0 ms) and
+        lose where its generated code costs more than the operations it fuses (Zen 5 EPYC: 7.05
+        against 5.87 ms, bench/README.md). Nothing if the compiled pass is kept; else, in words,
+        that it was not."""
+        compiled = self.lone_pass
+        if compiled is None or self.trace() is not None:  # no traced pass to weigh it against
+            self.lone_pass = compiled
+            return ""
+        traced = self.lone_pass
+        assert traced is not None
+        with self._lone_warm_ups() as warm_ups:
+            ids, lone = warm_ups[-1]
+            compiled_wins = _first_is_faster(lambda: compiled(ids, lone), lambda: traced(ids, lone), 5, 10)
+        self.lone_pass = compiled if compiled_wins else traced
+        return "" if compiled_wins else ", but the traced pass ran faster here and runs instead"
 
     def _traced_unsupported(self) -> str | None:
         """Why no decode pass is traced or compiled; None if it can be: only on a CPU (the only

@@ -630,6 +630,29 @@ def _int8_head(network: model.Model) -> model.Model:
     return network
 
 
+def test_compile_keeps_the_faster_of_the_compiled_and_traced_passes() -> None:
+    """COMPILE=1's pass is timed against the traced one and kept only where it runs faster: here a
+    stand-in for it that waits 20 ms a step loses to the trace and one that answers at once wins.
+    Either way the pass kept answers the step."""
+    network = _int8_head(_tiny_model(torch.float32, blocks=4))
+    work = model.Work([[0]], [[3]], [5], fresh=(0,))
+    with torch.inference_mode():
+        expected = network.run(work)
+    answer = expected.clone()
+
+    def slow(ids: torch.Tensor, lone: model.LoneDecode) -> torch.Tensor:
+        time.sleep(0.02)
+        return answer
+
+    lost = ", but the traced pass ran faster here and runs instead"
+    for stand_in, kept in ((slow, False), (lambda ids, lone: answer, True)):
+        network.lone_pass = stand_in
+        said = network.keep_faster_lone_pass()
+        assert (network.lone_pass is stand_in) == kept and said == ("" if kept else lost)
+        with torch.inference_mode():
+            assert torch.equal(network.run(work), expected)
+
+
 @pytest.mark.skipif(model.cpp_compiler() is None, reason="needs a C++ compiler")
 def test_compile_warms_up_within_a_small_pool() -> None:
     """The load's warm-up asks for at most the blocks the pool has (KV_CACHE_MB may allow one)."""
