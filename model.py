@@ -56,6 +56,11 @@ INT4_EXACT = 0.02
 # int8), int4's edge over int8 at one row shrank to 6% there (16.9 against 18.0 us a weight) and
 # the choice flipped between runs, where over 32 or more it is 35-50% (bench/README.md).
 SAMPLE_BYTES = 64 << 20
+# Where `Model.rows_by_products` holds, gathered decode attention runs as batched products from this
+# many rows of a step on; below, torch's fused kernel, whose cost grows with each row but starts
+# lower (Zen 5 EPYC, SmolLM2, 160 cached: 2 rows 7.28 against 6.45 ms a step, 6 even, 8 13.77
+# against 14.16, 32 29.29 against 34.06; at 704 cached 4 rows 11.59 against 13.26; bench/README.md).
+ROWS_BY_PRODUCTS = 8
 HUB, HUB_PROBE_SECONDS = "https://huggingface.co", 5  # where hub ids come from; how long to try reaching it
 
 
@@ -838,6 +843,13 @@ class Model:
         self.blocks_as_rows = self.dtype == torch.bfloat16 and (
             self.device.type != "cpu" or torch.cpu._is_amx_tile_supported()  # a GPU: as before
         )
+        # Gathered decode attention as two batched products and a float32 softmax (`_attend_rows`)
+        # from ROWS_BY_PRODUCTS rows: in bfloat16 on a CPU without AMX, where torch's fused kernel
+        # runs two small products per sequence and key head (Zen 5 EPYC: 32 rows x 192 keys 203
+        # against 658 us a layer).
+        self.rows_by_products = (
+            self.dtype == torch.bfloat16 and self.device.type == "cpu" and not torch.cpu._is_amx_tile_supported()
+        )
         self.pool = KVPool(len(layers), 0, arch, self.dtype, self.device)  # load_model sizes both
         self.store = PrefixStore(len(layers), 0, arch, self.dtype, self.device)
         # In the model's dtype, as transformers' Gemma multiplies (sqrt(3072) = 55.43 is 55.5 in bfloat16).
@@ -970,7 +982,7 @@ class Model:
         why_not = self._traced_unsupported()
         if why_not:
             return why_not
-        bands = _format_bands(self.linears, max_batch)
+        bands = _format_bands(self.linears, max_batch, ROWS_BY_PRODUCTS - 1 if self.rows_by_products else None)
         passes: dict[tuple[int, int], Callable[[torch.Tensor, Decode], torch.Tensor]] = {}
         reasons = []
         for least, most in bands:
@@ -1400,17 +1412,20 @@ class Model:
     def _attend_gathered(
         self, keys: torch.Tensor, values: torch.Tensor, grouped: torch.Tensor, groups: tuple[Gathered, ...]
     ) -> torch.Tensor:
-        """Each group's rows (`_attend_rows`), their answers put back in the batch's order."""
+        """Each group's rows (`_attend_rows`), their answers put back in the batch's order. Whether
+        they run as products (`rows_by_products`) the step's rows decide, so that it holds for
+        every step of a band (`_format_bands`) and its traces."""
+        products = self.rows_by_products and grouped.shape[0] >= ROWS_BY_PRODUCTS
         if groups[0].rows is None:
-            return self._attend_rows(keys, values, grouped, groups[0])
+            return self._attend_rows(keys, values, grouped, groups[0], products)
         out = torch.empty_like(grouped)
         for g in groups:
             assert g.rows is not None
-            out.index_copy_(0, g.rows, self._attend_rows(keys, values, grouped.index_select(0, g.rows), g))
+            out.index_copy_(0, g.rows, self._attend_rows(keys, values, grouped.index_select(0, g.rows), g, products))
         return out
 
     def _attend_rows(
-        self, keys: torch.Tensor, values: torch.Tensor, grouped: torch.Tensor, g: Gathered
+        self, keys: torch.Tensor, values: torch.Tensor, grouped: torch.Tensor, g: Gathered, products: bool
     ) -> torch.Tensor:
         """The rows' blocks copied into the step's buffers as [R, Hkv, n KV_BLOCK, D], then torch's
         fused attention, the grouped query heads as a key head's queries: [R, Hkv, G, D]. The copy
@@ -1419,7 +1434,22 @@ class Model:
         size, heads, dim = grouped.shape[0], self.arch.kv_heads, self.arch.head_dim
         k = torch.index_select(keys.view(-1, KV_BLOCK, dim), 0, g.index, out=g.keys).view(size, heads, -1, dim)
         v = torch.index_select(values.view(-1, KV_BLOCK, dim), 0, g.index, out=g.values).view(size, heads, -1, dim)
+        if products:
+            return self._rows_by_products(grouped, k, v, g.mask)
         return F.scaled_dot_product_attention(grouped, k, v, attn_mask=g.mask, scale=self.arch.scale)
+
+    def _rows_by_products(self, grouped: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+                          ) -> torch.Tensor:  # fmt: skip
+        """`_attend_rows`' attention as one batched product for the scores, their softmax in
+        float32, and one for the values: [R, Hkv, G, D]. The scores come out of the product in
+        bfloat16, an error of the order its inputs already carry; the fused kernel rounds the
+        softmax's weights to bfloat16 for the values as this does (bench/README.md)."""
+        rows, heads, group, dim = grouped.shape
+        length = k.shape[2]
+        scores = torch.bmm(grouped.reshape(-1, group, dim), k.view(-1, length, dim).transpose(1, 2))
+        scores = scores.view(rows, heads * group, length).float().mul_(self.arch.scale).add_(mask.view(rows, 1, length))
+        weights = torch.softmax(scores, -1).to(v.dtype).view(-1, group, length)
+        return torch.bmm(weights, v.view(-1, length, dim)).view(rows, heads, group, dim)
 
     def _attend_lone(
         self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: LoneDecode
@@ -1508,11 +1538,15 @@ def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> t
     return visible
 
 
-def _format_bands(linears: Iterable[Linear], max_batch: int) -> list[tuple[int, int]]:
+def _format_bands(
+    linears: Iterable[Linear], max_batch: int, attention_edge: int | None = None
+) -> list[tuple[int, int]]:
     """Batch sizes 1 to `max_batch` in runs whose products each run one weight format throughout,
     as (fewest, most) rows: each product's formats change only past its `settled_from` rows
-    (SmolLM2 on a Zen 5 EPYC: int4 up to 8 rows, bfloat16 past them: 1-8 and 9-32)."""
+    (SmolLM2 on a Zen 5 EPYC: int4 up to 8 rows, bfloat16 past them: 1-8 and 9-32); and, if
+    given, past `attention_edge` rows, where decode attention changes its way (ROWS_BY_PRODUCTS)."""
     edges = {rows for lin in linears for rows in lin.settled_from() if rows < max_batch}
+    edges |= {attention_edge} if attention_edge is not None and 0 < attention_edge < max_batch else set()
     starts = sorted({1} | {rows + 1 for rows in edges})
     return list(zip(starts, [start - 1 for start in starts[1:]] + [max_batch], strict=True))
 

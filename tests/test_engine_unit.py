@@ -411,23 +411,27 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, softca
 @pytest.mark.parametrize("softcap", [None, 50.0])
 @pytest.mark.parametrize("gather_bytes", [model.GATHER_BYTES, 0])  # the blocks gathered into rows, or read in place
 @pytest.mark.parametrize("blocks_as_rows", [True, False])  # read in place: the products' orientation, per CPU
+@pytest.mark.parametrize("by_products", [True, False])  # gathered: torch's fused attention, or products, per CPU
 @pytest.mark.parametrize("tables", [[[0, 1, 2]], [[5, 1], [3], [0, 4, 7]], [[6, 2]], [[5, 1], [0, 4, 7]]])
 def test_decode_attention_reads_each_sequences_own_blocks(
     dtype: torch.dtype,
     softcap: float | None,
     gather_bytes: int,
     blocks_as_rows: bool,
+    by_products: bool,
     tables: list[list[int]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """One, two or three sequences of different lengths, their blocks gathered into rows (Gemma 2's
-    capped scores: read in place, where no fused attention caps them) or read in place (the softmax
+    """One, two or three sequences of different lengths, their blocks gathered into rows (torch's
+    fused attention, or two batched products, from any number of rows here; Gemma 2's capped
+    scores: read in place, where no fused attention caps them) or read in place (the softmax
     across each one's blocks, its products either way round), one with a foreign block inside its
     span; blocks no one in the batch holds hold NaN, and must not leak into anyone's answer."""
     torch.manual_seed(0)
     monkeypatch.setattr(model, "GATHER_BYTES", gather_bytes)
+    monkeypatch.setattr(model, "ROWS_BY_PRODUCTS", 1)
     network = _tiny_model(dtype, blocks=8, softcap=softcap)
-    network.blocks_as_rows = blocks_as_rows
+    network.blocks_as_rows, network.rows_by_products = blocks_as_rows, by_products
     pool, kv = network.pool, network.arch.kv_heads
     for layer in pool.k + pool.v:
         layer.fill_(math.nan)
@@ -596,6 +600,34 @@ def record_batch_passes(network: model.Model) -> list[tuple[int, int]]:
     for key, traced in list(network.batch_passes.items()):
         network.batch_passes[key] = lambda ids, d, traced=traced, key=key: ran.append(key) or traced(ids, d)
     return ran
+
+
+def test_decode_attention_by_products_has_a_band_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where gathered decode attention runs as products (`rows_by_products`, from ROWS_BY_PRODUCTS
+    rows), steps below and from that many rows get traces of their own: a step of 4 rows runs
+    torch's fused attention, one of 8 the products, each through its band's pass bit for bit,
+    and the products' logits are the fused attention's within float32's rounding."""
+    torch.manual_seed(0)
+    network = _packed_layer_model(blocks=60)
+    network.rows_by_products = True
+    assert network.trace_batches(max_batch=10) is None and network.batch_bands == ((1, 7), (8, 10))
+    ran, by_products = record_batch_passes(network), []
+    products = network._rows_by_products
+    monkeypatch.setattr(network, "_rows_by_products", lambda *args: by_products.append(1) or products(*args))
+    with torch.inference_mode():
+        for rows in (4, 8):
+            network.clear()
+            tables = [[2 * row, 2 * row + 1] for row in range(rows)]
+            work = model.Work(tables, [[row] for row in range(rows)], [70 + row for row in range(rows)])
+            network.pool.zero(tuple(block for table in tables for block in table))
+            traced_logits = network.run(work)
+            passes, network.batch_passes = network.batch_passes, {}
+            by_products.clear()
+            assert torch.equal(traced_logits, network.run(work)) and bool(by_products) == (rows == 8)
+            network.rows_by_products = False
+            torch.testing.assert_close(network.run(work), traced_logits, atol=1e-5, rtol=1e-5)
+            network.batch_passes, network.rows_by_products = passes, True
+    assert ran == [(1, 1), (8, 1)]
 
 
 def test_each_band_of_one_weight_format_has_its_own_traced_batch_passes() -> None:

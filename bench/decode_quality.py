@@ -1,0 +1,96 @@
+"""Teacher-forced quality of batched decode attention in bfloat16, against the float32 engine.
+
+Runs windows of real text (quality.py's) through the engine's own Model as decode steps of one
+batch: each row a window, its first tokens a prompt, then one token a step, the text's own. Once
+in float32, and in bfloat16 with each way of running gathered decode attention: torch's fused
+kernel, and two batched products around a float32 softmax (`Model.rows_by_products`, whose
+scores come out of their product in bfloat16). Each bfloat16 way's next-token log-probabilities
+are compared with float32's at every decoded position: top-1 agreement and perplexity on the
+text. Weights stay float (QUANTIZE=none): only the precision of the activations, the keys and
+values and the attention differs. The plain passes run (no traces), so the setting decides.
+
+Run: python bench/decode_quality.py [--rows 8] [--steps 192] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from quality import DEFAULT_TEXT
+from roofline import cpu_description, load_apart
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import engine
+import model
+
+
+def decoded(network: model.Model, windows: torch.Tensor, prompt: int) -> torch.Tensor:
+    """float32 log-probabilities [rows, steps, vocab] of each window's tokens after its prompt,
+    each predicted by a decode step of the whole batch."""
+    network.clear()
+    network.batch_passes, network.lone_pass = {}, None
+    rows, length = windows.shape
+    per_row = model.blocks_for(length)
+    tables = [list(range(row * per_row, (row + 1) * per_row)) for row in range(rows)]
+    out = []
+    with torch.inference_mode():
+        for table, window in zip(tables, windows, strict=True):
+            network.run(model.Work([table], [window[:prompt].tolist()], [0], fresh=tuple(table)))
+        for position in range(prompt, length - 1):
+            work = model.Work(tables, [[int(token)] for token in windows[:, position]], [position] * rows)
+            out.append(torch.log_softmax(network.run(work).float(), -1))
+    return torch.stack(out, 1)
+
+
+def compare(reference: torch.Tensor, got: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    agree = float((reference.argmax(-1) == got.argmax(-1)).float().mean())
+    nll = -float(got.gather(-1, targets[..., None]).mean())
+    return {"top1_agreement": agree, "perplexity": math.exp(nll)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/smollm2-135m-instruct")
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=192)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if args.rows < model.ROWS_BY_PRODUCTS:
+        parser.error(f"--rows below model.ROWS_BY_PRODUCTS ({model.ROWS_BY_PRODUCTS}) never run the products")
+    engine.use_threads(0)
+    from transformers import AutoTokenizer
+
+    ids = torch.tensor(AutoTokenizer.from_pretrained(args.model)(args.text.read_text()).input_ids)
+    length = args.prompt + args.steps + 1
+    windows = ids[: args.rows * length].view(args.rows, length)
+    targets = windows[:, args.prompt + 1 :]
+
+    def load(dtype: str) -> model.Model:
+        config = engine.ModelConfig(name=args.model, dtype=dtype, quantize="none", max_batch=args.rows)
+        return load_apart(config).model
+
+    reference = decoded(load("float32"), windows, args.prompt)
+    bf16, results = load("bfloat16"), {"float32": compare(reference, reference, targets)}
+    for way, products in (("bfloat16, fused attention", False), ("bfloat16, products", True)):
+        bf16.rows_by_products = products
+        results[way] = compare(reference, decoded(bf16, windows, args.prompt), targets)
+    base = results["float32"]["perplexity"]
+    print(f"{args.model}, {args.rows} rows x {args.steps} decode steps after {args.prompt}-token prompts; "
+          f"{cpu_description()}\n")  # fmt: skip
+    print("| decode attention | top-1 agreement with float32 | perplexity | vs float32 |\n|---|---|---|---|")
+    for way, r in results.items():
+        print(f"| {way} | {r['top1_agreement']:.2%} | {r['perplexity']:.3f} | {r['perplexity'] / base - 1:+.2%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "cpu": cpu_description(), "rows": args.rows,
+                                               "steps": args.steps, "results": results}, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
