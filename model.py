@@ -58,9 +58,11 @@ INT4_EXACT = 0.02
 SAMPLE_BYTES = 64 << 20
 # Where `Model.rows_by_products` holds, gathered decode attention runs as batched products from this
 # many rows of a step on; below, torch's fused kernel, whose cost grows with each row but starts
-# lower (Zen 5 EPYC, SmolLM2, 160 cached: 2 rows 7.28 against 6.45 ms a step, 6 even, 8 13.77
-# against 14.16, 32 29.29 against 34.06; at 704 cached 4 rows 11.59 against 13.26; bench/README.md).
-ROWS_BY_PRODUCTS = 8
+# lower. Where they cross moves with the keys a row holds (Zen 5 EPYC, SmolLM2, bench/ab_step.py:
+# at 64 cached 12 rows 20.20 against 18.82 ms a step, 16 rows 19.74 against 21.25; at 160 cached
+# 8 rows 13.77 against 14.16; at 704 4 rows 11.59 against 13.26): from 16 rows the products win
+# at every length, and a step of 16 or more rows is traced apart (`_format_bands`).
+ROWS_BY_PRODUCTS = 16
 HUB, HUB_PROBE_SECONDS = "https://huggingface.co", 5  # where hub ids come from; how long to try reaching it
 
 

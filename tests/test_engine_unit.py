@@ -608,6 +608,7 @@ def test_decode_attention_by_products_has_a_band_of_its_own(monkeypatch: pytest.
     torch's fused attention, one of 8 the products, each through its band's pass bit for bit,
     and the products' logits are the fused attention's within float32's rounding."""
     torch.manual_seed(0)
+    monkeypatch.setattr(model, "ROWS_BY_PRODUCTS", 8)
     network = _packed_layer_model(blocks=60)
     network.rows_by_products = True
     assert network.trace_batches(max_batch=10) is None and network.batch_bands == ((1, 7), (8, 10))
