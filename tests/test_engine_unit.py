@@ -602,6 +602,14 @@ def record_batch_passes(network: model.Model) -> list[tuple[int, int]]:
     return ran
 
 
+def _fresh_decode_step(network: model.Model, rows: int) -> model.Work:
+    """A decode step of `rows` sequences of two blocks each (70 and more tokens), in a fresh pool."""
+    network.clear()
+    tables = [[2 * row, 2 * row + 1] for row in range(rows)]
+    network.pool.zero(tuple(block for table in tables for block in table))
+    return model.Work(tables, [[row] for row in range(rows)], [70 + row for row in range(rows)])
+
+
 def test_decode_attention_by_products_has_a_band_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where gathered decode attention runs as products (`rows_by_products`, from ROWS_BY_PRODUCTS
     rows), steps below and from that many rows get traces of their own: a step of 4 rows runs
@@ -617,10 +625,7 @@ def test_decode_attention_by_products_has_a_band_of_its_own(monkeypatch: pytest.
     monkeypatch.setattr(network, "_rows_by_products", lambda *args: by_products.append(1) or products(*args))
     with torch.inference_mode():
         for rows in (4, 8):
-            network.clear()
-            tables = [[2 * row, 2 * row + 1] for row in range(rows)]
-            work = model.Work(tables, [[row] for row in range(rows)], [70 + row for row in range(rows)])
-            network.pool.zero(tuple(block for table in tables for block in table))
+            work = _fresh_decode_step(network, rows)
             traced_logits = network.run(work)
             passes, network.batch_passes = network.batch_passes, {}
             by_products.clear()
@@ -644,10 +649,7 @@ def test_each_band_of_one_weight_format_has_its_own_traced_batch_passes() -> Non
     ran = record_batch_passes(network)
     with torch.inference_mode():
         for rows in (4, 8):
-            network.clear()
-            tables = [[2 * row, 2 * row + 1] for row in range(rows)]
-            work = model.Work(tables, [[row] for row in range(rows)], [70 + row for row in range(rows)])
-            network.pool.zero(tuple(block for table in tables for block in table))
+            work = _fresh_decode_step(network, rows)
             traced_logits = network.run(work)
             passes, network.batch_passes = network.batch_passes, {}
             assert torch.equal(traced_logits, network.run(work))
