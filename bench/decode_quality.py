@@ -9,19 +9,18 @@ are compared with float32's at every decoded position: top-1 agreement and perpl
 text. Weights stay float (QUANTIZE=none): only the precision of the activations, the keys and
 values and the attention differs. The plain passes run (no traces), so the setting decides.
 
-Run: python bench/decode_quality.py [--rows 8] [--steps 192] [--json out.json]
+Run: python bench/decode_quality.py [--rows 16] [--steps 256] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
-from quality import DEFAULT_TEXT
+from quality import DEFAULT_TEXT, compare
 from roofline import cpu_description, load_apart
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -47,19 +46,13 @@ def decoded(network: model.Model, windows: torch.Tensor, prompt: int) -> torch.T
     return torch.stack(out, 1)
 
 
-def compare(reference: torch.Tensor, got: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    agree = float((reference.argmax(-1) == got.argmax(-1)).float().mean())
-    nll = -float(got.gather(-1, targets[..., None]).mean())
-    return {"top1_agreement": agree, "perplexity": math.exp(nll)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/smollm2-135m-instruct")
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
-    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=192)
+    parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.rows < model.ROWS_BY_PRODUCTS:
@@ -70,17 +63,17 @@ def main() -> None:
     ids = torch.tensor(AutoTokenizer.from_pretrained(args.model)(args.text.read_text()).input_ids)
     length = args.prompt + args.steps + 1
     windows = ids[: args.rows * length].view(args.rows, length)
-    targets = windows[:, args.prompt + 1 :]
+    scored = list(windows[:, args.prompt :])  # as quality.py's windows: tokens 1.. are scored
 
     def load(dtype: str) -> model.Model:
         config = engine.ModelConfig(name=args.model, dtype=dtype, quantize="none", max_batch=args.rows)
         return load_apart(config).model
 
-    reference = decoded(load("float32"), windows, args.prompt)
-    bf16, results = load("bfloat16"), {"float32": compare(reference, reference, targets)}
+    reference = list(decoded(load("float32"), windows, args.prompt))
+    bf16, results = load("bfloat16"), {"float32": compare(reference, reference, scored)}
     for way, products in (("bfloat16, fused attention", False), ("bfloat16, products", True)):
         bf16.rows_by_products = products
-        results[way] = compare(reference, decoded(bf16, windows, args.prompt), targets)
+        results[way] = compare(reference, list(decoded(bf16, windows, args.prompt)), scored)
     base = results["float32"]["perplexity"]
     print(f"{args.model}, {args.rows} rows x {args.steps} decode steps after {args.prompt}-token prompts; "
           f"{cpu_description()}\n")  # fmt: skip

@@ -465,9 +465,9 @@ def test_traced_batch_passes_replay_the_batched_step(
     it) and int8 weights up to 4 rows, packed float weights beyond (pinned: `auto` times the
     formats, and in float32 may keep int8 up to the whole batch), one band of passes each, and in
     bfloat16 without AMX a band from ROWS_BY_PRODUCTS rows, where attention runs as products: 12
-    steps of 3, 6 and 9 (or ROWS_BY_PRODUCTS) real sequences, all in one block (one group of rows), then every third in
-    three (two groups), the pool handed back between them, give the plain batched step's logits
-    bit for bit, through their band's traces."""
+    steps of 3, 6 and 9 (or ROWS_BY_PRODUCTS) real sequences, all in one block (one group of
+    rows), then every third in three (two groups), the pool handed back between them, give the
+    plain batched step's logits bit for bit, through their band's traces."""
     monkeypatch.setattr(model, "resolve_int8", lambda *settings: 4)
     monkeypatch.setattr(model, "resolve_int4", lambda *settings: 4)
     config = engine.ModelConfig(name=str(model_dir), max_batch=16, dtype=dtype)
