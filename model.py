@@ -42,12 +42,6 @@ PREFIX_BLOCK = 16  # tokens a block of the prefix store holds: prompts share cac
 PREFILL_BUCKET = 16  # prompts run padded to a multiple of this: few distinct shapes, so kernel caches stay small
 INT8_ALWAYS = 1 << 62  # `resolve_int8`'s answer when int8 weights win at every batch size: float ones are dropped
 INT4_GROUP = 32  # inputs sharing one int4 scale and offset, as in llama.cpp's Q4_1 blocks
-# A decode step copies its sequences' blocks into one batch of rows a layer and runs torch's fused
-# attention while that copy holds at most this many bytes of keys and values; near 10 MiB the copy
-# costs what reading the blocks in place saves, and past it more (AMX Xeon, SmolLM2, bench/ab_step.py:
-# bfloat16, 8 rows at 160 cached 30.6 against 36.5 ms, 32 rows at 704 (18 MiB) 110.3 against 100.0;
-# float32, 16 rows at 400 (10.8 MiB) 82.8 against 84.3; bench/README.md).
-GATHER_BYTES = 8 << 20
 # A weight runs on int4 only if int4 holds each of its rows this well (relative error). The offline
 # SmolLM2's Q4_1 rows: at most 1.1% (their scales rounded to bfloat16); float rows: 7% or more.
 INT4_EXACT = 0.02
@@ -56,13 +50,6 @@ INT4_EXACT = 0.02
 # int8), int4's edge over int8 at one row shrank to 6% there (16.9 against 18.0 us a weight) and
 # the choice flipped between runs, where over 32 or more it is 35-50% (bench/README.md).
 SAMPLE_BYTES = 64 << 20
-# Where `Model.rows_by_products` holds, gathered decode attention runs as batched products from this
-# many rows of a step on; below, torch's fused kernel, whose cost grows with each row but starts
-# lower. Where they cross moves with the keys a row holds (Zen 5 EPYC, SmolLM2, bench/ab_step.py:
-# at 64 cached 12 rows 20.20 against 18.82 ms a step, 16 rows 19.74 against 21.25; at 160 cached
-# 8 rows 13.77 against 14.16; at 704 4 rows 11.59 against 13.26): from 16 rows the products win
-# at every length, and a step of 16 or more rows is traced apart (`_format_bands`).
-ROWS_BY_PRODUCTS = 16
 HUB, HUB_PROBE_SECONDS = "https://huggingface.co", 5  # where hub ids come from; how long to try reaching it
 
 
@@ -439,7 +426,7 @@ def _trace_batches(model: Model, max_batch: int) -> str:
     why_not = model.trace_batches(max_batch)
     if not model.batch_passes:
         return f"batched decode not traced: {why_not}"
-    traced = {least for least, _ in model.batch_passes}
+    traced = set(model.batch_passes)
     bands = [(a, b) for a, b in model.batch_bands if a in traced]
     spans = [f"{a}+" if b >= max_batch else str(a) if a == b else f"{a}-{b}" for a, b in bands]
     return f"batched decode passes of {' and '.join(spans)} rows traced" + (f" ({why_not})" if why_not else "")
@@ -592,8 +579,10 @@ class Architecture:
 
 class KVPool:
     """Keys and values of the running sequences in fixed-size blocks of KV_BLOCK positions, one
-    pool for all: per layer [blocks, Hkv, KV_BLOCK, D], block-major, so any run of blocks is a
-    batch of [KV_BLOCK, D] matrices as a view. The scheduler hands blocks out (a sequence's block
+    pool for all, block-major: per layer values [blocks, Hkv, KV_BLOCK, D] and keys [blocks, Hkv,
+    D, KV_BLOCK], each block's keys turned so that a row of a key layer holds one dimension of
+    KV_BLOCK keys: decode attention scores a block as a sum of those rows weighted by the query
+    (`Model._attend_decode`). The scheduler hands blocks out (a sequence's block
     table lists its own, in order) and takes them back; nothing moves when a sequence grows or
     ends, and memory follows the tokens held. Made empty: a block's pages become resident when
     first written, and `clear` hands them all back once nothing runs. Each layer's keys and values
@@ -629,9 +618,9 @@ class KVPool:
         # A freed layer of at most 32 MiB raises glibc's threshold for mapping memory apart, and
         # later pools then come from its heap, which it keeps: trimmed, the pages go back.
         _return_freed_memory()
-        shape = (self.blocks, self.heads, KV_BLOCK, self.dim)
-        self.k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
-        self.v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        keys, values = (self.blocks, self.heads, self.dim, KV_BLOCK), (self.blocks, self.heads, KV_BLOCK, self.dim)
+        self.k = [torch.empty(keys, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        self.v = [torch.empty(values, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
         self.touched = False
 
     def zero(self, blocks: tuple[int, ...]) -> None:
@@ -642,22 +631,29 @@ class KVPool:
         self.touched = True
 
     def slots(self, tables: list[list[int]], positions: list[int]) -> torch.Tensor:
-        """Where each (sequence's table, position) pair goes in a layer seen as [P Hkv KV_BLOCK, D]:
-        one row index per pair and head, in that order."""
+        """Where each (sequence's table, position) pair goes in a value layer seen as [P Hkv
+        KV_BLOCK, D]: one row index per pair and head, in that order."""
         blocks = torch.tensor([t[p // KV_BLOCK] for t, p in zip(tables, positions, strict=True)], device=self.device)
         offsets = torch.tensor([p % KV_BLOCK for p in positions], device=self.device)
         heads = torch.arange(self.heads, device=self.device)
         return ((blocks[:, None] * self.heads + heads) * KV_BLOCK + offsets[:, None]).flatten()
 
-    def gather(self, layer: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
-        """A sequence's first `length` positions of a layer as [1, Hkv, length, D] (a copy), for a
-        prompt's later chunk. Blocks in a row (as the lowest free ones are handed out) are read as
-        a slice: an index_select would be a second copy."""
+    def key_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """The same places (`slots`) in a key layer seen flat: D elements each, KV_BLOCK apart."""
+        start = slots // KV_BLOCK * (self.dim * KV_BLOCK) + slots % KV_BLOCK
+        return (start[:, None] + torch.arange(self.dim, device=self.device) * KV_BLOCK).flatten()
+
+    def gather(self, layer: torch.Tensor, table: list[int], length: int, keys: bool) -> torch.Tensor:
+        """A sequence's first `length` positions of a key or value layer as [1, Hkv, length, D] (a
+        copy), for a prompt's later chunk. Blocks in a row (as the lowest free ones are
+        handed out) are read as a slice: an index_select would be a second copy."""
         used = table[: blocks_for(length)]
         if used == list(range(used[0], used[0] + len(used))):
             blocks = layer[used[0] : used[0] + len(used)]
         else:
             blocks = layer.index_select(0, torch.tensor(used, device=self.device))
+        if keys:
+            blocks = blocks.transpose(2, 3)  # each block's positions back as rows
         return blocks.transpose(0, 1).reshape(1, self.heads, -1, self.dim)[:, :, :length]
 
 
@@ -672,10 +668,10 @@ class PrefixStore:
 
     def __init__(self, layers: int, blocks: int, arch: Architecture, dtype: torch.dtype, device: torch.device):
         self.blocks, self.heads, self.dim = blocks, arch.kv_heads, arch.head_dim
-        shape = (blocks, self.heads, PREFIX_BLOCK, self.dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers if blocks else 0)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers if blocks else 0)]
-        self.bytes = 2 * layers * math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        keys, values = (blocks, self.heads, self.dim, PREFIX_BLOCK), (blocks, self.heads, PREFIX_BLOCK, self.dim)
+        self.k = [torch.empty(keys, dtype=dtype, device=device) for _ in range(layers if blocks else 0)]
+        self.v = [torch.empty(values, dtype=dtype, device=device) for _ in range(layers if blocks else 0)]
+        self.bytes = 2 * layers * math.prod(keys) * torch.empty(0, dtype=dtype).element_size()
 
     def _in_pool(self, pool: KVPool, table: list[int], blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt block i lies in pool block table[i // per] at sub-block i % per: both as indices."""
@@ -683,23 +679,28 @@ class PrefixStore:
         where = torch.tensor([(table[i // per], i % per) for i in blocks], device=pool.device)
         return where[:, 0], where[:, 1]
 
-    def _split(self, layer: torch.Tensor) -> torch.Tensor:
-        """A pool layer as [P, Hkv, KV_BLOCK / PREFIX_BLOCK, PREFIX_BLOCK, D] (a view)."""
-        return layer.view(layer.shape[0], self.heads, KV_BLOCK // PREFIX_BLOCK, PREFIX_BLOCK, self.dim)
+    def _split(self, pool: KVPool) -> list[torch.Tensor]:
+        """The pool's layers with each block's positions split into PREFIX_BLOCK runs (views):
+        keys [P, Hkv, D, runs, PREFIX_BLOCK], values [P, Hkv, runs, PREFIX_BLOCK, D], so that
+        `[blocks, :, runs]` of either is [N, Hkv, ...] laid out as the store's blocks. The keys
+        are moved to put the runs at the same place (a view, `movedim`)."""
+        runs = KV_BLOCK // PREFIX_BLOCK
+        keys = [layer.view(-1, self.heads, self.dim, runs, PREFIX_BLOCK).movedim(3, 2) for layer in pool.k]
+        return keys + [layer.view(-1, self.heads, runs, PREFIX_BLOCK, self.dim) for layer in pool.v]
 
     def restore(self, pool: KVPool, table: list[int], slots: tuple[int, ...]) -> None:
         """Copy these store blocks into the sequence's first positions, in order."""
         index = torch.tensor(slots, device=pool.device)
         blocks, subs = self._in_pool(pool, table, list(range(len(slots))))
-        for layer, stored in zip(pool.k + pool.v, self.k + self.v, strict=True):
-            self._split(layer)[blocks, :, subs] = stored.index_select(0, index)
+        for layer, stored in zip(self._split(pool), self.k + self.v, strict=True):
+            layer[blocks, :, subs] = stored.index_select(0, index)
 
     def save(self, pool: KVPool, table: list[int], pairs: tuple[tuple[int, int], ...]) -> None:
         """Copy the sequence's prompt blocks into the store: (prompt block, store block) pairs."""
         slots = torch.tensor([slot for _, slot in pairs], device=pool.device)
         blocks, subs = self._in_pool(pool, table, [block for block, _ in pairs])
-        for layer, stored in zip(pool.k + pool.v, self.k + self.v, strict=True):
-            stored.index_copy_(0, slots, self._split(layer)[blocks, :, subs])
+        for layer, stored in zip(self._split(pool), self.k + self.v, strict=True):
+            stored.index_copy_(0, slots, layer[blocks, :, subs])
 
 
 @dataclass(frozen=True)
@@ -733,24 +734,44 @@ class Prefill:
     pasts: list[tuple[list[int], int]]  # (table, positions in the pool) of each sequence that has any
     key_owners: torch.Tensor  # [K]: each key's sequence: the pasts' positions, then the row's tokens
     key_positions: torch.Tensor  # [K]
-    slots: torch.Tensor  # [real Hkv]: where the real tokens' keys go (not the bucket's padding)
+    slots: torch.Tensor  # [real Hkv]: where the real tokens' values go (not the bucket's padding)
+    key_slots: torch.Tensor  # [real Hkv D]: and their keys (`KVPool.key_slots`)
     mask: torch.Tensor | None  # [1, 1, T, K] bool; None: one sequence's first chunk, plain causal attention
     cos: torch.Tensor | None = None  # rotary tables for these positions: [1, T, 1, D]
     sin: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
+class Bags:
+    """Where a decode step's attention reads each sequence's own blocks, in place, as bags of
+    rows that `F.embedding_bag` sums with weights (`Model._attend_decode`). Scores: one bag for
+    each (sequence, query head, block), the D rows of the block's turned keys (`KVPool`) weighted
+    by that query's D numbers; a sequence's blocks past its own count, up to the longest's, are
+    empty bags (zero, masked). Answers: one bag for each (sequence, query head), the value rows
+    of the positions of its blocks weighted by their softmax. Indices are made once a step."""
+
+    key_rows: torch.Tensor  # rows of a key layer seen as [P Hkv D, KV_BLOCK], bag after bag
+    key_bags: torch.Tensor  # [B Hq n]: where each score bag starts among key_rows
+    queries: torch.Tensor  # [bags that are not empty]: the (sequence, query head) whose query weights it
+    value_rows: torch.Tensor  # rows of a value layer seen as [P Hkv KV_BLOCK, D], bag after bag
+    value_bags: torch.Tensor  # [B Hq]: where each answer bag starts among value_rows
+    weights: torch.Tensor  # [value rows]: where each value row's weight lies among the scores [B Hq n KV_BLOCK]
+    mask: torch.Tensor  # [B, 1, n KV_BLOCK] additive, float32: each sequence's positions up to its new one
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """In field order: a trace takes tensors and tuples of them."""
+        return self.key_rows, self.key_bags, self.queries, self.value_rows, self.value_bags, self.weights, self.mask
+
+
+@dataclass(frozen=True)
 class Decode:
-    """A decode step's inputs, made before the pass: one new token for each of B sequences.
-    A few sequences' blocks are gathered into rows, a layer at a time, in groups of rows of about
-    one length (`Gathered`); more are read in place, the pool's blocks lo..hi-1, every one that a
-    sequence of the batch holds among them (blocks of no one in the batch are read too, and
-    weighted zero)."""
+    """A decode step's inputs, made before the pass: one new token for each of B sequences,
+    attending over their own blocks in place (`Bags`)."""
 
     positions: torch.Tensor  # [B, 1]
-    slots: torch.Tensor  # [B Hkv]: where each new key goes in a flat pool layer
-    gathered: tuple[Gathered, ...] | None  # the rows' blocks, a group at a time: None when read in place
-    blocks: BlockMaps | None  # the in-place pass's: None when the blocks are gathered
+    slots: torch.Tensor  # [B Hkv]: where each new value goes in a flat pool layer
+    key_slots: torch.Tensor  # [B Hkv D]: and each new key (`KVPool.key_slots`)
+    bags: Bags
     cos: torch.Tensor | None = None  # [B, 1, 1, D]
     sin: torch.Tensor | None = None
 
@@ -777,30 +798,6 @@ class Mixed:
 
 
 @dataclass(frozen=True)
-class Gathered:
-    """A group of a decode step's rows (`_by_length`): which blocks each gathers, and the copies
-    every layer of the step reuses."""
-
-    rows: torch.Tensor | None  # [R]: the group's sequences by their place in the batch; None: all, in order
-    positions: torch.Tensor  # [R, 1]: each one's new position
-    index: torch.Tensor  # [R Hkv n]: each (sequence, key head, block)'s place in a layer seen as [P Hkv, KV_BLOCK, D]
-    mask: torch.Tensor  # [R, 1, 1, n KV_BLOCK] additive: each row's positions up to its new one
-    keys: torch.Tensor  # [R Hkv n, KV_BLOCK, D]: the layer's gathered keys (a buffer)
-    values: torch.Tensor
-
-
-@dataclass(frozen=True)
-class BlockMaps:
-    """Where a batched decode step's sequences lie in the span of blocks it reads in place."""
-
-    span: tuple[int, int]  # lo, hi
-    owner: torch.Tensor  # [N]: which sequence holds each block of the span, B for none
-    keys: torch.Tensor  # [N, KV_BLOCK]: each span position's place in its sequence
-    queries: torch.Tensor  # [N, 1]: the position of the new token of the block's sequence; -1: none
-    mask: torch.Tensor  # [N Hkv, Hq/Hkv, KV_BLOCK] additive, laid out as `_attend_decode` groups the heads
-
-
-@dataclass(frozen=True)
 class LoneDecode:
     """One sequence's decode step for the traced or compiled pass (`Model.trace`, `Model.compile`),
     in tensors only: the compiler takes a list or a number as a constant, and would compile again
@@ -808,11 +805,9 @@ class LoneDecode:
     holds the tensors it read as constants, and the pool is made again after each idle spell."""
 
     positions: torch.Tensor  # [1, 1]
-    slots: torch.Tensor  # [Hkv]: where the new key goes in a flat pool layer
-    pieces: torch.Tensor  # [Hkv N]: its (block, key head) pieces of a pool layer, each key head's blocks in order
-    # [1, 1, 1, N KV_BLOCK]: 0 at the positions it holds, the new one's included, else -inf; made
-    # additive once a step, not by the fused attention from a bool mask in every layer
-    visible: torch.Tensor
+    slots: torch.Tensor  # [Hkv]: where the new value goes in a flat pool layer
+    key_slots: torch.Tensor  # [Hkv D]: and the new key
+    bags: Bags
     cos: torch.Tensor | None = None  # [1, 1, 1, D]
     sin: torch.Tensor | None = None
     keys: tuple[torch.Tensor, ...] = ()  # the pool's layers (`KVPool.k`)
@@ -839,27 +834,14 @@ class Model:
         self.width = final_norm[0].shape[0]
         self.max_context = arch.max_context
         self.dtype, self.device = embed.dtype, embed.table.device
-        # The batched decode's products with the blocks' keys and values as the rows (`_scores`):
-        # faster so in bfloat16 on AMX, slower in float32 and in bfloat16 without AMX (Zen 5 EPYC:
-        # scores 22.2 against 17.5 ms over 1,152 blocks a layer; bench/block_products.py).
-        self.blocks_as_rows = self.dtype == torch.bfloat16 and (
-            self.device.type != "cpu" or torch.cpu._is_amx_tile_supported()  # a GPU: as before
-        )
-        # Gathered decode attention as two batched products and a float32 softmax (`_attend_rows`)
-        # from ROWS_BY_PRODUCTS rows: in bfloat16 on a CPU without AMX, where torch's fused kernel
-        # runs two small products per sequence and key head (Zen 5 EPYC: 32 rows x 192 keys 203
-        # against 658 us a layer).
-        self.rows_by_products = (
-            self.dtype == torch.bfloat16 and self.device.type == "cpu" and not torch.cpu._is_amx_tile_supported()
-        )
         self.pool = KVPool(len(layers), 0, arch, self.dtype, self.device)  # load_model sizes both
         self.store = PrefixStore(len(layers), 0, arch, self.dtype, self.device)
         # In the model's dtype, as transformers' Gemma multiplies (sqrt(3072) = 55.43 is 55.5 in bfloat16).
         self.embed_scale = torch.tensor(arch.embed_scale, dtype=self.dtype, device=self.device)
         self.lone_pass: Callable[[torch.Tensor, LoneDecode], torch.Tensor] | None = None  # `trace`, `compile`
-        # `trace_batches`, by the fewest rows of their band (`_format_bands`) and the number of
-        # groups their rows are gathered in; the bands, traced or not, as (fewest, most) rows
-        self.batch_passes: dict[tuple[int, int], Callable[[torch.Tensor, Decode], torch.Tensor]] = {}
+        # `trace_batches`, by the fewest rows of their band (`_format_bands`); the bands, traced
+        # or not, as (fewest, most) rows
+        self.batch_passes: dict[int, Callable[[torch.Tensor, Decode], torch.Tensor]] = {}
         self.batch_bands: tuple[tuple[int, int], ...] = ()
 
     def run(self, work: Work) -> torch.Tensor:
@@ -908,17 +890,16 @@ class Model:
             return None
 
     def _run_batch(self, work: Work) -> torch.Tensor | None:
-        """A decode step whose rows fall in a band (`_format_bands`) and whose blocks are gathered
-        in a number of groups that `trace_batches` traced for it, through that pass; the plain pass
-        for another decode step; None for any other work. Should a pass ever fail, none runs from
-        then on."""
+        """A decode step whose rows fall in a band (`_format_bands`) that `trace_batches` traced,
+        through that pass; the plain pass for another decode step; None for any other work. Should
+        a pass ever fail, none runs from then on."""
         if any(len(t) != 1 for t in work.tokens) or any(work.restore):
             return None
         try:
             ids, decode = self._prepare_decode(work)
             # (band 0: rows past every band, which the engine never runs; the plain pass then)
             band = next((least for least, most in self.batch_bands if least <= len(work.tables) <= most), 0)
-            traced = self.batch_passes.get((band, len(decode.gathered))) if decode.gathered is not None else None
+            traced = self.batch_passes.get(band)
             if traced is None:
                 return self._forward(ids, decode, self._windowed(decode), None)
             return traced(ids, decode)
@@ -951,16 +932,17 @@ class Model:
             return why_not
         rotary, weights = self.arch.inv_freq is not None, self._packed_weights(1)
 
-        def replay(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, pieces: torch.Tensor,
-                   visible: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: tuple[torch.Tensor, ...],
+        def replay(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, key_slots: torch.Tensor,
+                   bags: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.Tensor, keys: tuple[torch.Tensor, ...],
                    values: tuple[torch.Tensor, ...], weights: tuple[torch.Tensor, ...]) -> torch.Tensor:  # fmt: skip
             tables = (cos, sin) if rotary else (None, None)
-            lone = LoneDecode(positions, slots, pieces, visible, tables[0], tables[1], keys, values)
+            lone = LoneDecode(positions, slots, key_slots, Bags(*bags), tables[0], tables[1], keys, values)
             return self._forward(ids, lone, lone, None)
 
         def inputs(ids: torch.Tensor, lone: LoneDecode) -> tuple[Any, ...]:  # a trace takes tensors and tuples of them
             cos, sin = (lone.cos, lone.sin) if rotary else (ids.new_empty(0), ids.new_empty(0))  # GPT-2: no rotary
-            return ids, lone.positions, lone.slots, lone.pieces, lone.visible, cos, sin, lone.keys, lone.values, weights
+            return (ids, lone.positions, lone.slots, lone.key_slots, lone.bags.tensors(), cos, sin, lone.keys,
+                    lone.values, weights)  # fmt: skip
 
         try:
             with self._lone_warm_ups() as warm_ups:
@@ -975,68 +957,56 @@ class Model:
     def trace_batches(self, max_batch: int) -> str | None:
         """Batched decode steps' passes, traced as `trace` traces a lone one: one for each band of
         batch sizes whose products all run one weight format (`_format_bands`: a trace keeps the
-        formats it saw), and in each, one for each number of groups the rows are gathered in
-        (`_by_length`: one or two). Sizes stay the replay's inputs (rows, blocks): each trace is
-        checked bit for bit against the plain pass at two shapes. The packed float weights come in
-        as inputs (a trace cannot hold them as constants; `_packed_product`). Where a band cannot
-        be traced, why not; its steps run the plain pass (AMX Xeon, 160 cached: 25.0-25.4 against
-        30.3-31.1 ms at 8 rows, 46.1-47.4 against 52.3-54.7 at 32, bench/README.md)."""
+        formats it saw). Sizes stay the replay's inputs (rows, blocks): each trace is checked bit
+        for bit against the plain pass at three shapes. The packed float weights come in as inputs
+        (a trace cannot hold them as constants; `_packed_product`). Where a band cannot be traced,
+        why not; its steps run the plain pass (AMX Xeon, 160 cached: 25.0-25.4 against 30.3-31.1
+        ms at 8 rows, 46.1-47.4 against 52.3-54.7 at 32, bench/README.md)."""
         why_not = self._traced_unsupported()
         if why_not:
             return why_not
-        bands = _format_bands(self.linears, max_batch, ROWS_BY_PRODUCTS - 1 if self.rows_by_products else None)
-        passes: dict[tuple[int, int], Callable[[torch.Tensor, Decode], torch.Tensor]] = {}
+        bands = _format_bands(self.linears, max_batch)
+        passes: dict[int, Callable[[torch.Tensor, Decode], torch.Tensor]] = {}
         reasons = []
         for least, most in bands:
             traced = self._trace_band(least, most)
             if isinstance(traced, str):
                 reasons.append(f"{least}-{most} rows: {traced}")
-            else:
-                passes.update({(least, groups): batch_pass for groups, batch_pass in traced.items()})
+            elif traced is not None:
+                passes[least] = traced
         self.batch_passes, self.batch_bands = passes, tuple(bands)
         return "; ".join(reasons) or None
 
-    def _trace_band(self, least: int, most: int) -> dict[int, Callable[[torch.Tensor, Decode], torch.Tensor]] | str:
-        """`trace_batches`' passes for steps of `least` to `most` rows, by groups (none for a band of
-        one row: a lone sequence's pass serves it); or why not."""
+    def _trace_band(self, least: int, most: int) -> Callable[[torch.Tensor, Decode], torch.Tensor] | str | None:
+        """`trace_batches`' pass for steps of `least` to `most` rows (None for a band of one row: a
+        lone sequence's pass serves it); or why not."""
         shapes = _batch_shapes(least, most)
         if not shapes:
-            return {}
-        largest = max(map(sum, shapes[1] + shapes[2]))  # blocks of the largest warm-up step
-        if largest > self.pool.blocks:
+            return None
+        if max(map(sum, shapes)) > self.pool.blocks:
             return "a pool too small for the warm-up steps"
-        if largest * self.pool.block_bytes // self.pool.layers > GATHER_BYTES:  # as `_prepare_decode` decides
-            return "keys and values too wide to gather the warm-up batches' blocks into rows (GATHER_BYTES)"
         rotary = self.arch.inv_freq is not None
         weights = self._packed_weights(least)
 
         def inputs(ids: torch.Tensor, d: Decode) -> tuple[Any, ...]:  # tensors and tuples of them only
-            assert d.gathered is not None
             cos, sin = (d.cos, d.sin) if rotary else (ids.new_empty(0), ids.new_empty(0))
-            groups = tuple((g.positions, g.index, g.mask, g.keys, g.values) + (() if g.rows is None else (g.rows,))
-                           for g in d.gathered)  # fmt: skip
-            return ids, d.positions, d.slots, cos, sin, groups, tuple(self.pool.k), tuple(self.pool.v), weights
+            return (ids, d.positions, d.slots, d.key_slots, d.bags.tensors(), cos, sin, tuple(self.pool.k),
+                    tuple(self.pool.v), weights)  # fmt: skip
 
-        def replay(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, groups: tuple[tuple[torch.Tensor, ...], ...], *pool_and_weights: Any
+        def replay(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, key_slots: torch.Tensor,
+                   bags: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.Tensor, *pool_and_weights: Any
                    ) -> torch.Tensor:  # fmt: skip
-            gathered = tuple(Gathered(g[5] if len(g) > 5 else None, *g[:5]) for g in groups)
             tables = (cos, sin) if rotary else (None, None)
-            decode = Decode(positions, slots, gathered, None, *tables)
+            decode = Decode(positions, slots, key_slots, Bags(*bags), *tables)
             return self._forward(ids, decode, decode, None)
 
-        passes: dict[int, Callable[[torch.Tensor, Decode], torch.Tensor]] = {}
         try:
-            for groups, blocks in shapes.items():
-                with self._fresh_pool():
-                    warm_ups = [self._prepare_decode(self._warm_up_work(rows)) for rows in blocks]
-                    batch_pass = self._trace_checked(replay, inputs, warm_ups)
-                if batch_pass is None:
-                    return f"the traced pass's logits differ from the plain step's ({groups} groups)"
-                passes[groups] = batch_pass
+            with self._fresh_pool():
+                warm_ups = [self._prepare_decode(self._warm_up_work(rows)) for rows in shapes]
+                batch_pass = self._trace_checked(replay, inputs, warm_ups)
         except Exception as exc:
             return f"tracing failed ({type(exc).__name__}: {str(exc)[:200]})"
-        return passes
+        return batch_pass or "the traced pass's logits differ from the plain step's"
 
     def _trace_checked(
         self, replay: Callable[..., torch.Tensor], inputs: Callable[..., tuple[Any, ...]], warm_ups: list[Any]
@@ -1122,8 +1092,8 @@ class Model:
 
     def _traced_unsupported(self) -> str | None:
         """Why no decode pass is traced or compiled; None if it can be: only on a CPU (the only
-        device it was measured on), where no layer slides a window or caps its scores (paths
-        `_attend_lone` lacks, and that change a batch's inputs layer by layer)."""
+        device it was measured on), where no layer slides a window (such layers take inputs of
+        their own, `_windowed`) or caps its scores (Gemma 2: never measured traced)."""
         if self.device.type != "cpu":
             return "not on a CPU (the only device it was measured on)"
         if self.arch.windowed or self.arch.attn_softcap is not None:
@@ -1194,7 +1164,8 @@ class Model:
         slots = self.pool.slots(tables, row[: len(tables)].tolist())
         cos, sin = self._rotary(row[None], self.arch.inv_freq, self.arch.rope_scale)
         key_owners, key_positions = self._prefill_keys(earlier, work.starts, owners, row)
-        prefill = Prefill(row[None], owners, pasts, key_owners, key_positions, slots, None, cos, sin)
+        key_slots = self.pool.key_slots(slots)
+        prefill = Prefill(row[None], owners, pasts, key_owners, key_positions, slots, key_slots, None, cos, sin)
         # One sequence from its start needs no mask; Gemma 2's capped attention always takes one
         # (no SDPA kernel caps).
         if count > 1 or pasts or self.arch.attn_softcap:
@@ -1216,74 +1187,43 @@ class Model:
         return (same & _visible(p.key_positions[None], p.positions[0, :, None], window))[None, None]
 
     def _prepare_lone(self, work: Work) -> tuple[torch.Tensor, LoneDecode]:
-        (table,), (tokens,), (start,) = work.tables, work.tokens, work.starts
-        ids = torch.tensor([tokens], device=self.device)  # [1, 1]
-        positions = torch.tensor([[start]], device=self.device)
-        used, pool = table[: blocks_for(start + 1)], self.pool
-        pieces = torch.tensor([block * pool.heads + head for head in range(pool.heads) for block in used],
-                              device=self.device)  # fmt: skip
-        visible = self._additive(torch.arange(len(used) * KV_BLOCK, device=self.device) <= start)[None, None, None]
-        cos, sin = self._rotary(positions, self.arch.inv_freq, self.arch.rope_scale)
-        slots = pool.slots([table], [start])
-        return ids, LoneDecode(positions, slots, pieces, visible, cos, sin, tuple(pool.k), tuple(pool.v))
+        ids, d = self._prepare_decode(work)
+        return ids, LoneDecode(d.positions, d.slots, d.key_slots, d.bags, d.cos, d.sin, tuple(self.pool.k),
+                               tuple(self.pool.v))  # fmt: skip
 
     def _prepare_decode(self, work: Work) -> tuple[torch.Tensor, Decode]:
         ids = torch.tensor(work.tokens, device=self.device)  # [B, 1]
         pos = torch.tensor(work.starts, device=self.device)[:, None]  # [B, 1]
         slots = self.pool.slots(work.tables, work.starts)
         cos, sin = self._rotary(pos, self.arch.inv_freq, self.arch.rope_scale)
-        blocks = [blocks_for(start + 1) for start in work.starts]
-        groups = _by_length(blocks)
-        copied = sum(len(rows) * blocks[rows[-1]] for rows in groups) * self.pool.block_bytes // self.pool.layers
-        if copied <= GATHER_BYTES and self.arch.attn_softcap is None:  # no fused attention caps scores
-            whole = len(groups) == 1  # the batch's own order: nothing to pick out or put back
-            gathered = tuple(self._gathered(work, pos, blocks, None if whole else rows) for rows in groups)
-            return ids, Decode(pos, slots, gathered, None, cos, sin)
-        return ids, Decode(pos, slots, None, self._block_maps(work, pos), cos, sin)
+        bags = self._bags(work.tables, [blocks_for(start + 1) for start in work.starts], pos)
+        return ids, Decode(pos, slots, self.pool.key_slots(slots), bags, cos, sin)
 
-    def _gathered(self, work: Work, pos: torch.Tensor, blocks: list[int], rows: list[int] | None) -> Gathered:
-        """These rows (None: the whole batch, in order), each as long as the longest: a shorter
-        sequence's row repeats its first block, masked."""
-        order = range(len(work.tables)) if rows is None else rows
-        longest, heads, index = max(blocks[row] for row in order), self.pool.heads, []
-        for row in order:
-            used = work.tables[row][: blocks[row]]
-            used += used[:1] * (longest - len(used))
-            index += [block * heads + head for head in range(heads) for block in used]
-        which = None if rows is None else torch.tensor(rows, device=self.device)
-        positions = pos if which is None else pos[which]
-        mask = self._gathered_mask(positions, longest * KV_BLOCK, None)
-        buffer = self.pool.k[0].new_empty(len(index), KV_BLOCK, self.pool.dim)
-        where = torch.tensor(index, device=self.device)
-        return Gathered(which, positions, where, mask, buffer, torch.empty_like(buffer))
+    def _bags(self, tables: list[list[int]], counts: list[int], pos: torch.Tensor) -> Bags:
+        """`Bags` for sequences holding `counts` blocks of these tables, new tokens at `pos`
+        [B, 1]. Made with a few tensor operations, not Python loops over the indices (~55,000 of
+        each at 32 sequences of three blocks)."""
+        d, a, longest = self.device, self.arch, max(counts)
+        table = torch.tensor([t[:n] + [0] * (longest - n) for t, n in zip(tables, counts, strict=True)], device=d)
+        held = torch.arange(longest, device=d) < torch.tensor(counts, device=d)[:, None]  # [B, n]
+        held = held[:, None].expand(-1, a.heads, -1)  # [B, Hq, n]: each (sequence, query head, block)
+        # each block's first row of its key head, in a key layer seen as [P Hkv D, KV_BLOCK] (and
+        # in a value layer seen as [P Hkv KV_BLOCK, D])
+        first = table[:, None] * a.kv_heads + torch.arange(a.heads, device=d)[:, None] // (a.heads // a.kv_heads)
+        first = first[held]  # [bags]
+        key_rows = (first[:, None] * a.head_dim + torch.arange(a.head_dim, device=d)).flatten()
+        key_bags = _starts(held.flatten() * a.head_dim)
+        queries = torch.arange(held.shape[0] * a.heads, device=d)[:, None].expand(-1, longest)[held.flatten(0, 1)]
+        value_rows = (first[:, None] * KV_BLOCK + torch.arange(KV_BLOCK, device=d)).flatten()
+        value_bags = _starts(held.sum(-1).flatten() * KV_BLOCK)
+        spots = torch.arange(held.numel(), device=d)[held.flatten()]  # each held block's place among the bags
+        weights = (spots[:, None] * KV_BLOCK + torch.arange(KV_BLOCK, device=d)).flatten()
+        return Bags(key_rows, key_bags, queries, value_rows, value_bags, weights, self._bag_mask(pos, longest, None))
 
-    def _gathered_mask(self, pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
-        """Additive, in the model's dtype: [B, 1, 1, length], each row's positions up to `pos`."""
-        return self._additive(_visible(torch.arange(length, device=self.device)[None], pos, window))[:, None, None]
-
-    def _block_maps(self, work: Work, pos: torch.Tensor) -> BlockMaps:
-        lo = min(min(table) for table in work.tables)
-        hi = max(max(table) for table in work.tables) + 1
-        # Each block of the span: the batch index of its sequence (B: none) and its place there.
-        owner, place = [len(work.tables)] * (hi - lo), [0] * (hi - lo)
-        for seq, table in enumerate(work.tables):
-            for i, block in enumerate(table):
-                owner[block - lo], place[block - lo] = seq, i
-        owners = torch.tensor(owner, device=self.device)
-        keys = torch.tensor(place, device=self.device)[:, None] * KV_BLOCK + torch.arange(KV_BLOCK, device=self.device)
-        queries = torch.cat([pos[:, 0], pos.new_full((1,), -1)])[owners][:, None]
-        return BlockMaps((lo, hi), owners, keys, queries, self._decode_mask(keys, queries, None))
-
-    def _decode_mask(self, keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:
-        """Additive, in the model's dtype, laid out as `_attend_decode` groups the heads, made once a
-        step: [N Hkv, Hq/Hkv, KV_BLOCK]."""
-        mask = self._additive(_visible(keys, queries, window))  # [N, KV_BLOCK]; a block of no one in the batch: none
-        blocks, heads, per_group = len(keys), self.arch.kv_heads, self.arch.heads // self.arch.kv_heads
-        return mask[:, None, None, :].expand(blocks, heads, per_group, KV_BLOCK).reshape(-1, per_group, KV_BLOCK)
-
-    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
-        """A bool mask as one to add to scores, in the model's dtype: 0 where visible, else -inf."""
-        return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -math.inf)
+    def _bag_mask(self, pos: torch.Tensor, blocks: int, window: int | None) -> torch.Tensor:
+        """Additive, float32: [B, 1, blocks KV_BLOCK], each row's positions up to `pos`."""
+        visible = _visible(torch.arange(blocks * KV_BLOCK, device=self.device)[None], pos, window)
+        return torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, -math.inf)[:, None]
 
     def _windowed(self, inputs: Prefill | Decode | Mixed) -> Prefill | Decode | Mixed:
         """The sliding-window layers' inputs: their own rotary tables (Gemma 3), and a mask that
@@ -1302,14 +1242,9 @@ class Model:
         if a.window is not None and length > a.window:
             if isinstance(inputs, Prefill):
                 changes["mask"] = self._prefill_mask(inputs, a.window)
-            elif inputs.gathered is not None:
-                changes["gathered"] = tuple(
-                    replace(g, mask=self._gathered_mask(g.positions, g.mask.shape[-1], a.window))
-                    for g in inputs.gathered
-                )
-            elif inputs.blocks is not None:
-                b = inputs.blocks
-                changes["blocks"] = replace(b, mask=self._decode_mask(b.keys, b.queries, a.window))
+            else:
+                blocks = inputs.bags.mask.shape[-1] // KV_BLOCK
+                changes["bags"] = replace(inputs.bags, mask=self._bag_mask(inputs.positions, blocks, a.window))
         return replace(inputs, **changes) if changes else inputs
 
     def _forward(
@@ -1348,8 +1283,6 @@ class Model:
             attn = self._attend_prefill(index, q, k, v, inputs)
         elif isinstance(inputs, Mixed):
             attn = self._attend_mixed(index, q, k, v, inputs)
-        elif isinstance(inputs, LoneDecode):
-            attn = self._attend_lone(index, q, k, v, inputs)
         else:
             attn = self._attend_decode(index, q, k, v, inputs)
         x = x + self._post_norm(w.out(attn.transpose(1, 2).flatten(2)), w.post_attn_norm)
@@ -1366,14 +1299,14 @@ class Model:
     ) -> torch.Tensor:
         keys, values = self.pool.k[index], self.pool.v[index]
         gqa, real, dim = self.arch.gqa, len(p.slots) // k.shape[1], k.shape[-1]
-        keys.view(-1, dim).index_copy_(0, p.slots, k[0, :, :real].transpose(0, 1).reshape(-1, dim))
+        keys.view(-1).index_put_((p.key_slots,), k[0, :, :real].transpose(0, 1).flatten())
         values.view(-1, dim).index_copy_(0, p.slots, v[0, :, :real].transpose(0, 1).reshape(-1, dim))
         scale, cap = self.arch.scale, self.arch.attn_softcap
         if p.mask is None:  # a prompt's first chunk, seeing only itself: plain causal attention
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         if p.pasts:  # the earlier positions, gathered from the sequences' blocks (a prefill's one copy)
-            k = torch.cat([*(self.pool.gather(keys, table, start) for table, start in p.pasts), k], dim=2)
-            v = torch.cat([*(self.pool.gather(values, table, start) for table, start in p.pasts), v], dim=2)
+            k = torch.cat([*(self.pool.gather(keys, table, start, True) for table, start in p.pasts), k], dim=2)
+            v = torch.cat([*(self.pool.gather(values, table, start, False) for table, start in p.pasts), v], dim=2)
         if cap is not None:
             return _softcapped_attention(q, k, v, p.mask, scale, cap)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
@@ -1385,125 +1318,37 @@ class Model:
         q, k, v = (x[:, :, t:].transpose(0, 2) for x in (q, k, v))  # [B, H, 1, D]
         return torch.cat([chunks, self._attend_decode(index, q, k, v, m.decode).transpose(0, 2)], 2)
 
-    def _attend_decode(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: Decode) -> torch.Tensor:
-        """One new token a sequence, against its blocks gathered into rows (`_attend_gathered`), or
-        in place (flash-decoding): the query heads that share a key head stand where a prompt's
-        positions would, so each key head is read once and GQA copies nothing; each block of the
-        span gets its owner's queries (a small copy), one batched product scores every block, and
-        the softmax runs across each sequence's blocks. bench/paged_attention.py measured this
-        against gathering the blocks (on an AVX2 EPYC, before torch's fused attention ran on them)."""
-        keys, values = self.pool.k[index], self.pool.v[index]
-        a = self.arch
-        heads, dim = a.heads, a.head_dim
-        keys.view(-1, dim).index_copy_(0, d.slots, k.select(2, 0).reshape(-1, dim))
-        values.view(-1, dim).index_copy_(0, d.slots, v.select(2, 0).reshape(-1, dim))
-        grouped = q.view(-1, a.kv_heads, heads // a.kv_heads, dim)  # [B, Hkv, G, D]
-        if d.gathered is not None:
-            return self._attend_gathered(keys, values, grouped, d.gathered).view(-1, heads, 1, dim)
-        size = q.shape[0]
-        assert d.blocks is not None
-        (lo, hi), owner, mask = d.blocks.span, d.blocks.owner, d.blocks.mask
-        past_k = keys[lo:hi].view(-1, KV_BLOCK, dim)  # [N Hkv, KV_BLOCK, D]
-        past_v = values[lo:hi].view(-1, KV_BLOCK, dim)
-        # a zero row of queries for the blocks no one in the batch holds
-        grouped = torch.cat([grouped, grouped.new_zeros(1, *grouped.shape[1:])]).index_select(0, owner)
-        grouped = grouped.reshape(mask.shape[0], -1, dim)  # [N Hkv, G, D]
-        scores = self._scores(grouped, past_k, mask)  # [N Hkv, G, KV_BLOCK]
-        return self._segmented(scores, past_v, owner, size).view(size, heads, 1, dim)
-
-    def _attend_gathered(
-        self, keys: torch.Tensor, values: torch.Tensor, grouped: torch.Tensor, groups: tuple[Gathered, ...]
+    def _attend_decode(
+        self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: Decode | LoneDecode
     ) -> torch.Tensor:
-        """Each group's rows (`_attend_rows`), their answers put back in the batch's order. Whether
-        they run as products (`rows_by_products`) the step's rows decide, so that it holds for
-        every step of a band (`_format_bands`) and its traces."""
-        products = self.rows_by_products and grouped.shape[0] >= ROWS_BY_PRODUCTS
-        if groups[0].rows is None:
-            return self._attend_rows(keys, values, grouped, groups[0], products)
-        out = torch.empty_like(grouped)
-        for g in groups:
-            assert g.rows is not None
-            out.index_copy_(0, g.rows, self._attend_rows(keys, values, grouped.index_select(0, g.rows), g, products))
-        return out
-
-    def _attend_rows(
-        self, keys: torch.Tensor, values: torch.Tensor, grouped: torch.Tensor, g: Gathered, products: bool
-    ) -> torch.Tensor:
-        """The rows' blocks copied into the step's buffers as [R, Hkv, n KV_BLOCK, D], then torch's
-        fused attention, the grouped query heads as a key head's queries: [R, Hkv, G, D]. The copy
-        is one index_select of whole blocks; bfloat16's fused attention reads rows ~3x faster than
-        the batched products read blocks in place (57 against 206 us a layer at 8 x 192, AMX Xeon)."""
-        size, heads, dim = grouped.shape[0], self.arch.kv_heads, self.arch.head_dim
-        k = torch.index_select(keys.view(-1, KV_BLOCK, dim), 0, g.index, out=g.keys).view(size, heads, -1, dim)
-        v = torch.index_select(values.view(-1, KV_BLOCK, dim), 0, g.index, out=g.values).view(size, heads, -1, dim)
-        if products:
-            return self._rows_by_products(grouped, k, v, g.mask)
-        return F.scaled_dot_product_attention(grouped, k, v, attn_mask=g.mask, scale=self.arch.scale)
-
-    def _rows_by_products(self, grouped: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-                          ) -> torch.Tensor:  # fmt: skip
-        """`_attend_rows`' attention as one batched product for the scores, their softmax in
-        float32, and one for the values: [R, Hkv, G, D]. The scores come out of the product in
-        bfloat16, an error of the order its inputs already carry; the fused kernel rounds the
-        softmax's weights to bfloat16 for the values as this does (bench/README.md)."""
-        rows, heads, group, dim = grouped.shape
-        length = k.shape[2]
-        scores = torch.bmm(grouped.reshape(-1, group, dim), k.view(-1, length, dim).transpose(1, 2))
-        scores = scores.view(rows, heads * group, length).float().mul_(self.arch.scale).add_(mask.view(rows, 1, length))
-        weights = torch.softmax(scores, -1).to(v.dtype).view(-1, group, length)
-        return torch.bmm(weights, v.view(-1, length, dim)).view(rows, heads, group, dim)
-
-    def _attend_lone(
-        self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: LoneDecode
-    ) -> torch.Tensor:
-        """A lone sequence's `_attend_gathered` as a trace and the compiler take it: the pool, blocks
-        and positions as tensors, and the new key written with index_put_, which the compiler
-        writes in place (index_copy_ it copies). Its pieces come out of the pool head by head in
-        one copy, as `_attend_rows` takes them (whole blocks, then a transposing copy, took 11.69
-        against 10.84 ms a step at 160 cached, 13.77 against 12.91 at 750, AMX Xeon). The query
-        heads that share a key head stand as its positions, as in `_attend_rows`: the same bits as
-        enable_gqa, whose bfloat16 kernel without AMX runs a product per query head (Zen 5 EPYC,
-        SmolLM2: 21.6 against 84.6 us a layer at 192 keys, 57 against 327 at 768; AMX Xeon even)."""
-        keys, values = d.keys[index], d.values[index]
-        a, dim = self.arch, self.arch.head_dim
-        keys.view(-1, dim).index_put_((d.slots,), k.select(2, 0).reshape(-1, dim))
-        values.view(-1, dim).index_put_((d.slots,), v.select(2, 0).reshape(-1, dim))
-        k = keys.view(-1, KV_BLOCK, dim).index_select(0, d.pieces).view(1, a.kv_heads, -1, dim)
-        v = values.view(-1, KV_BLOCK, dim).index_select(0, d.pieces).view(1, a.kv_heads, -1, dim)
-        grouped = q.view(1, a.kv_heads, a.heads // a.kv_heads, dim)
-        return F.scaled_dot_product_attention(grouped, k, v, d.visible, scale=a.scale).view(1, a.heads, 1, dim)
-
-    def _scores(self, grouped: torch.Tensor, past_k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Each block's keys against its owner's queries: [N Hkv, G, KV_BLOCK]. In bfloat16 the
-        keys stand as the product's rows and the G queries as its columns (`blocks_as_rows`):
-        oneDNN's batched product at so few queries runs ~1.4x faster that way round; float32's
-        is the other way (bench/README.md)."""
-        scale, cap = self.arch.scale, self.arch.attn_softcap
-        if self.blocks_as_rows:
-            product = torch.bmm(past_k, grouped.transpose(1, 2)).transpose(1, 2)  # made [N Hkv, KV_BLOCK, G]
+        """One new token a sequence, written to its block, then attending over its own blocks where
+        they lie in the pool: no copy of them, no padding to the longest (`Bags`). The scores of a
+        block are its turned keys' D rows weighted by the query and summed, one bag of
+        `F.embedding_bag` each; their softmax in float32 over each sequence's positions; the
+        answer, the values' rows weighted by it, one bag a query head. Each sum runs in the
+        kernel's float32 and leaves it in the pool's dtype. torch's fused attention needed the
+        blocks copied into rows first, and without AMX runs two small products per sequence and
+        key head (Zen 5 EPYC, SmolLM2, a layer at 192 keys: 50 against 114 us at 8 rows, 137
+        against 461 at 32, bench/README.md). A lone sequence's pass gets the pool's layers as
+        inputs (`LoneDecode`); the new key and value are written with index_put_, which the
+        compiler writes in place."""
+        if isinstance(d, LoneDecode):
+            keys, values = d.keys[index], d.values[index]
         else:
-            product = torch.bmm(grouped, past_k.transpose(1, 2))
-        if cap is None:
-            return torch.add(mask, product, alpha=scale)
-        return torch.tanh(product * (scale / cap)) * cap + mask  # Gemma 2: capped before the mask is added
-
-    def _segmented(self, scores: torch.Tensor, past_v: torch.Tensor, owner: torch.Tensor, size: int) -> torch.Tensor:
-        """The softmax of each sequence across its blocks, wherever they lie: each sequence's
-        highest score (scatter by owner), each block's weights and sums against it, and the
-        blocks' shares of the values added up by owner, in float32. Row `size` collects the
-        blocks no one in the batch holds (whatever they hold, NaN even) and is dropped."""
-        blocks, (heads, group) = len(owner), (self.arch.kv_heads, scores.shape[1])
-        top = scores.amax(-1).view(blocks, heads, group)
-        spread = owner[:, None, None].expand(-1, heads, group)
-        best = top.new_full((size + 1, heads, group), -math.inf).scatter_reduce_(0, spread, top, "amax")
-        weights = (scores - best.index_select(0, owner).view(-1, group, 1)).exp_()  # [N Hkv, G, KV_BLOCK]
-        total = weights.sum(-1, dtype=torch.float32).view(blocks, heads, group)
-        if self.blocks_as_rows:  # laid out [N Hkv, KV_BLOCK, G] (a small copy): faster, as in `_scores`
-            weights = weights.transpose(1, 2).contiguous().transpose(1, 2)
-        partial = torch.bmm(weights, past_v).view(blocks, heads, group, -1).float()
-        norm = total.new_zeros(size + 1, heads, group).index_add_(0, owner, total)
-        out = partial.new_zeros(size + 1, heads, group, partial.shape[-1]).index_add_(0, owner, partial)
-        return (out[:size] / norm[:size, ..., None]).to(scores.dtype)
+            keys, values = self.pool.k[index], self.pool.v[index]
+        a, b = self.arch, d.bags
+        keys.view(-1).index_put_((d.key_slots,), k.flatten())
+        values.view(-1, a.head_dim).index_put_((d.slots,), v.reshape(-1, a.head_dim))
+        queries = q.reshape(-1, a.head_dim).index_select(0, b.queries).flatten()
+        scores = F.embedding_bag(b.key_rows, keys.view(-1, KV_BLOCK), b.key_bags, mode="sum",
+                                 per_sample_weights=queries)  # fmt: skip
+        scores = scores.view(-1, a.heads, b.mask.shape[-1]).float()  # [B, Hq, n KV_BLOCK]
+        cap = a.attn_softcap
+        scores = scores * a.scale if cap is None else torch.tanh(scores * (a.scale / cap)) * cap
+        weights = torch.softmax(scores + b.mask, -1).to(values.dtype).flatten().index_select(0, b.weights)
+        out = F.embedding_bag(b.value_rows, values.view(-1, a.head_dim), b.value_bags, mode="sum",
+                              per_sample_weights=weights)  # fmt: skip
+        return out.view(-1, a.heads, 1, a.head_dim)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         width = self.width
@@ -1531,6 +1376,11 @@ class Model:
         return cos[:, :, None].to(self.dtype), sin[:, :, None].to(self.dtype)
 
 
+def _starts(sizes: torch.Tensor) -> torch.Tensor:
+    """Where each of these runs starts when laid end to end."""
+    return torch.cumsum(sizes, 0) - sizes
+
+
 def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:
     """Which key positions each query position sees (broadcast): those up to its own, and with a
     sliding window only those less than `window` behind it."""
@@ -1540,50 +1390,29 @@ def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> t
     return visible
 
 
-def _format_bands(
-    linears: Iterable[Linear], max_batch: int, attention_edge: int | None = None
-) -> list[tuple[int, int]]:
+def _format_bands(linears: Iterable[Linear], max_batch: int) -> list[tuple[int, int]]:
     """Batch sizes 1 to `max_batch` in runs whose products each run one weight format throughout,
     as (fewest, most) rows: each product's formats change only past its `settled_from` rows
-    (SmolLM2 on a Zen 5 EPYC: int4 up to 8 rows, bfloat16 past them: 1-8 and 9-32); and, if
-    given, past `attention_edge` rows, where decode attention changes its way (ROWS_BY_PRODUCTS)."""
+    (SmolLM2 on a Zen 5 EPYC: int4 up to 8 rows, bfloat16 past them: 1-8 and 9-32)."""
     edges = {rows for lin in linears for rows in lin.settled_from() if rows < max_batch}
-    edges |= {attention_edge} if attention_edge is not None and 0 < attention_edge < max_batch else set()
     starts = sorted({1} | {rows + 1 for rows in edges})
     return list(zip(starts, [start - 1 for start in starts[1:]] + [max_batch], strict=True))
 
 
-def _batch_shapes(least: int, most: int) -> dict[int, list[list[int]]]:
-    """`trace_batches`' warm-ups for steps of `least` to `most` rows, by the number of groups their
-    rows are gathered in: each at two shapes, the blocks each row holds (two rows at least, for
-    two groups; none if the band has fewer). Few blocks, so that wide keys and values
-    (distilgpt2's 12 heads in float32) are still gathered."""
+def _batch_shapes(least: int, most: int) -> list[list[int]]:
+    """`trace_batches`' warm-ups for steps of `least` to `most` rows, as the blocks each row
+    holds: the band's fewest rows of one block, more of two, and sequences of different lengths
+    (none if the band is of one row). Few blocks: the pool is sized for the server's settings."""
     few = max(least, 2)
     if few > most:
-        return {}
+        return []
     top = min(most, few + 3)
-    half = few // 2
-    # A band of one size splits its rows otherwise the second time (its groups' sizes vary too).
-    second = [1] * (top - top // 2) + [3] * (top // 2) if top > few else [3] * (few - half) + [1] * half
-    return {1: [[1] * least, [2] * top], 2: [[1] * (few - half) + [3] * half, second]}
+    return [[1] * least, [2] * top, [3] * (few // 2) + [1] * (few - few // 2)]
 
 
 def _replayed(traced: Callable[..., torch.Tensor], inputs: Callable[..., tuple[Any, ...]], *args: Any) -> torch.Tensor:
     """A traced pass called with the inputs it was traced with, made from the step's."""
     return traced(*inputs(*args))
-
-
-def _by_length(blocks: list[int]) -> list[list[int]]:
-    """A decode step's rows (by their place in the batch) in groups by the blocks each holds, a
-    group's longest at most twice its shortest: each group is padded to its longest, so a long
-    sequence among short ones pads no one but itself (a 900-token prompt joining 31 of 160)."""
-    groups: list[list[int]] = []
-    for row in sorted(range(len(blocks)), key=blocks.__getitem__):
-        if groups and blocks[row] <= 2 * blocks[groups[-1][0]]:
-            groups[-1].append(row)
-        else:
-            groups.append([row])
-    return groups
 
 
 def _guards_on_inputs(guards: Sequence[Any]) -> list[bool]:

@@ -5,7 +5,7 @@ as the server loads it, in a thread that ends; its step is timed against its own
 every round, and the table gives the medians over the rounds.
 
 Run: python bench/ab_step.py --other /tmp/before [--compile] [--dtype float32] [--batches 1 8] [--cached 160]
-     [--last 900] [--gather-bytes N]
+     [--last 900]
 """
 
 from __future__ import annotations
@@ -58,12 +58,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="COMPILE=1 for both")
     parser.add_argument("--dtype", default="auto", help="DTYPE for both (float32: the AVX2 EPYCs' choice)")
-    parser.add_argument("--gather-bytes", type=int, help="this checkout's model.GATHER_BYTES (the other keeps its own)")
     parser.add_argument("--json")
     args = parser.parse_args()
     engine.use_threads(0)
-    if args.gather_bytes is not None:
-        model.GATHER_BYTES = args.gather_bytes
     config = engine.ModelConfig(name=args.model, max_batch=max(*args.batches, engine.ModelConfig.max_batch),
                                 compile=args.compile, dtype=args.dtype)  # fmt: skip
     models = {"other": load_apart(model_module(args.other), config), "this": load_apart(model, config)}

@@ -2,12 +2,11 @@
 
 Runs windows of real text (quality.py's) through the engine's own Model as decode steps of one
 batch: each row a window, its first tokens a prompt, then one token a step, the text's own. Once
-in float32, and in bfloat16 with each way of running gathered decode attention: torch's fused
-kernel, and two batched products around a float32 softmax (`Model.rows_by_products`, whose
-scores come out of their product in bfloat16). Each bfloat16 way's next-token log-probabilities
-are compared with float32's at every decoded position: top-1 agreement and perplexity on the
-text. Weights stay float (QUANTIZE=none): only the precision of the activations, the keys and
-values and the attention differs. The plain passes run (no traces), so the setting decides.
+in float32 and once in bfloat16 (decode attention's sums, `Model._attend_decode`, leave their
+kernel in bfloat16: the scores too). bfloat16's next-token log-probabilities are compared with
+float32's at every decoded position: top-1 agreement and perplexity on the text. Weights stay
+float (QUANTIZE=none): only the precision of the activations, the keys and values and the
+attention differs. The plain passes run (no traces).
 
 Run: python bench/decode_quality.py [--rows 16] [--steps 256] [--json out.json]
 """
@@ -55,8 +54,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--json")
     args = parser.parse_args()
-    if args.rows < model.ROWS_BY_PRODUCTS:
-        parser.error(f"--rows below model.ROWS_BY_PRODUCTS ({model.ROWS_BY_PRODUCTS}) never run the products")
     engine.use_threads(0)
     from transformers import AutoTokenizer
 
@@ -70,14 +67,12 @@ def main() -> None:
         return load_apart(config).model
 
     reference = list(decoded(load("float32"), windows, args.prompt))
-    bf16, results = load("bfloat16"), {"float32": compare(reference, reference, scored)}
-    for way, products in (("bfloat16, fused attention", False), ("bfloat16, products", True)):
-        bf16.rows_by_products = products
-        results[way] = compare(reference, list(decoded(bf16, windows, args.prompt)), scored)
+    results = {"float32": compare(reference, reference, scored)}
+    results["bfloat16"] = compare(reference, list(decoded(load("bfloat16"), windows, args.prompt)), scored)
     base = results["float32"]["perplexity"]
     print(f"{args.model}, {args.rows} rows x {args.steps} decode steps after {args.prompt}-token prompts; "
           f"{cpu_description()}\n")  # fmt: skip
-    print("| decode attention | top-1 agreement with float32 | perplexity | vs float32 |\n|---|---|---|---|")
+    print("| dtype | top-1 agreement with float32 | perplexity | vs float32 |\n|---|---|---|---|")
     for way, r in results.items():
         print(f"| {way} | {r['top1_agreement']:.2%} | {r['perplexity']:.3f} | {r['perplexity'] / base - 1:+.2%} |")
     if args.json:

@@ -88,14 +88,19 @@ def kv_bytes(network: model.Model, batch: int, cached: int) -> int:
     return batch * model.blocks_for(cached + 1) * network.pool.block_bytes
 
 
-def full_step(network: model.Model, batch: int, cached: int, last: int | None = None) -> Callable[[], object]:
-    """One decode step of `batch` sequences that each hold `cached` tokens (the last one `last`,
-    if given: a long prompt among short ones), their blocks interleaved in the pool as sequences
-    growing together get them (the pool's contents do not change the cost)."""
+def step_work(network: model.Model, batch: int, cached: int, last: int | None = None) -> Work:
+    """The work of one decode step of `batch` sequences that each hold `cached` tokens (the last
+    one `last`, if given: a long prompt among short ones), their blocks interleaved in the pool as
+    sequences growing together get them (the pool's contents do not change the cost)."""
     starts = [cached] * (batch - 1) + [cached if last is None else last]
     tables = [[b * batch + seq for b in range(model.blocks_for(start + 1))] for seq, start in enumerate(starts)]
     network.pool.zero(tuple(block for table in tables for block in table))
-    work = Work(tables, [[1]] * batch, starts)
+    return Work(tables, [[1]] * batch, starts)
+
+
+def full_step(network: model.Model, batch: int, cached: int, last: int | None = None) -> Callable[[], object]:
+    """One decode step of `step_work`'s sequences, as the engine runs it."""
+    work = step_work(network, batch, cached, last)
     return lambda: network.run(work)
 
 

@@ -409,70 +409,53 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, softca
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # both paths `auto` picks between CPUs
 @pytest.mark.parametrize("softcap", [None, 50.0])
-@pytest.mark.parametrize("gather_bytes", [model.GATHER_BYTES, 0])  # the blocks gathered into rows, or read in place
-@pytest.mark.parametrize("blocks_as_rows", [True, False])  # read in place: the products' orientation, per CPU
-@pytest.mark.parametrize("by_products", [True, False])  # gathered: torch's fused attention, or products, per CPU
 @pytest.mark.parametrize("tables", [[[0, 1, 2]], [[5, 1], [3], [0, 4, 7]], [[6, 2]], [[5, 1], [0, 4, 7]]])
 def test_decode_attention_reads_each_sequences_own_blocks(
-    dtype: torch.dtype,
-    softcap: float | None,
-    gather_bytes: int,
-    blocks_as_rows: bool,
-    by_products: bool,
-    tables: list[list[int]],
-    monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype, softcap: float | None, tables: list[list[int]]
 ) -> None:
-    """One, two or three sequences of different lengths, their blocks gathered into rows (torch's
-    fused attention, or two batched products, from any number of rows here; Gemma 2's capped
-    scores: read in place, where no fused attention caps them) or read in place (the softmax
-    across each one's blocks, its products either way round), one with a foreign block inside its
-    span; blocks no one in the batch holds hold NaN, and must not leak into anyone's answer."""
+    """One, two or three sequences of different lengths (the shorter ones' bags past their blocks
+    empty), their blocks anywhere in the pool, one with a foreign block between its own; blocks
+    no one in the batch holds hold NaN, and must not leak into anyone's answer; Gemma 2's capped
+    scores too."""
     torch.manual_seed(0)
-    monkeypatch.setattr(model, "GATHER_BYTES", gather_bytes)
-    monkeypatch.setattr(model, "ROWS_BY_PRODUCTS", 1)
     network = _tiny_model(dtype, blocks=8, softcap=softcap)
-    network.blocks_as_rows, network.rows_by_products = blocks_as_rows, by_products
     pool, kv = network.pool, network.arch.kv_heads
     for layer in pool.k + pool.v:
         layer.fill_(math.nan)
     pool.zero(tuple(block for table in tables for block in table))  # as the scheduler hands them out
     starts = [len(table) * model.KV_BLOCK - 1 - 17 * i for i, table in enumerate(tables)]  # last blocks part-full
-    for layer in pool.k + pool.v:
+    for keys, values in zip(pool.k, pool.v, strict=True):
         for table, start in zip(tables, starts, strict=True):
             slots = pool.slots([table] * start, list(range(start)))
-            layer.view(-1, 8).index_copy_(0, slots, torch.randn(len(slots), 8).to(dtype))
+            keys.view(-1).index_copy_(0, pool.key_slots(slots), torch.randn(len(slots) * 8).to(dtype))
+            values.view(-1, 8).index_copy_(0, slots, torch.randn(len(slots), 8).to(dtype))
     work = model.Work(tables, [[1]] * len(tables), starts)
     _, decode = network._prepare_decode(work)
-    gathered = gather_bytes > 0 and softcap is None
-    assert (decode.gathered is not None, decode.blocks is None) == (gathered, gathered)
     q = torch.randn(len(tables), 6, 1, 8).to(dtype)
     k, v = torch.randn(len(tables), kv, 1, 8).to(dtype), torch.randn(len(tables), kv, 1, 8).to(dtype)
     out = network._attend_decode(0, q, k, v, decode)
     for seq, (table, start) in enumerate(zip(tables, starts, strict=True)):
-        keys, values = pool.gather(pool.k[0], table, start + 1), pool.gather(pool.v[0], table, start + 1)
-        assert keys[0, :, start].equal(k[seq, :, 0])  # the new token's key went to its place
+        keys = pool.gather(pool.k[0], table, start + 1, keys=True)
+        values = pool.gather(pool.v[0], table, start + 1, keys=False)
+        assert keys[0, :, start].equal(k[seq, :, 0]) and values[0, :, start].equal(v[seq, :, 0])  # at their place
         expected = _reference(q[seq, :, 0], keys[0], values[0], softcap)
         tolerance = 1e-5 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(out[seq, :, 0].float(), expected, atol=tolerance, rtol=tolerance)
 
 
-def test_a_decode_steps_rows_gather_in_groups_of_about_one_length() -> None:
-    """A long sequence among short ones is padded alone; lengths within twice the shortest share
-    a group, each group's rows by their place in the batch."""
-    assert model._by_length([4, 4, 15, 4]) == [[0, 1, 3], [2]]
-    assert model._by_length([3, 1, 2]) == [[1, 2], [0]]
-    assert model._by_length([5, 5]) == [[0, 1]]
-
-
 @pytest.mark.parametrize("table", [[2, 3, 4], [4, 2, 3], [5]])
-def test_gather_reads_a_sequences_blocks_in_order_in_a_row_or_not(table: list[int]) -> None:
-    """Blocks in a row are sliced, others indexed: both give the table's positions in order."""
+@pytest.mark.parametrize("keys", [True, False])
+def test_gather_reads_a_sequences_blocks_in_order_in_a_row_or_not(table: list[int], keys: bool) -> None:
+    """Blocks in a row are sliced, others indexed: both give the table's positions in order, the
+    keys' turned blocks turned back."""
     pool = _tiny_model(torch.float32, blocks=8).pool
-    layer = pool.k[0].copy_(torch.randn(pool.k[0].shape))
+    layer = (pool.k if keys else pool.v)[0]
+    layer.copy_(torch.randn(layer.shape))
     length = (len(table) - 1) * model.KV_BLOCK + 5
-    expected = torch.cat([layer[block] for block in table], dim=1)[None, :, :length]  # [1, Hkv, length, D]
-    assert pool.gather(layer, table, length).equal(expected)
-    assert pool.gather(layer, [*table, 7], length).equal(expected)  # blocks past the length: not read
+    rows = [layer[block].transpose(1, 2) if keys else layer[block] for block in table]  # each [Hkv, KV_BLOCK, D]
+    expected = torch.cat(rows, dim=1)[None, :, :length]  # [1, Hkv, length, D]
+    assert pool.gather(layer, table, length, keys).equal(expected)
+    assert pool.gather(layer, [*table, 7], length, keys).equal(expected)  # blocks past the length: not read
 
 
 @pytest.mark.parametrize("method", ["compile", "trace"])
@@ -570,12 +553,12 @@ def _packed_layer_model(blocks: int) -> model.Model:
 
 
 def test_traced_batches_run_on_the_pool_of_the_day_at_any_shape() -> None:
-    """The batched decode passes (one trace for rows gathered in one group, one for two) run
-    steps of other sizes, lengths and blocks than they were traced at, in pools made after
-    them: each gives the plain step's logits bit for bit and writes its keys into that pool."""
+    """The batched decode pass runs steps of other sizes, lengths and blocks than it was traced
+    at, in pools made after it: each gives the plain step's logits bit for bit and writes its
+    keys into that pool."""
     torch.manual_seed(0)
     network = _packed_layer_model(blocks=40)
-    assert network.trace_batches(max_batch=6) is None and sorted(network.batch_passes) == [(1, 1), (1, 2)]
+    assert network.trace_batches(max_batch=6) is None and sorted(network.batch_passes) == [1]
     assert network.batch_bands == ((1, 6),)  # no int8 or int4 weights: one format at every size
     ran = record_batch_passes(network)
     with torch.inference_mode():
@@ -587,16 +570,16 @@ def test_traced_batches_run_on_the_pool_of_the_day_at_any_shape() -> None:
             work = model.Work(tables, [[row] for row in range(len(lengths))], lengths)
             traced_logits = network.run(work)
             block, offset = tables[-1][lengths[-1] // model.KV_BLOCK], lengths[-1] % model.KV_BLOCK
-            assert bool(network.pool.k[0][block, :, offset].any())  # the new key, in this pool
+            assert bool(network.pool.k[0][block, :, :, offset].any())  # the new key, in this pool
             passes, network.batch_passes = network.batch_passes, {}
             assert torch.equal(traced_logits, network.run(work))
             network.batch_passes = passes
-    assert ran == [(1, 1), (1, 2), (1, 1), (1, 2)]  # blocks 1-2 are one group; 1 and 3 two
+    assert ran == [1] * 4
 
 
-def record_batch_passes(network: model.Model) -> list[tuple[int, int]]:
-    """Which of the model's batch passes run, as their keys (band, groups), in order."""
-    ran: list[tuple[int, int]] = []
+def record_batch_passes(network: model.Model) -> list[int]:
+    """Which of the model's batch passes run, as their keys (their bands' fewest rows), in order."""
+    ran: list[int] = []
     for key, traced in list(network.batch_passes.items()):
         network.batch_passes[key] = lambda ids, d, traced=traced, key=key: ran.append(key) or traced(ids, d)
     return ran
@@ -610,32 +593,6 @@ def _fresh_decode_step(network: model.Model, rows: int) -> model.Work:
     return model.Work(tables, [[row] for row in range(rows)], [70 + row for row in range(rows)])
 
 
-def test_decode_attention_by_products_has_a_band_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where gathered decode attention runs as products (`rows_by_products`, from ROWS_BY_PRODUCTS
-    rows), steps below and from that many rows get traces of their own: a step of 4 rows runs
-    torch's fused attention, one of 8 the products, each through its band's pass bit for bit,
-    and the products' logits are the fused attention's within float32's rounding."""
-    torch.manual_seed(0)
-    monkeypatch.setattr(model, "ROWS_BY_PRODUCTS", 8)
-    network = _packed_layer_model(blocks=60)
-    network.rows_by_products = True
-    assert network.trace_batches(max_batch=10) is None and network.batch_bands == ((1, 7), (8, 10))
-    ran, by_products = record_batch_passes(network), []
-    products = network._rows_by_products
-    monkeypatch.setattr(network, "_rows_by_products", lambda *args: by_products.append(1) or products(*args))
-    with torch.inference_mode():
-        for rows in (4, 8):
-            work = _fresh_decode_step(network, rows)
-            traced_logits = network.run(work)
-            passes, network.batch_passes = network.batch_passes, {}
-            by_products.clear()
-            assert torch.equal(traced_logits, network.run(work)) and bool(by_products) == (rows == 8)
-            network.rows_by_products = False
-            torch.testing.assert_close(network.run(work), traced_logits, atol=1e-5, rtol=1e-5)
-            network.batch_passes, network.rows_by_products = passes, True
-    assert ran == [(1, 1), (8, 1)]
-
-
 def test_each_band_of_one_weight_format_has_its_own_traced_batch_passes() -> None:
     """int8 weights in the head up to 6 rows: steps of 1-6 rows and of 7 or more each run a pass
     traced at their own formats, and each gives the plain step's logits bit for bit; capped scores
@@ -645,7 +602,7 @@ def test_each_band_of_one_weight_format_has_its_own_traced_batch_passes() -> Non
     network.lm_head.int8, network.lm_head.int8_rows = model.pack_int8(torch.randn(VOCAB, 48)), 6
     assert network.trace_batches(max_batch=6) is None and network.batch_bands == ((1, 6),)
     assert network.trace_batches(max_batch=10) is None and network.batch_bands == ((1, 6), (7, 10))
-    assert sorted(network.batch_passes) == [(1, 1), (1, 2), (7, 1), (7, 2)]
+    assert sorted(network.batch_passes) == [1, 7]
     ran = record_batch_passes(network)
     with torch.inference_mode():
         for rows in (4, 8):
@@ -654,7 +611,7 @@ def test_each_band_of_one_weight_format_has_its_own_traced_batch_passes() -> Non
             passes, network.batch_passes = network.batch_passes, {}
             assert torch.equal(traced_logits, network.run(work))
             network.batch_passes = passes
-    assert ran == [(1, 1), (7, 1)]
+    assert ran == [1, 7]
     capped = _tiny_model(torch.float32, blocks=40, softcap=50.0)
     assert capped.trace_batches(max_batch=6) == "a sliding window or capped attention scores"
     assert not capped.batch_passes
