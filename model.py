@@ -1328,8 +1328,8 @@ class Model:
         answer, the values' rows weighted by it, one bag a query head. Each sum runs in the
         kernel's float32 and leaves it in the pool's dtype. torch's fused attention needed the
         blocks copied into rows first, and without AMX runs two small products per sequence and
-        key head (Zen 5 EPYC, SmolLM2, a layer at 192 keys: 50 against 114 us at 8 rows, 137
-        against 461 at 32, bench/README.md). A lone sequence's pass gets the pool's layers as
+        key head (Zen 5 EPYC, SmolLM2, a layer at 160 cached: 65 against 146 us at 8 rows, 181
+        against 548 at 32, bench/bag_attention.py). A lone sequence's pass gets the pool's layers as
         inputs (`LoneDecode`); the new key and value are written with index_put_, which the
         compiler writes in place."""
         if isinstance(d, LoneDecode):
